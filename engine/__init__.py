@@ -1,0 +1,56 @@
+"""vlora engine: shared low-rank subspaces for collections of LoRA adapters.
+
+The public API follows the ``vlora`` package's names. Names resolve lazily
+(PEP 562) so that ``import engine`` is cheap and torch loads only when a tensor
+operation needs it. The engine never imports Textual or rich.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # types and errors
+    "LoRAWeights": ".types",
+    "AdapterSummary": ".types",
+    "Progress": ".progress",
+    "VloraError": ".errors",
+    "AdapterFormatError": ".errors",
+    "UnsupportedAdapterError": ".errors",
+    "IncompatibleAdaptersError": ".errors",
+    "SubspaceFormatError": ".errors",
+    "UnknownTaskError": ".errors",
+    "HubError": ".errors",
+    "OutputExistsError": ".errors",
+    "JobCancelled": ".errors",
+    "JobFailed": ".errors",
+    # I/O
+    "load_adapter": ".io.local",
+    "save_adapter": ".io.local",
+    "check_compatible": ".io.local",
+    "load_adapter_from_hub": ".io.hub",
+    "search_hub_adapters": ".io.hub",
+    "list_cached_adapters": ".io.hub",
+    "read_adapter_summary": ".io.header",
+    "scan_local_adapters": ".io.scan",
+    # demo
+    "make_demo_collection": ".demo",
+    "make_demo_adapters": ".demo",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,41 @@
+"""Adapter I/O: local PEFT folders, the Hugging Face Hub, scanning.
+
+Names resolve lazily so that torch-free parts (header reading, scanning) can be
+imported without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_adapter": ".local",
+    "save_adapter": ".local",
+    "check_compatible": ".local",
+    "CompatibilityReport": ".local",
+    "adapter_config_for": ".local",
+    "atomic_dir": ".local",
+    "load_adapter_from_hub": ".hub",
+    "download_adapter": ".hub",
+    "search_hub_adapters": ".hub",
+    "list_cached_adapters": ".hub",
+    "HubRepo": ".hub",
+    "CachedAdapter": ".hub",
+    "read_adapter_summary": ".header",
+    "read_safetensors_header": ".header",
+    "scan_local_adapters": ".scan",
+    "expand_adapter_specs": ".scan",
+    "is_adapter_dir": ".scan",
+    "is_subspace_dir": ".scan",
+    "validate_task_id": ".scan",
+    "validate_repo_id": ".scan",
+    "AdapterSpec": ".scan",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,164 @@
+"""Hugging Face Hub access, through ``huggingface_hub`` only.
+
+``huggingface_hub`` honours ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``
+and its local cache; nothing here talks to the network any other way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..errors import AdapterFormatError, HubError
+from .scan import validate_repo_id
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    """One Hub model repo as the browser lists it."""
+
+    repo_id: str
+    downloads: int | None = None
+    likes: int | None = None
+    last_modified: str | None = None
+    tags: tuple[str, ...] = ()
+    base_model: str | None = None
+
+
+@dataclass(frozen=True)
+class CachedAdapter:
+    """An adapter already in the local Hugging Face cache."""
+
+    repo_id: str
+    revision: str
+    path: Path
+    refs: tuple[str, ...] = ()
+    size_on_disk: int = 0
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@contextlib.contextmanager
+def _hub_errors(what: str) -> Iterator[None]:
+    """Turn ``huggingface_hub`` and network exceptions into one-line ``HubError``s."""
+    from huggingface_hub import errors as e
+
+    try:
+        yield
+    except e.GatedRepoError as exc:
+        raise HubError(f"{what}: gated repo; accept its terms on the Hub and set HF_TOKEN") from exc
+    except e.RepositoryNotFoundError as exc:
+        raise HubError(f"{what}: repository not found (or private: set HF_TOKEN)") from exc
+    except e.RevisionNotFoundError as exc:
+        raise HubError(f"{what}: revision not found") from exc
+    except e.LocalEntryNotFoundError as exc:
+        mode = "offline mode (HF_HUB_OFFLINE)" if hub_offline() else "the Hub cannot be reached"
+        raise HubError(f"{what}: not in the local cache and {mode}") from exc
+    except (e.EntryNotFoundError, getattr(e, "RemoteEntryNotFoundError", e.EntryNotFoundError)) as exc:
+        raise HubError(f"{what}: file not found in the repo ({exc.__class__.__name__})") from exc
+    except e.HfHubHTTPError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise HubError(f"{what}: Hub request failed ({first})") from exc
+    except (OSError, ConnectionError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise HubError(f"{what}: Hub unreachable ({exc.__class__.__name__}: {exc})") from exc
+    except Exception as exc:  # httpx transport errors and friends
+        if exc.__class__.__module__.split(".")[0] in {"httpx", "httpcore", "requests", "urllib3"}:
+            raise HubError(f"{what}: Hub unreachable ({exc.__class__.__name__})") from exc
+        raise
+
+
+def download_adapter(repo_id: str, revision: str | None = None, *, token: str | None = None) -> Path:
+    """Fetch only ``adapter_config.json`` and ``adapter_model.safetensors`` into the cache.
+
+    Returns the snapshot folder holding both.
+
+    Raises:
+        ValueError: malformed repo id.
+        HubError: missing repo/revision/file, offline and not cached, network failure.
+    """
+    from huggingface_hub import hf_hub_download
+
+    validate_repo_id(repo_id)
+    what = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    with _hub_errors(what):
+        cfg = hf_hub_download(repo_id, ADAPTER_CONFIG_NAME, revision=revision, token=token)
+    try:
+        with _hub_errors(what):
+            weights = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, revision=revision, token=token)
+    except HubError as exc:
+        if "file not found" in str(exc):
+            raise AdapterFormatError(
+                f"{what}: no {ADAPTER_WEIGHTS_NAME} (pickle .bin weights are refused, never unpickled)"
+            ) from exc
+        raise
+    folder = Path(cfg).parent
+    if Path(weights).parent != folder:  # both resolve to one commit's snapshot
+        raise HubError(f"{what}: config and weights resolved to different snapshots")
+    return folder
+
+
+def load_adapter_from_hub(repo_id: str, revision: str | None = None, *, token: str | None = None) -> Any:
+    """Load a PEFT LoRA adapter from the Hub (or the cache when offline).
+
+    Returns:
+        ``LoRAWeights`` named after the repo, ``source`` set to ``hf://repo@rev``.
+    """
+    from .local import load_adapter
+
+    folder = download_adapter(repo_id, revision, token=token)
+    w = load_adapter(folder, name=repo_id.split("/")[-1])
+    w.source = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    return w
+
+
+def search_hub_adapters(query: str = "", *, author: str | None = None, limit: int = 50, token: str | None = None) -> list[HubRepo]:
+    """Search Hub model repos tagged ``peft`` (LoRA adapters), most downloaded first.
+
+    Raises:
+        HubError: offline mode, or the Hub cannot be reached.
+    """
+    from huggingface_hub import HfApi
+
+    if hub_offline():
+        raise HubError("Hub search is unavailable in offline mode (HF_HUB_OFFLINE is set); the local cache is listed instead")
+    api = HfApi(token=token)
+    with _hub_errors(f"Hub search {query!r}"):
+        models = list(
+            api.list_models(search=query or None, author=author, filter="peft", sort="downloads", limit=limit)
+        )
+    out = []
+    for m in models:
+        tags = tuple(getattr(m, "tags", None) or ())
+        base = next((t.split(":", 1)[1] for t in tags if t.startswith("base_model:") and t.count(":") == 1), None)
+        lm = getattr(m, "last_modified", None)
+        out.append(HubRepo(m.id, getattr(m, "downloads", None), getattr(m, "likes", None), str(lm) if lm else None, tags, base))
+    return out
+
+
+def list_cached_adapters(cache_dir: str | Path | None = None) -> list[CachedAdapter]:
+    """Adapters (model repos with an adapter config) already in the local HF cache."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        info = scan_cache_dir(cache_dir)
+    except Exception:  # no cache yet, or not readable
+        return []
+    found = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        for rev in repo.revisions:
+            snap = Path(rev.snapshot_path)
+            if (snap / ADAPTER_CONFIG_NAME).is_file() and (snap / ADAPTER_WEIGHTS_NAME).exists():
+                found.append(CachedAdapter(repo.repo_id, rev.commit_hash, snap, tuple(sorted(rev.refs)), rev.size_on_disk))
+    return sorted(found, key=lambda c: (c.repo_id, c.revision))

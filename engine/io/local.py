@@ -1,0 +1,286 @@
+"""Load and save PEFT LoRA adapters on local disk (safetensors only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX
+from ..errors import AdapterFormatError, IncompatibleAdaptersError, OutputExistsError
+from ..types import LoRAWeights
+from .header import (
+    FLOAT_DTYPES,
+    check_pair_shapes,
+    classify_keys,
+    raise_problems,
+    read_config,
+    read_safetensors_header,
+    resolve_adapter_files,
+)
+
+
+def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | None = None) -> LoRAWeights:
+    """Load a PEFT LoRA adapter.
+
+    Args:
+        path: A PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+            or a ``.safetensors`` file with ``adapter_config.json`` beside it.
+        check_finite: Refuse tensors holding NaN or Inf.
+        name: Display name; defaults to the folder name.
+
+    Returns:
+        The adapter, tensors in their stored dtype.
+
+    Raises:
+        AdapterFormatError: missing/corrupt files, pickle weights, non-LoRA or
+            mismatched tensors, NaN/Inf; the message names the file and key.
+        UnsupportedAdapterError: DoRA, embedding LoRA, non-LoRA PEFT types.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    config_path, weights_path = resolve_adapter_files(path)
+    config = read_config(config_path)
+    header = read_safetensors_header(weights_path)
+    layout = classify_keys(list(header), config, str(weights_path))
+    check_pair_shapes(layout, {k: v["shape"] for k, v in header.items()}, config)
+    for module, (ka, kb) in layout.pairs.items():
+        for k in (ka, kb):
+            if header[k]["dtype"] not in FLOAT_DTYPES:
+                layout.problems.append(f"tensor '{k}' has dtype {header[k]['dtype']}; LoRA factors must be float")
+    raise_problems(weights_path, layout.problems)
+
+    lora_a: dict[str, Any] = {}
+    lora_b: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    bad: list[str] = []
+    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            for module, (ka, kb) in layout.pairs.items():
+                lora_a[module] = fh.get_tensor(ka)
+                lora_b[module] = fh.get_tensor(kb)
+                if check_finite:
+                    for k, t in ((ka, lora_a[module]), (kb, lora_b[module])):
+                        if not bool(torch.isfinite(t).all()):
+                            bad.append(k)
+            for k in layout.extra:
+                extra[k] = fh.get_tensor(k)
+    except SafetensorError as exc:
+        raise AdapterFormatError(f"{weights_path}: corrupt safetensors file ({exc})") from exc
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise AdapterFormatError(f"{weights_path}: NaN/Inf values in {', '.join(repr(k) for k in bad[:3])}{more}")
+
+    folder = config_path.parent
+    r = config.get("r") or max(int(t.shape[0]) for t in lora_a.values())
+    return LoRAWeights(
+        layer_names=sorted(lora_a),
+        lora_a=lora_a,
+        lora_b=lora_b,
+        rank=int(r),
+        metadata=config,
+        lora_alpha=float(config.get("lora_alpha", 8)),
+        use_rslora=bool(config.get("use_rslora", False)),
+        target_modules=config.get("target_modules"),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        extra_tensors=extra,
+        name=name or folder.name,
+        source=str(path),
+    )
+
+
+def adapter_config_for(weights: LoRAWeights) -> dict[str, Any]:
+    """The ``adapter_config.json`` to write for ``weights``.
+
+    Starts from the original config and sets the fields PEFT, vLLM and TGI read
+    from the tensors actually written (``r``, ``rank_pattern``), so nothing is lost.
+    """
+    cfg: dict[str, Any] = dict(weights.metadata)
+    ranks = weights.ranks
+    r = int(weights.rank)
+    cfg["peft_type"] = "LORA"
+    cfg["r"] = r
+    cfg["lora_alpha"] = weights.lora_alpha if not float(weights.lora_alpha).is_integer() else int(weights.lora_alpha)
+    cfg["use_rslora"] = bool(weights.use_rslora)
+    tm = weights.target_modules
+    cfg["target_modules"] = sorted(tm) if isinstance(tm, (list, tuple, set)) else tm
+    cfg["rank_pattern"] = {m: rk for m, rk in ranks.items() if rk != r}
+    cfg.setdefault("alpha_pattern", {})
+    cfg["base_model_name_or_path"] = weights.base_model_name_or_path
+    cfg.setdefault("bias", "none")
+    cfg.setdefault("task_type", None)
+    cfg.setdefault("inference_mode", True)
+    cfg.setdefault("fan_in_fan_out", False)
+    cfg.setdefault("lora_dropout", 0.0)
+    cfg.setdefault("modules_to_save", None)
+    return cfg
+
+
+def _state_dict(weights: LoRAWeights) -> dict[str, Any]:
+    sd: dict[str, Any] = {}
+    for m in weights.layer_names:
+        sd[f"{PEFT_PREFIX}{m}.lora_A.weight"] = weights.lora_a[m].contiguous()
+        sd[f"{PEFT_PREFIX}{m}.lora_B.weight"] = weights.lora_b[m].contiguous()
+    for k, t in weights.extra_tensors.items():
+        sd[k] = t.contiguous()
+    return sd
+
+
+def atomic_dir(path: str | Path, *, force: bool = False) -> AtomicDir:
+    """Context manager: write into a temporary sibling folder, rename into place on success."""
+    return AtomicDir(Path(path), force=force)
+
+
+class AtomicDir:
+    """Write a folder atomically: temp sibling, then rename; never half-written.
+
+    ``with AtomicDir(out, force=False) as tmp: ...write into tmp...``
+    On error (or ``KeyboardInterrupt``) the temporary folder is removed and
+    ``out`` is left as it was.
+    """
+
+    def __init__(self, path: Path, *, force: bool = False) -> None:
+        self.path = path
+        self.force = force
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and not self.force:
+            raise OutputExistsError(f"{self.path}: already exists (use --force / force=True to overwrite)")
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputExistsError(f"{self.path}: exists and is not a folder")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            if self.path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
+                os.replace(self.path, old / "x")
+                os.replace(self.tmp, self.path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def save_adapter(
+    weights: LoRAWeights,
+    path: str | Path,
+    *,
+    force: bool = False,
+    dtype: Any = None,
+    modelfile: bool = False,
+) -> Path:
+    """Write ``weights`` as a PEFT folder that ``PeftModel.from_pretrained`` loads as is.
+
+    Args:
+        weights: The adapter.
+        path: Output folder; written to a temporary sibling and renamed into place.
+        force: Replace an existing folder.
+        dtype: Cast the LoRA factors (e.g. ``torch.float16``); extra tensors keep theirs.
+        modelfile: Also write an Ollama ``Modelfile`` (``FROM <base>`` / ``ADAPTER .``).
+
+    Returns:
+        The folder written.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+    """
+    from safetensors.torch import save_file
+
+    if not weights.layer_names:
+        raise ValueError("save_adapter: the adapter has no modules")
+    w = weights
+    if dtype is not None:
+        w = LoRAWeights(**{**weights.__dict__, "lora_a": {k: v.to(dtype) for k, v in weights.lora_a.items()},
+                           "lora_b": {k: v.to(dtype) for k, v in weights.lora_b.items()}})
+    out = Path(path)
+    config = adapter_config_for(w)
+    with atomic_dir(out, force=force) as tmp:
+        save_file(_state_dict(w), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if modelfile:
+            base = w.base_model_name_or_path or "<base model>"
+            (tmp / "Modelfile").write_text(f"FROM {base}\nADAPTER .\n", encoding="utf-8")
+    return out
+
+
+@dataclass
+class CompatibilityReport:
+    """Result of :func:`check_compatible`."""
+
+    modules: list[str]
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[str, list[int]] = field(default_factory=dict)  # module -> rank per adapter
+    base_model: str | None = None
+    mixed_ranks: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def _label(a: LoRAWeights, i: int) -> str:
+    return a.name or a.source or f"adapter #{i}"
+
+
+def check_compatible(adapters: Sequence[LoRAWeights], *, allow_mixed_ranks: bool = True) -> CompatibilityReport:
+    """Check that adapters can share a basis: same base model, modules and shapes.
+
+    Different ranks are reported (``mixed_ranks``) and refused only when
+    ``allow_mixed_ranks`` is false.
+
+    Raises:
+        IncompatibleAdaptersError: naming the first adapter and module that differ.
+        ValueError: empty input.
+    """
+    if not adapters:
+        raise ValueError("no adapters given")
+    ref = adapters[0]
+    problems: list[str] = []
+    bases = {a.base_model_name_or_path for a in adapters if a.base_model_name_or_path}
+    if len(bases) > 1:
+        problems.append("different base models: " + ", ".join(sorted(bases)))
+    ref_set = set(ref.layer_names)
+    shapes = {m: ref.shapes(m) for m in ref.layer_names}
+    ranks: dict[str, list[int]] = {m: [] for m in ref.layer_names}
+    for i, a in enumerate(adapters):
+        s = set(a.layer_names)
+        if s != ref_set:
+            missing, added = sorted(ref_set - s), sorted(s - ref_set)
+            detail = []
+            if missing:
+                detail.append(f"lacks {len(missing)} module(s) of {_label(ref, 0)}, e.g. '{missing[0]}'")
+            if added:
+                detail.append(f"has {len(added)} module(s) {_label(ref, 0)} lacks, e.g. '{added[0]}'")
+            problems.append(f"{_label(a, i)} " + " and ".join(detail))
+            continue
+        for m in ref.layer_names:
+            if a.shapes(m) != shapes[m]:
+                problems.append(f"{_label(a, i)}: module '{m}' has shape {a.shapes(m)}, {_label(ref, 0)} has {shapes[m]}")
+                break
+            ranks[m].append(a.module_rank(m))
+    if problems:
+        raise IncompatibleAdaptersError("; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
+    mixed = any(len(set(v)) > 1 for v in ranks.values())
+    report = CompatibilityReport(
+        modules=list(ref.layer_names), shapes=shapes, ranks=ranks, base_model=next(iter(bases), None), mixed_ranks=mixed
+    )
+    if mixed:
+        rset = sorted({r for v in ranks.values() for r in v})
+        msg = f"adapters have different ranks ({', '.join(map(str, rset))})"
+        if not allow_mixed_ranks:
+            raise IncompatibleAdaptersError(msg + "; this operation needs one rank")
+        report.warnings.append(msg)
+    return report
