@@ -113,9 +113,9 @@ def get_method(kind: str, name: str) -> MethodInfo:
 
 #: Modules that register each kind (imported on first use, so listing stays lazy).
 _PROVIDERS: dict[str, tuple[str, ...]] = {
-    "compress": ("engine.subspace",),
-    "merge": ("engine.merge",),
-    "quantize": ("engine.subspace",),
+    "compress": ("engine.methods.compress",),
+    "merge": ("engine.methods.merge",),
+    "quantize": ("engine.methods.quantize",),
 }
 
 
