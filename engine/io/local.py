@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -137,6 +138,23 @@ def atomic_dir(path: str | Path, *, force: bool = False) -> AtomicDir:
     return AtomicDir(Path(path), force=force)
 
 
+def _make_sibling_dir(path: Path, tag: str) -> Path:
+    """Create a fresh hidden sibling of ``path``.
+
+    Unlike ``tempfile.mkdtemp`` (always 0o700) the folder gets the usual
+    ``0o777 & ~umask`` mode, so the renamed output is readable by servers
+    running as another user, like any folder PEFT writes.
+    """
+    for _ in range(100):
+        cand = path.parent / f".{path.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            cand.mkdir()
+        except FileExistsError:
+            continue
+        return cand
+    raise FileExistsError(f"{path.parent}: cannot create a temporary folder")
+
+
 class AtomicDir:
     """Write a folder atomically: temp sibling, then rename; never half-written.
 
@@ -156,7 +174,7 @@ class AtomicDir:
         if self.path.exists() and not self.path.is_dir():
             raise OutputExistsError(f"{self.path}: exists and is not a folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self.tmp = _make_sibling_dir(self.path, "tmp")
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -168,7 +186,12 @@ class AtomicDir:
             if self.path.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
                 os.replace(self.path, old / "x")
-                os.replace(self.tmp, self.path)
+                try:
+                    os.replace(self.tmp, self.path)
+                except BaseException:
+                    os.replace(old / "x", self.path)  # put the original back
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(self.tmp, self.path)

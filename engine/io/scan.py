@@ -30,15 +30,27 @@ def is_subspace_dir(path: str | Path) -> bool:
 def scan_local_adapters(root: str | Path, *, max_depth: int = 6, max_results: int = 100_000) -> list[Path]:
     """Every adapter folder under ``root`` (``root`` itself included), sorted.
 
-    Hidden folders and symlinked folders are skipped, so loops cannot recur.
+    Hidden folders are skipped. Symlinked folders are followed (a collection of
+    links to adapters elsewhere is common) but each real folder is visited once,
+    so symlink loops cannot recur.
     """
     root = Path(root)
     if not root.is_dir():
         raise AdapterFormatError(f"{root}: not a folder")
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     base_depth = len(root.parts)
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
         p = Path(dirpath)
+        try:
+            st = p.stat()
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a duplicate
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         if is_adapter_dir(p):
             found.append(p)
             dirnames[:] = []  # an adapter folder does not nest adapters
@@ -46,9 +58,7 @@ def scan_local_adapters(root: str | Path, *, max_depth: int = 6, max_results: in
                 break
             continue
         depth = len(p.parts) - base_depth
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and depth < max_depth and not (p / d).is_symlink()
-        )
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < max_depth)
     return sorted(found)
 
 
