@@ -35,6 +35,10 @@ _UNSUPPORTED = (
 )
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def strip_prefix(key: str) -> str:
     """Drop PEFT's ``base_model.model.`` prefix from a key."""
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
@@ -73,14 +77,18 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
     for key, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+                raise TypeError("shape")
+            if not (_is_int(start) and _is_int(end)):
+                raise TypeError("data_offsets")
         except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterFormatError(f"{path}: corrupt safetensors entry for '{key}'") from exc
-        if dtype not in DTYPE_SIZES:
+            raise AdapterFormatError(f"{path}: corrupt safetensors entry for tensor '{key}'") from exc
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise AdapterFormatError(f"{path}: tensor '{key}' has unknown dtype {dtype!r}")
         numel = 1
         for d in shape:
-            numel *= int(d)
-        if end > data_len or start > end or end - start != numel * DTYPE_SIZES[dtype]:
+            numel *= d
+        if start < 0 or end > data_len or start > end or end - start != numel * DTYPE_SIZES[dtype]:
             raise AdapterFormatError(
                 f"{path}: truncated or corrupt safetensors file (tensor '{key}' needs bytes {start}..{end}, file holds {data_len})"
             )
@@ -108,17 +116,41 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise UnsupportedAdapterError(f"{path}: peft_type is {peft_type!r}; only LORA adapters are supported")
     if config.get("use_dora"):
         raise UnsupportedAdapterError(f"{path}: use_dora is true; DoRA adapters are not supported")
+    problems: list[str] = []
     r = config.get("r")
-    if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
-        raise AdapterFormatError(f"{path}: 'r' must be a positive integer, got {r!r}")
+    if r is not None and not _is_pos_int(r):
+        problems.append(f"'r' must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
-        raise AdapterFormatError(f"{path}: 'lora_alpha' must be a number, got {alpha!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
+    if alpha is not None and not _is_number(alpha):
+        problems.append(f"'lora_alpha' must be a number, got {alpha!r}")
+    for name, ok, what in (("rank_pattern", _is_pos_int, "a positive integer"), ("alpha_pattern", _is_number, "a number")):
         value = config.get(name)
-        if value is not None and not isinstance(value, dict):
-            raise AdapterFormatError(f"{path}: '{name}' must be an object, got {type(value).__name__}")
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"'{name}' must be an object, got {type(value).__name__}")
+            continue
+        for k, v in value.items():
+            if not ok(v):
+                problems.append(f"'{name}' entry {k!r} must be {what}, got {v!r}")
+    tm = config.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
+        problems.append(f"'target_modules' must be a list of names or a regex string, got {tm!r}")
+    for name in ("use_rslora", "fan_in_fan_out"):
+        value = config.get(name)
+        if value is not None and not isinstance(value, bool):
+            problems.append(f"'{name}' must be true or false, got {value!r}")
+    if problems:
+        raise AdapterFormatError(f"{path}: " + "; ".join(problems))
     return config
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
