@@ -1,0 +1,592 @@
+"""The vlora-tui application: state, the job queue, and the screens (one per mode).
+
+The app owns everything the screens share: the working collection, the results
+of the last jobs, and the job queue. Jobs go through ``engine.jobs`` runners in
+a Textual thread worker (``group="engine"``), one at a time; progress comes
+back as :class:`~vlora_tui.messages.JobProgress` messages and the outcome
+through ``Worker.StateChanged``. Screens subscribe to :attr:`VloraApp.state_signal`
+and redraw the part that changed. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.signal import Signal
+from textual.worker import Worker, WorkerState
+
+from .commands import VloraCommands
+from .config import AppConfig
+from .messages import AddToCollection, JobProgress
+
+#: Topics published on ``state_signal``.
+TOPICS = ("collection", "adapter", "jobs", "analysis", "diff", "subspace", "inspect")
+
+
+def spec_name(spec: str) -> str:
+    """Display name of an adapter spec (folder name, or the repo's name for ``hf://``)."""
+    if spec.startswith("hf://"):
+        return spec[5:].split("@", 1)[0].split("/")[-1]
+    return Path(spec).name or spec
+
+
+@dataclass
+class JobRecord:
+    """One job in the queue, as the jobs panel shows it.
+
+    Attributes:
+        request: The validated ``engine.jobs.JobRequest``.
+        title: One line for the queue ("compress 14 adapters").
+        status: ``queued``, ``running``, ``done``, ``failed`` or ``cancelled``.
+        step: Last progress step.
+        total: Last progress total (0 = unknown).
+        message: Last progress message.
+        log: Progress and outcome lines, oldest first.
+        result: The ``JobResult`` once finished.
+        error: One-line error of a failed job.
+        error_title: Heading for the error.
+        open_result: Switch to the result's view when it finishes.
+        cancel_event: Set to ask the runner to stop.
+        worker: The thread worker running it.
+        started: ``time.monotonic()`` at start.
+        seconds: Wall time once finished.
+    """
+
+    request: Any
+    title: str
+    status: str = "queued"
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    log: list[str] = field(default_factory=list)
+    result: Any = None
+    error: str | None = None
+    error_title: str | None = None
+    open_result: bool = True
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    worker: Worker | None = None
+    started: float | None = None
+    seconds: float | None = None
+
+    @property
+    def job_id(self) -> str:
+        return str(self.request.job_id)
+
+    @property
+    def kind(self) -> str:
+        return str(self.request.kind)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed", "cancelled")
+
+
+class VloraApp(App[int]):
+    """A keyboard-first workbench for collections of LoRA adapters."""
+
+    TITLE = "vlora-tui"
+    SUB_TITLE = "LoRA collections"
+    CSS_PATH = "app.tcss"
+    COMMANDS = App.COMMANDS | {VloraCommands}
+    ENABLE_COMMAND_PALETTE = True
+
+    MODES: ClassVar[dict[str, str | Callable[[], Screen]]] = {}
+
+    BINDINGS: ClassVar = [
+        Binding("ctrl+p", "command_palette", "Palette", tooltip="Search every action that fits now", id="palette"),
+        Binding("question_mark,f1", "help", "Help", key_display="?", tooltip="List the keys of this screen", id="help"),
+        Binding("f8", "screenshot", "Shot", tooltip="Save an SVG screenshot of this screen", id="screenshot"),
+        Binding("ctrl+q", "quit", "Quit", tooltip="Cancel running jobs and leave", id="quit", priority=True),
+        Binding("1", "show('browser')", "Browse", tooltip="Adapter folders, HF cache, Hub search", id="mode-browser"),
+        Binding("2", "show('adapter')", "Adapter", tooltip="Config, modules and norms of one adapter", id="mode-adapter"),
+        Binding("3", "show('collection')", "Collection", tooltip="Similarity heatmap, clusters, diff", id="mode-collection"),
+        Binding("4", "show('subspace')", "Subspace", tooltip="Variance explained, fidelity, stats", id="mode-subspace"),
+        Binding("5", "show('jobs')", "Jobs", tooltip="Queue, progress, log and results", id="mode-jobs"),
+    ]
+
+    def __init__(self, config: AppConfig | None = None, *, runner_factory: Callable[[str], Any] | None = None) -> None:
+        """Args:
+        config: What to open; defaults to the current folder.
+        runner_factory: ``kind -> runner`` (tests inject failing runners); defaults to
+            ``ProcessRunner`` for :data:`~vlora_tui.config.PROCESS_KINDS` and ``InlineRunner`` otherwise.
+        """
+        from .screens.adapter import AdapterScreen
+        from .screens.browser import BrowserScreen
+        from .screens.collection import CollectionScreen
+        from .screens.jobs import JobsScreen
+        from .screens.subspace import SubspaceScreen
+
+        self.MODES = {
+            "browser": BrowserScreen,
+            "adapter": AdapterScreen,
+            "collection": CollectionScreen,
+            "subspace": SubspaceScreen,
+            "jobs": JobsScreen,
+        }
+        super().__init__()
+        self.config = config or AppConfig()
+        self._runner_factory = runner_factory
+        self.state_signal: Signal[str] = Signal(self, "vlora-state")
+        """Published with one of :data:`TOPICS` when that part of the state changes."""
+        self.collection: list[str] = []
+        """The working collection: adapter specs (folders or ``hf://`` ids), in order added."""
+        self.current_adapter: str | None = None
+        """The adapter the detail screen shows."""
+        self.inspections: dict[str, dict] = {}
+        """Spec → data of its ``inspect`` job (norms per module)."""
+        self.validations: dict[str, dict] = {}
+        """Spec → data of its ``validate`` job."""
+        self.analysis: dict | None = None
+        """Data of the last ``analyze`` job (similarity, clusters, outliers)."""
+        self.diff: dict | None = None
+        """Data of the last ``diff`` job."""
+        self.subspace_path: str | None = None
+        """The subspace the subspace screen shows."""
+        self.subspace_info: dict | None = None
+        """Data of the ``info`` job on :attr:`subspace_path`."""
+        self.jobs: list[JobRecord] = []
+        """Every job of this session, oldest first."""
+
+    # -- start-up -----------------------------------------------------------
+    def on_mount(self) -> None:
+        self.switch_mode("browser")
+        if self.config.demo:
+            self.open_demo()
+        elif self.config.path is not None:
+            self._open_start_path(Path(self.config.path))
+
+    def _open_start_path(self, path: Path) -> None:
+        from engine.io.scan import is_adapter_dir, is_subspace_dir, scan_local_adapters
+
+        try:
+            if is_subspace_dir(path):
+                self.open_subspace(str(path))
+            elif is_adapter_dir(path):
+                self.add_to_collection([str(path)])
+            elif path.is_dir():
+                found = scan_local_adapters(path, max_depth=1)
+                if found:
+                    self.add_to_collection([str(p) for p in found])
+        except Exception as exc:  # a bad start path is a notice, never a crash
+            self.notify(str(exc), title="Cannot open", severity="error")
+
+    def open_demo(self) -> None:
+        """Build (or reuse) the demo collection in a worker and open it."""
+        from engine.demo import default_demo_dir
+
+        from engine.demo import DEMO_FAMILIES
+        from engine.io.scan import scan_local_adapters
+
+        root = Path(self.config.demo_dir or default_demo_dir())
+        expected = sum(len(tasks) for tasks in DEMO_FAMILIES.values())
+        cached = scan_local_adapters(root, max_depth=1) if root.is_dir() else []
+        if len(cached) >= expected:  # built before: open it without a job
+            self._demo_ready([str(p) for p in cached])
+            return
+        self.notify(f"Building the demo collection in {root}", title="Demo")
+        self.submit_job("demo", {"output": str(root), "force": True}, title="demo collection", open_result=True)
+
+    def _demo_ready(self, specs: list[str]) -> None:
+        self.add_to_collection(specs)
+        if self.current_mode != "collection":
+            self.switch_mode("collection")
+        if len(self.collection) >= 2 and "analyze" in self.job_kinds():
+            self.submit_job("analyze", {"adapters": list(self.collection)}, title="analyze demo", open_result=True)
+
+    # -- collection -----------------------------------------------------------
+    def add_to_collection(self, specs: list[str]) -> int:
+        """Add specs not already present; returns how many were added."""
+        added = [s for s in dict.fromkeys(specs) if s not in self.collection]
+        self.collection.extend(added)
+        if added:
+            if self.current_adapter is None:
+                self.current_adapter = added[0]
+                self.state_signal.publish("adapter")
+            self.state_signal.publish("collection")
+        return len(added)
+
+    def remove_from_collection(self, spec: str) -> None:
+        if spec in self.collection:
+            self.collection.remove(spec)
+            if self.current_adapter == spec:
+                self.current_adapter = self.collection[0] if self.collection else None
+                self.state_signal.publish("adapter")
+            self.state_signal.publish("collection")
+
+    def clear_collection(self) -> None:
+        self.collection.clear()
+        self.current_adapter = None
+        self.analysis = None
+        self.diff = None
+        for topic in ("collection", "adapter", "analysis", "diff"):
+            self.state_signal.publish(topic)
+
+    @on(AddToCollection)
+    def _on_add_to_collection(self, event: AddToCollection) -> None:
+        n = self.add_to_collection(event.specs)
+        what = spec_name(event.specs[0]) if len(event.specs) == 1 else f"{len(event.specs)} adapters"
+        if n:
+            self.notify(f"Added {what} ({len(self.collection)} in the collection)", title="Collection")
+        else:
+            self.notify(f"{what} already in the collection", title="Collection", severity="warning")
+
+    def show_adapter(self, spec: str, *, switch: bool = True) -> None:
+        """Make ``spec`` the current adapter (adding it to the collection) and show it."""
+        self.add_to_collection([spec])
+        self.current_adapter = spec
+        self.state_signal.publish("adapter")
+        if switch:
+            self.switch_mode("adapter")
+
+    def open_subspace(self, path: str, *, switch: bool = True) -> JobRecord | None:
+        """Run the ``info`` job on a saved subspace and show it in the subspace screen."""
+        self.subspace_path = path
+        return self.submit_job("info", {"path": path}, title=f"info {Path(path).name}", open_result=switch)
+
+    # -- actions ------------------------------------------------------------------
+    def action_show(self, mode: str) -> None:
+        """Switch to one of the screens."""
+        self.switch_mode(mode)
+
+    def action_help(self) -> None:
+        from .screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.screen))
+
+    def action_screenshot(self) -> None:
+        """Save an SVG of the current screen under the output folder."""
+        folder = self.config.output_dir / "screenshots"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = self.save_screenshot(path=str(folder))
+        except OSError as exc:
+            self.notify(str(exc), title="Screenshot failed", severity="error")
+            return
+        self.notify(path, title="Screenshot saved")
+
+    def action_cancel_job(self) -> None:
+        """Cancel the running job (or the newest queued one)."""
+        job = self.running_job or next((j for j in reversed(self.jobs) if j.status == "queued"), None)
+        if job is None:
+            self.notify("No job is running", title="Cancel", severity="warning")
+            return
+        self.cancel_job(job)
+
+    def get_system_commands(self, screen: Screen) -> Any:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help: keys of this screen", "Show every key binding", self.action_help)
+
+    async def action_quit(self) -> None:
+        for job in self.jobs:
+            job.cancel_event.set()
+        self.exit(0)
+
+    def action_analyze(self) -> None:
+        """Analyze the whole working collection."""
+        if len(self.collection) < 2:
+            self.notify("Add at least two adapters first", title="Analyze", severity="warning")
+            return
+        self.submit_job("analyze", {"adapters": list(self.collection)}, title=f"analyze {len(self.collection)} adapters")
+
+    def action_open_subspace_prompt(self) -> None:
+        """Ask for a subspace folder and open it."""
+        from .dialogs.prompt import PromptScreen
+
+        def opened(path: str | None) -> None:
+            if path:
+                from engine.io.scan import is_subspace_dir
+
+                if not is_subspace_dir(path):
+                    self.notify(f"{path} is not a saved subspace (no subspace.json)", title="Cannot open", severity="error")
+                    return
+                self.open_subspace(path)
+
+        self.push_screen(PromptScreen("Open a subspace", "Folder of a saved subspace (holds subspace.json)",
+                                      self.subspace_path or str(self.config.output_dir)), opened)
+
+    def form_fits(self, kind: str) -> bool:
+        """Whether a job of ``kind`` has what it needs in the current state."""
+        n = len(self.collection)
+        if kind in ("compress", "analyze", "diff"):
+            return n >= 2
+        if kind in ("validate", "benchmark"):
+            return n >= 1
+        if kind == "merge":
+            return n >= 2 or self.subspace_path is not None
+        if kind in ("add", "export", "quantize"):
+            return self.subspace_path is not None
+        if kind == "inspect":
+            return self.current_adapter is not None
+        return kind != "demo"
+
+    def default_params(self, kind: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Form values for ``kind`` from the current state, overridden by ``values``."""
+        kinds = self.job_kinds()
+        names = {p.name for p in kinds[kind].params} if kind in kinds else set()
+        out: dict[str, Any] = {}
+        guesses: dict[str, Any] = {
+            "adapters": list(self.collection),
+            "adapter": self.current_adapter,
+            "path": self.subspace_path,
+            "subspace": self.subspace_path,
+            "a": self.collection[0] if self.collection else None,
+            "b": self.collection[1] if len(self.collection) > 1 else None,
+        }
+        for name, value in guesses.items():
+            if name in names and value:
+                out[name] = value
+        if "output" in names:
+            n = sum(1 for j in self.jobs if j.kind == kind) + 1
+            out["output"] = str(self.config.output_dir / f"{kind}-{n}")
+        for name, value in (values or {}).items():
+            if name in names and value not in (None, "", []):
+                out[name] = value
+        if kind in ("export", "merge") and "subspace" in out and "adapters" in out and "subspace" in (values or {}):
+            out.pop("adapters")
+        return out
+
+    def action_new_job(self, kind: str, values: dict[str, Any] | None = None) -> None:
+        """Open the form of ``kind`` (prefilled from the state) and queue the job it returns."""
+        from .dialogs.job_form import JobFormScreen
+
+        kinds = self.job_kinds()
+        if kind not in kinds:
+            self.notify(f"No job kind {kind!r} in this engine", title="New job", severity="error")
+            return
+
+        def submitted(params: dict | None) -> None:
+            if params is not None:
+                self.submit_job(kind, params, title=job_title(kind, params))
+
+        self.push_screen(JobFormScreen(kinds[kind], self.default_params(kind, values)), submitted)
+
+    def action_pick_job(self) -> None:
+        """Pick a job kind, then fill in its form."""
+        from .commands import FORM_KINDS
+        from .dialogs.job_picker import JobPickerScreen
+
+        kinds = self.job_kinds()
+        offered = [kinds[k] for k in FORM_KINDS if k in kinds]
+
+        def picked(kind: str | None) -> None:
+            if kind:
+                self.action_new_job(kind)
+
+        self.push_screen(JobPickerScreen(offered), picked)
+
+    # -- jobs -----------------------------------------------------------------------
+    @property
+    def running_job(self) -> JobRecord | None:
+        return next((j for j in self.jobs if j.status == "running"), None)
+
+    def job_kinds(self) -> dict[str, Any]:
+        """``engine.jobs.job_kinds()`` (imported on first use, torch-free)."""
+        from engine.jobs import job_kinds
+
+        return job_kinds()
+
+    def runner_for(self, kind: str) -> Any:
+        """The runner a job of ``kind`` goes through."""
+        if self._runner_factory is not None:
+            return self._runner_factory(kind)
+        from engine.jobs import InlineRunner, ProcessRunner
+
+        return ProcessRunner() if kind in self.config.process_kinds else InlineRunner()
+
+    def submit_job(
+        self, kind: str, params: dict[str, Any], *, title: str | None = None, open_result: bool = True
+    ) -> JobRecord | None:
+        """Validate a request and queue it; returns its record, or ``None`` if invalid (notified)."""
+        from engine.jobs import JobRequest, validate_request
+
+        try:
+            coerced = validate_request(JobRequest(kind, dict(params)))
+        except (ValueError, KeyError) as exc:
+            self.notify(str(exc), title=f"Cannot start {kind}", severity="error")
+            return None
+        record = JobRecord(request=JobRequest(kind, coerced), title=title or kind, open_result=open_result)
+        record.log.append(f"queued: {record.title}")
+        self.jobs.append(record)
+        self.state_signal.publish("jobs")
+        self._start_next()
+        return record
+
+    def cancel_job(self, job: JobRecord) -> None:
+        """Ask a job to stop; a queued job is dropped at once."""
+        if job.finished:
+            return
+        job.cancel_event.set()
+        if job.status == "queued":
+            self._finish(job, "cancelled", error="cancelled before it started", error_title="Cancelled")
+        else:
+            job.log.append("cancel requested")
+            self.notify(f"Cancelling {job.title}…", title="Cancel")
+            self.state_signal.publish("jobs")
+
+    def _start_next(self) -> None:
+        if self.running_job is not None:
+            return
+        job = next((j for j in self.jobs if j.status == "queued"), None)
+        if job is None:
+            return
+        job.status = "running"
+        job.started = time.monotonic()
+        job.log.append(f"started ({type(self.runner_for(job.kind)).__name__})")
+        job.worker = self._run_job(job)
+        self.state_signal.publish("jobs")
+
+    @work(thread=True, exit_on_error=False, group="engine", name="job")
+    def _run_job(self, job: JobRecord) -> Any:
+        """Run one job through its runner (in a worker thread)."""
+
+        def progress(p: Any) -> None:
+            self.post_message(JobProgress(job.job_id, int(p.step), int(p.total), str(p.message)))
+
+        return self.runner_for(job.kind).run(job.request, progress=progress, cancel=job.cancel_event)
+
+    @on(JobProgress)
+    def _on_job_progress(self, event: JobProgress) -> None:
+        job = self.find_job(event.job_id)
+        if job is None or job.finished:
+            return
+        job.step, job.total = event.step, event.total
+        if event.text and event.text != job.message:
+            job.log.append(f"[{event.step}/{event.total}] {event.text}" if event.total else event.text)
+        job.message = event.text
+        self.state_signal.publish("jobs")
+
+    def find_job(self, job_id: str) -> JobRecord | None:
+        return next((j for j in self.jobs if j.job_id == job_id), None)
+
+    @on(Worker.StateChanged)
+    def _on_worker_state(self, event: Worker.StateChanged) -> None:
+        """Map a job worker's end to its record: result, failure or cancel."""
+        if event.worker.group != "engine":
+            return
+        job = next((j for j in self.jobs if j.worker is event.worker), None)
+        if job is None or job.finished:
+            return
+        if event.state == WorkerState.SUCCESS:
+            result = event.worker.result
+            status = str(getattr(result, "status", "done"))
+            if status in ("ok", "done", "success", "succeeded"):
+                job.result = result
+                self._finish(job, "done")
+                self._open_result(job)
+            elif status == "cancelled":
+                job.result = result
+                self._finish(job, "cancelled", error=result.error or "cancelled", error_title="Cancelled")
+            else:
+                job.result = result
+                self._finish(job, "failed", error=result.error or "failed", error_title=result.error_title or "Job failed")
+                if job.kind == "validate" and result.data:
+                    self._open_result(job)
+        elif event.state == WorkerState.ERROR:
+            from engine.errors import JobCancelled
+
+            err = event.worker.error
+            if isinstance(err, JobCancelled):
+                self._finish(job, "cancelled", error=str(err), error_title="Cancelled")
+            else:
+                title = getattr(err, "title", None) or ("Invalid parameter" if isinstance(err, ValueError) else "Job crashed")
+                self._finish(job, "failed", error=f"{err}" or type(err).__name__, error_title=title)
+        elif event.state == WorkerState.CANCELLED:
+            self._finish(job, "cancelled", error="cancelled", error_title="Cancelled")
+
+    def _finish(self, job: JobRecord, status: str, *, error: str | None = None, error_title: str | None = None) -> None:
+        job.status = status
+        job.error, job.error_title = error, error_title
+        job.seconds = time.monotonic() - job.started if job.started is not None else 0.0
+        if status == "done":
+            summary = getattr(job.result, "summary", "") or "done"
+            job.log.append(f"done: {summary}")
+            if job.open_result:
+                self.notify(summary, title=f"{job.title} finished")
+        elif status == "cancelled":
+            job.log.append(f"cancelled: {error}")
+            self.notify(f"{job.title}: {error}", title="Job cancelled", severity="warning")
+        else:
+            job.log.append(f"{error_title}: {error}")
+            self.notify(error or "failed", title=f"{error_title or 'Job failed'} ({job.title})", severity="error", timeout=8)
+        self.state_signal.publish("jobs")
+        self._start_next()
+
+    # -- results ------------------------------------------------------------------------
+    def _open_result(self, job: JobRecord) -> None:
+        """Store a finished job's data where its view looks, and switch to that view."""
+        result = job.result
+        data = dict(getattr(result, "data", None) or {})
+        outputs = [str(o) for o in (getattr(result, "outputs", None) or [])]
+        kind = job.kind
+        params = job.request.params
+        target: str | None = None
+        if kind == "demo":
+            self._demo_ready([str(s) for s in data.get("adapters") or outputs])
+            return
+        elif kind == "inspect":
+            self.inspections[str(_first(params.get("adapter") or params.get("path")))] = data
+            self.state_signal.publish("inspect")
+            target = "adapter"
+        elif kind == "validate":
+            self.validations[str(_first(params.get("adapter") or params.get("path") or params.get("adapters")))] = data
+            self.state_signal.publish("inspect")
+            target = "adapter"
+        elif kind == "analyze":
+            self.analysis = data
+            self.state_signal.publish("analysis")
+            target = "collection"
+        elif kind == "diff":
+            self.diff = data
+            self.state_signal.publish("diff")
+            target = "collection"
+        elif kind == "info":
+            self.subspace_path = str(params.get("path"))
+            self.subspace_info = data
+            self.state_signal.publish("subspace")
+            target = "subspace"
+        elif kind in ("compress", "add", "quantize"):
+            out = outputs[0] if outputs else data.get("output")
+            if out:
+                self.open_subspace(str(out), switch=job.open_result)
+            return
+        elif kind in ("export", "merge"):
+            adapters = [o for o in outputs if _is_adapter(o)]
+            if adapters:
+                self.add_to_collection(adapters)
+                self.current_adapter = adapters[0]
+                self.state_signal.publish("adapter")
+                target = "adapter"
+        if target and job.open_result and self.current_mode != target:
+            self.switch_mode(target)
+
+
+def job_title(kind: str, params: dict[str, Any]) -> str:
+    """One line naming a job for the queue."""
+    if params.get("adapters"):
+        return f"{kind} {len(params['adapters'])} adapters"
+    for key in ("task", "adapter", "subspace", "path"):
+        if params.get(key):
+            return f"{kind} {spec_name(str(params[key]))}"
+    return kind
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
+def _is_adapter(path: str) -> bool:
+    from engine.io.scan import is_adapter_dir
+
+    return is_adapter_dir(path)

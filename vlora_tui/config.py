@@ -1,0 +1,53 @@
+"""App configuration: what the command line asked for and where outputs go.
+
+Everything here is plain data so tests and the screenshot script build the app
+the same way ``vlora-tui`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Job kinds that run in a child process (a crash there cannot take the UI down).
+PROCESS_KINDS: frozenset[str] = frozenset({"compress", "add", "merge", "quantize", "export", "benchmark"})
+
+
+def default_home() -> Path:
+    """``$VLORA_TUI_HOME`` or ``~/.cache/vlora-tui`` (shared with the demo cache)."""
+    base = os.environ.get("VLORA_TUI_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlora-tui"
+    )
+    return Path(base)
+
+
+@dataclass
+class AppConfig:
+    """How one run of the app is set up.
+
+    Attributes:
+        path: Folder (or adapter) to open in the browser; ``None`` = current folder.
+        demo: Build (or reuse) the demo collection and open it.
+        output_dir: Default parent folder for job outputs (subspaces, exports, merges).
+        demo_dir: Where the demo collection lives; ``None`` = ``engine.demo.default_demo_dir()``.
+        hub_search: Allow Hub search (off in tests so nothing touches the network).
+        hub_timeout: Seconds before a Hub search is reported as unreachable.
+        process_kinds: Job kinds run through the process runner.
+        auto_inspect: Run the ``inspect`` job when an adapter is first shown.
+    """
+
+    path: Path | None = None
+    demo: bool = False
+    output_dir: Path = field(default_factory=lambda: default_home() / "outputs")
+    demo_dir: Path | None = None
+    hub_search: bool = True
+    hub_timeout: float = 20.0
+    process_kinds: frozenset[str] = PROCESS_KINDS
+    auto_inspect: bool = True
+
+    @property
+    def start_path(self) -> Path:
+        """The folder the browser's tree is rooted at."""
+        p = Path(self.path) if self.path is not None else Path.cwd()
+        return p if p.is_dir() else p.parent

@@ -1,0 +1,1 @@
+"""Modal dialogs: job forms, a path prompt, an error report."""

@@ -1,0 +1,1 @@
+"""One screen per app mode (browser, adapter, collection, subspace, jobs) plus help."""

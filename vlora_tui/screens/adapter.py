@@ -1,0 +1,192 @@
+"""Adapter detail: config, modules with shapes and ranks, norms (``inspect`` job), extras, problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Label, OptionList, Static
+from textual.widgets.option_list import Option
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+class AdapterScreen(Screen):
+    """One adapter of the working collection, read from its header; norms from ``inspect``."""
+
+    BINDINGS: ClassVar = [
+        Binding("i", "inspect", "Norms", tooltip="Run the inspect job: norms of A, B and ΔW per module", id="adapter-inspect"),
+        Binding("v", "validate", "Validate", tooltip="Run the validate job on this adapter", id="adapter-validate"),
+        Binding("delete,x", "remove", "Remove", tooltip="Remove this adapter from the working collection", id="adapter-remove"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            with Vertical(id="adapter-side"):
+                yield Label("Collection", classes="pane-title")
+                yield OptionList(id="adapter-list")
+            with VerticalScroll(id="adapter-detail"):
+                yield Static("No adapter yet: add one in the browser (1).", id="adapter-config")
+                yield Label("Modules", classes="pane-title")
+                yield DataTable(id="modules", cursor_type="row", zebra_stripes=True)
+                yield Static("", id="adapter-extras")
+                yield Static("", id="adapter-problems")
+        yield Footer(show_command_palette=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#modules", DataTable).add_columns("module", "out × in", "rank", "dtype", "‖A‖", "‖B‖", "‖ΔW‖", "σ₁")
+        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self._shown: str | None = None
+        self._refresh_list()
+        self._refresh_detail()
+
+    def on_screen_resume(self) -> None:
+        self._maybe_inspect()
+
+    def _on_state(self, topic: str) -> None:
+        if topic == "collection":
+            self._refresh_list()
+        if topic in ("adapter", "inspect", "collection"):
+            self._refresh_detail()
+            if topic == "adapter" and self.app.screen is self:
+                self._maybe_inspect()
+
+    @property
+    def spec(self) -> str | None:
+        return self.app.current_adapter  # type: ignore[attr-defined]
+
+    def _refresh_list(self) -> None:
+        from ..app import spec_name
+
+        coll = self.app.collection  # type: ignore[attr-defined]
+        lst = self.query_one("#adapter-list", OptionList)
+        lst.clear_options()
+        lst.add_options([Option(spec_name(s), id=s) for s in coll])
+        if self.spec in coll:
+            lst.highlighted = coll.index(self.spec)
+
+    @on(OptionList.OptionHighlighted, "#adapter-list")
+    def _highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        spec = event.option.id
+        if spec and spec != self.spec:
+            self.app.current_adapter = spec  # type: ignore[attr-defined]
+            self.app.state_signal.publish("adapter")  # type: ignore[attr-defined]
+
+    def _maybe_inspect(self) -> None:
+        app: Any = self.app
+        spec = self.spec
+        if not spec or not app.config.auto_inspect or spec in app.inspections:
+            return
+        if any(j.kind == "inspect" and j.request.params.get("adapter") == spec and not j.finished for j in app.jobs):
+            return
+        self.action_inspect(open_result=False)
+
+    def _refresh_detail(self) -> None:
+        app: Any = self.app
+        spec = self.spec
+        cfg = self.query_one("#adapter-config", Static)
+        table = self.query_one("#modules", DataTable)
+        extras = self.query_one("#adapter-extras", Static)
+        problems = self.query_one("#adapter-problems", Static)
+        table.clear()
+        if spec is None:
+            cfg.update("No adapter yet: add one in the browser (1).")
+            extras.update("")
+            problems.update("")
+            return
+        insp = app.inspections.get(spec)
+        summary = None
+        if not spec.startswith("hf://"):
+            from engine.errors import VloraError
+            from engine.io.header import read_adapter_summary
+
+            try:
+                summary = read_adapter_summary(spec)
+            except VloraError as exc:
+                cfg.update(Text(f"✗ {exc}", style="bold red"))
+                problems.update("")
+                extras.update("")
+                return
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        name = Path(spec).name if not spec.startswith("hf://") else spec
+        grid.add_row("adapter", name)
+        if summary is not None:
+            tm = summary.target_modules if isinstance(summary.target_modules, str) else ", ".join(summary.target_modules)
+            grid.add_row("base model", summary.base_model or "—")
+            grid.add_row("rank / alpha", f"r={summary.rank}   lora_alpha={summary.lora_alpha:g}   scale={summary.lora_alpha / summary.rank:g}")
+            grid.add_row("rsLoRA", "yes" if summary.use_rslora else "no")
+            grid.add_row("target modules", tm)
+            grid.add_row("size", f"{len(summary.modules)} modules, {summary.num_params:,} params, {summary.nbytes / 1024:,.0f} KiB ({', '.join(summary.dtypes)})")
+        elif insp:
+            grid.add_row("base model", str(insp.get("base_model") or "—"))
+            grid.add_row("rank / alpha", f"r={insp.get('rank')}   lora_alpha={insp.get('lora_alpha')}")
+            grid.add_row("rsLoRA", "yes" if insp.get("use_rslora") else "no")
+        if insp:
+            grid.add_row("‖ΔW‖ total", _fmt(insp.get("norm_delta_total")))
+        else:
+            grid.add_row("norms", "press i to compute (inspect job)")
+        cfg.update(grid)
+        figures = {m["name"]: m for m in (insp or {}).get("modules", [])}
+        modules = summary.modules if summary is not None else []
+        rows = [(m.name, m.out_features, m.in_features, m.rank, m.dtype) for m in modules] or [
+            (m["name"], m.get("out_features"), m.get("in_features"), m.get("rank"), m.get("dtype")) for m in figures.values()
+        ]
+        for name_, out_f, in_f, rank, dtype in rows:
+            f = figures.get(name_, {})
+            sv = f.get("singular_values") or []
+            table.add_row(
+                name_, f"{out_f} × {in_f}", str(rank), str(dtype),
+                _fmt(f.get("norm_a")), _fmt(f.get("norm_b")), _fmt(f.get("norm_delta")), _fmt(sv[0] if sv else None),
+                key=name_,
+            )
+        extra_keys = list(summary.extra_tensors) if summary is not None else list((insp or {}).get("extra_tensors", []))
+        extras.update(
+            "Extra tensors: " + ", ".join(extra_keys) if extra_keys else "Extra tensors: none (LoRA factors only)"
+        )
+        found: list[str] = list((insp or {}).get("problems", []))
+        val = app.validations.get(spec)
+        if val:
+            for row in val.get("adapters", []):
+                if row.get("error"):
+                    found.append(row["error"])
+                found.extend(w for w in row.get("warnings", []) if w not in found)
+        if found:
+            problems.update(Text("Validation problems:\n" + "\n".join(f"  ⚠ {p}" for p in found), style="bold"))
+        elif insp or val:
+            problems.update("Validation: no problems found.")
+        else:
+            problems.update("")
+
+    def action_inspect(self, open_result: bool = True) -> None:
+        spec = self.spec
+        if spec is None:
+            self.notify("No adapter selected", severity="warning")
+            return
+        from ..app import spec_name
+
+        self.app.submit_job("inspect", {"adapter": spec}, title=f"inspect {spec_name(spec)}", open_result=open_result)  # type: ignore[attr-defined]
+
+    def action_validate(self) -> None:
+        spec = self.spec
+        if spec is None:
+            self.notify("No adapter selected", severity="warning")
+            return
+        from ..app import spec_name
+
+        self.app.submit_job("validate", {"adapters": [spec]}, title=f"validate {spec_name(spec)}")  # type: ignore[attr-defined]
+
+    def action_remove(self) -> None:
+        if self.spec is not None:
+            self.app.remove_from_collection(self.spec)  # type: ignore[attr-defined]

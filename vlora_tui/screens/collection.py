@@ -1,0 +1,188 @@
+"""The collection: similarity heatmap (``analyze`` job), clusters and outliers, diff of two adapters."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.table import Table
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Label, SelectionList, Static
+
+from ..widgets.heatmap import SimilarityHeatmap
+from ..widgets.plots import DataPlot
+
+
+class CollectionScreen(Screen):
+    """Pick adapters (space), analyze them (a), read the heatmap, diff the pair under the cursor (d)."""
+
+    BINDINGS: ClassVar = [
+        Binding("a", "analyze", "Analyze", tooltip="Run the analyze job on the selected adapters", id="collection-analyze"),
+        Binding("n", "most_similar", "Most similar", tooltip="Move the heatmap cursor to the most similar pair", id="collection-similar"),
+        Binding("d", "diff", "Diff pair", tooltip="Run the diff job on the pair under the heatmap cursor", id="collection-diff"),
+        Binding("c", "compress", "Compress…", tooltip="Compress the selected adapters into a shared subspace", id="collection-compress"),
+        Binding("m", "merge", "Merge…", tooltip="Merge the selected adapters into one adapter", id="collection-merge"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            with Vertical(id="members-pane"):
+                yield Label("Adapters (space toggles)", classes="pane-title")
+                yield SelectionList[str](id="members")
+            with Vertical(id="analysis-pane"):
+                with Horizontal(id="heatmap-row"):
+                    yield SimilarityHeatmap(id="heatmap")
+                    yield DataPlot(empty="similarity: press a to analyze", id="heatmap-plot")
+                with Horizontal(id="analysis-row"):
+                    with VerticalScroll(id="clusters-pane"):
+                        yield Static("Clusters and outliers appear after the analyze job.", id="clusters")
+                    with VerticalScroll(id="diff-pane"):
+                        yield Static("Diff: move the heatmap cursor to a pair and press d.", id="diff")
+        yield Footer(show_command_palette=False)
+
+    def on_mount(self) -> None:
+        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self._refresh_members()
+        self._refresh_analysis()
+        self._refresh_diff()
+
+    def _on_state(self, topic: str) -> None:
+        if topic == "collection":
+            self._refresh_members()
+        elif topic == "analysis":
+            self._refresh_analysis()
+        elif topic == "diff":
+            self._refresh_diff()
+
+    # -- members -----------------------------------------------------------------------
+    def _refresh_members(self) -> None:
+        from ..app import spec_name
+
+        sl = self.query_one("#members", SelectionList)
+        previous = set(sl.selected)
+        known = {str(o.value) for o in (sl.get_option_at_index(i) for i in range(sl.option_count))}
+        sl.clear_options()
+        for spec in self.app.collection:  # type: ignore[attr-defined]
+            sl.add_option((spec_name(spec), spec, spec in previous or spec not in known))
+
+    def selected_specs(self) -> list[str]:
+        sl = self.query_one("#members", SelectionList)
+        chosen = set(sl.selected)
+        return [s for s in self.app.collection if s in chosen]  # type: ignore[attr-defined]
+
+    # -- analysis -------------------------------------------------------------------------
+    def _refresh_analysis(self) -> None:
+        data = self.app.analysis  # type: ignore[attr-defined]
+        heat = self.query_one(SimilarityHeatmap)
+        plot = self.query_one("#heatmap-plot", DataPlot)
+        clusters = self.query_one("#clusters", Static)
+        if not data:
+            heat.clear(columns=True)
+            plot.draw_empty()
+            clusters.update("Clusters and outliers appear after the analyze job (a).")
+            return
+        names = list(data.get("names") or [])
+        matrix = data.get("similarity") or []
+        heat.set_matrix(names, matrix)
+        metric = data.get("metric", "cosine")
+        plot.draw_heatmap(matrix, names, f"{metric} similarity of ΔW")
+        clusters.update(self._clusters_text(data))
+
+    @staticmethod
+    def _clusters_text(data: dict[str, Any]) -> Table:
+        t = Table(title="Clusters", expand=True, show_edge=False)
+        t.add_column("#", justify="right", width=3)
+        t.add_column("members")
+        for i, members in enumerate(data.get("clusters") or []):
+            if isinstance(members, dict):
+                members = members.get("members") or members.get("names") or []
+            t.add_row(str(i + 1), ", ".join(map(str, members)))
+        outliers = data.get("outliers") or []
+        if outliers:
+            names = [o.get("name", str(o)) if isinstance(o, dict) else str(o) for o in outliers]
+            t.add_row("⚠", Text("outliers: " + ", ".join(names), style="bold"))
+        pairs = data.get("most_similar") or []
+        if pairs:
+            p = pairs[0]
+            if isinstance(p, dict):
+                t.add_row("≈", f"most similar: {p.get('a')} ~ {p.get('b')} ({p.get('similarity', 0):.2f})")
+        return t
+
+    def _refresh_diff(self) -> None:
+        data = self.app.diff  # type: ignore[attr-defined]
+        box = self.query_one("#diff", Static)
+        if not data:
+            box.update("Diff: move the heatmap cursor to a pair and press d.")
+            return
+        box.update(diff_table(data))
+
+    # -- actions ---------------------------------------------------------------------------
+    def action_analyze(self) -> None:
+        specs = self.selected_specs()
+        if len(specs) < 2:
+            self.notify("Select at least two adapters to analyze", title="Analyze", severity="warning")
+            return
+        self.app.submit_job("analyze", {"adapters": specs}, title=f"analyze {len(specs)} adapters")  # type: ignore[attr-defined]
+
+    def action_most_similar(self) -> None:
+        heat = self.query_one(SimilarityHeatmap)
+        pair = heat.most_similar_pair()
+        if pair is None:
+            self.notify("Analyze the collection first (a)", severity="warning")
+            return
+        heat.move_to_pair(*pair)
+        heat.focus()
+        i, j = pair
+        self.notify(f"{heat.labels[i]} ~ {heat.labels[j]}: {heat.matrix[i][j]:.2f}", title="Most similar pair")
+
+    def action_diff(self) -> None:
+        heat = self.query_one(SimilarityHeatmap)
+        pair = heat.pair_at_cursor()
+        data = self.app.analysis or {}  # type: ignore[attr-defined]
+        paths = list(data.get("paths") or [])
+        if pair is None or not paths:
+            self.notify("Move the heatmap cursor onto a pair first", title="Diff", severity="warning")
+            return
+        i, j = pair
+        if i == j:
+            self.notify("Pick two different adapters (off the diagonal)", title="Diff", severity="warning")
+            return
+        self.app.submit_job(  # type: ignore[attr-defined]
+            "diff", {"a": paths[i], "b": paths[j]}, title=f"diff {heat.labels[i]} / {heat.labels[j]}"
+        )
+
+    def action_compress(self) -> None:
+        self.app.action_new_job("compress", {"adapters": self.selected_specs()})  # type: ignore[attr-defined]
+
+    def action_merge(self) -> None:
+        self.app.action_new_job("merge", {"adapters": self.selected_specs()})  # type: ignore[attr-defined]
+
+    @on(SimilarityHeatmap.CellHighlighted, "#heatmap")
+    def _cell(self, event: SimilarityHeatmap.CellHighlighted) -> None:
+        heat = self.query_one(SimilarityHeatmap)
+        pair = heat.pair_at_cursor()
+        if pair is not None and heat.labels:
+            i, j = pair
+            v = heat.matrix[i][j]
+            heat.border_subtitle = f"{heat.labels[i]} ~ {heat.labels[j]}: {'—' if v is None else f'{v:.3f}'}"
+
+
+def diff_table(data: dict[str, Any]) -> Table:
+    """The ``diff`` job's data as a table: overall figures, then the most different modules."""
+    t = Table(title=f"Diff {data.get('a_name', 'A')} vs {data.get('b_name', 'B')}", expand=True, show_edge=False)
+    t.add_column("module")
+    t.add_column("cos", justify="right")
+    t.add_column("‖ΔA−ΔB‖/‖ΔA‖", justify="right")
+    for key in ("similarity", "cosine", "relative_difference"):
+        if key in data and isinstance(data[key], (int, float)):
+            t.add_row(Text(key, style="bold"), f"{data[key]:.3f}", "")
+    for m in (data.get("modules") or [])[:12]:
+        cos = m.get("cosine")
+        rel = m.get("relative_difference", m.get("rel_diff"))
+        t.add_row(str(m.get("name")), "—" if cos is None else f"{cos:.3f}", "—" if rel is None else f"{rel:.3f}")
+    return t

@@ -1,0 +1,159 @@
+"""The jobs panel: the queue, the selected job's progress, log and result; cancel with x."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, RichLog, Static
+
+STATUS_STYLE = {"queued": "dim", "running": "bold", "done": "green", "failed": "bold red", "cancelled": "yellow"}
+
+
+class JobsScreen(Screen):
+    """Every job of the session; the highlighted one's progress, log and result."""
+
+    BINDINGS: ClassVar = [
+        Binding("n", "new", "New job…", tooltip="Pick a job kind and fill in its form", id="jobs-new"),
+        Binding("x", "cancel", "Cancel job", tooltip="Cancel the highlighted job (or the running one)", id="jobs-cancel"),
+        Binding("o", "open_result", "Open result", tooltip="Open the highlighted job's result in its view", id="jobs-open"),
+        Binding("e", "error", "Error", tooltip="Show the highlighted job's error in full", id="jobs-error"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            with Vertical(id="queue-pane"):
+                yield Label("Queue", classes="pane-title")
+                yield DataTable(id="queue", cursor_type="row")
+            with Vertical(id="job-pane"):
+                yield Static("No jobs yet: n starts one; every screen launches its own.", id="job-status")
+                yield ProgressBar(id="job-progress", total=100, show_eta=False)
+                yield Label("Log", classes="pane-title")
+                yield RichLog(id="job-log", wrap=True, markup=False, auto_scroll=True)
+                yield Label("Result", classes="pane-title")
+                with VerticalScroll(id="result-pane"):
+                    yield Static("", id="job-result")
+        yield Footer(show_command_palette=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#queue", DataTable).add_columns("id", "job", "status", "progress", "time")
+        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self._log_shown: tuple[str, int] | None = None
+        self._refresh()
+
+    def _on_state(self, topic: str) -> None:
+        if topic == "jobs":
+            self._refresh()
+
+    @property
+    def jobs(self) -> list[Any]:
+        return self.app.jobs  # type: ignore[attr-defined]
+
+    def selected(self) -> Any:
+        jobs = self.jobs
+        if not jobs:
+            return None
+        row = self.query_one("#queue", DataTable).cursor_row
+        return jobs[row] if 0 <= row < len(jobs) else jobs[-1]
+
+    def _refresh(self) -> None:
+        table = self.query_one("#queue", DataTable)
+        row = table.cursor_row
+        table.clear()
+        for j in self.jobs:
+            pct = f"{100 * j.step / j.total:.0f}%" if j.total else ("100%" if j.status == "done" else "—")
+            secs = "" if j.seconds is None else f"{j.seconds:.1f}s"
+            table.add_row(j.job_id, j.title, Text(j.status, style=STATUS_STYLE.get(j.status, "")), pct, secs, key=j.job_id)
+        if self.jobs:
+            table.move_cursor(row=min(max(row, 0), len(self.jobs) - 1))
+        self._show(self.selected())
+
+    @on(DataTable.RowHighlighted, "#queue")
+    def _highlighted(self) -> None:
+        self._show(self.selected())
+
+    def _show(self, job: Any) -> None:
+        status = self.query_one("#job-status", Static)
+        bar = self.query_one("#job-progress", ProgressBar)
+        log = self.query_one("#job-log", RichLog)
+        result = self.query_one("#job-result", Static)
+        if job is None:
+            status.update("No jobs yet: n starts one; every screen launches its own.")
+            bar.update(total=100, progress=0)
+            log.clear()
+            result.update("")
+            self._log_shown = None
+            return
+        status.update(Text.assemble((f"{job.title}  ", "bold"), (job.status, STATUS_STYLE.get(job.status, "")),
+                                    f"  {job.message}" if job.status == "running" else ""))
+        if job.status == "done":
+            bar.update(total=100, progress=100)
+        elif job.total:
+            bar.update(total=job.total, progress=job.step)
+        else:
+            bar.update(total=100, progress=0)
+        key = (job.job_id, len(job.log))
+        if self._log_shown is None or self._log_shown[0] != job.job_id:
+            log.clear()
+            for line in job.log:
+                log.write(line)
+        elif self._log_shown[1] < len(job.log):
+            for line in job.log[self._log_shown[1]:]:
+                log.write(line)
+        self._log_shown = key
+        result.update(result_text(job))
+
+    def action_cancel(self) -> None:
+        job = self.selected()
+        if job is None or job.finished:
+            self.app.action_cancel_job()  # type: ignore[attr-defined]
+        else:
+            self.app.cancel_job(job)  # type: ignore[attr-defined]
+
+    def action_new(self) -> None:
+        self.app.action_pick_job()  # type: ignore[attr-defined]
+
+    def action_open_result(self) -> None:
+        job = self.selected()
+        if job is None or job.status != "done":
+            self.notify("Highlight a finished job", severity="warning")
+            return
+        job.open_result = True
+        self.app._open_result(job)  # type: ignore[attr-defined]
+
+    def action_error(self) -> None:
+        job = self.selected()
+        if job is None or job.status not in ("failed", "cancelled"):
+            self.notify("Highlight a failed job", severity="warning")
+            return
+        from ..dialogs.error import ErrorScreen
+
+        details = getattr(job.result, "traceback", None)
+        self.app.push_screen(ErrorScreen(job.error_title or "Job failed", job.error or "", details))
+
+
+def result_text(job: Any) -> Text:
+    """A finished job's outcome: summary, outputs, and the top-level keys of its data."""
+    if job.status in ("failed", "cancelled"):
+        return Text.assemble((f"{job.error_title or 'Failed'}: ", "bold red" if job.status == "failed" else "yellow"), job.error or "")
+    if job.status != "done" or job.result is None:
+        return Text("")
+    r = job.result
+    parts = [Text(r.summary or "done", style="green")]
+    for o in r.outputs or []:
+        parts.append(Text(f"→ {o}"))
+    data = r.data or {}
+    if data:
+        keys = ", ".join(sorted(data)[:12])
+        parts.append(Text(f"data: {keys}", style="dim"))
+        if len(json.dumps(data, default=str)) < 400:
+            parts.append(Text(json.dumps(data, default=str), style="dim"))
+    parts.append(Text("o opens it in its view", style="italic"))
+    return Text("\n").join(parts)
