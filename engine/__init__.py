@@ -39,6 +39,23 @@ _EXPORTS: dict[str, str] = {
     # demo
     "make_demo_collection": ".demo",
     "make_demo_adapters": ".demo",
+    # merging
+    "MergeResult": ".merge",
+    "merge_adapters": ".merge",
+    "task_arithmetic": ".merge",
+    "linear_merge": ".merge",
+    "cat_merge": ".merge",
+    "ties_merge": ".merge",
+    "dare_merge": ".merge",
+    # analysis
+    "compute_similarity_matrix": ".analysis",
+    "find_clusters": ".analysis",
+    "find_outliers": ".analysis",
+    "adapter_diff": ".analysis",
+    "subspace_coverage": ".analysis",
+    "explained_variance": ".analysis",
+    "SimilarityResult": ".analysis",
+    "DiffResult": ".analysis",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
