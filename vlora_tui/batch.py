@@ -1,47 +1,427 @@
-"""Headless ``vlora-tui --batch`` (interim: info and demo; the job layer extends it)."""
+"""Headless ``vlora-tui --batch <command> …``: one job, results on stdout, diagnostics on stderr.
+
+Subcommands and their flags are built from the job kinds' typed parameters
+(:func:`engine.jobs.job_kinds`), so the TUI's forms and these flags stay in sync.
+Never imports Textual; imports rich only when writing to a terminal.
+
+Output:
+    * a terminal: a rich progress bar on stderr and rich tables on stdout;
+    * not a terminal: plain lines (progress, throttled, on stderr);
+    * ``--json``: one JSON document on stdout (the job result: ``job_id``, ``kind``,
+      ``status``, ``summary``, ``outputs``, ``data``, ``error``…), also on failure.
+
+Exit codes:
+    * 0 — the job succeeded;
+    * 1 — the job ran and failed (an unexpected error, the Hub unreachable,
+      ``validate`` found invalid or incompatible adapters);
+    * 2 — usage or bad input: a bad flag or value, a missing path, a corrupt
+      adapter or subspace, an unknown task, incompatible adapters, or an output
+      that exists without ``--force`` (checked before any work). One line on
+      stderr names the file and the problem; ``--debug`` adds the traceback;
+    * 130 — interrupted (Ctrl-C / SIGINT); outputs are written through a temporary
+      folder and renamed at the end, so nothing half-written is left.
+
+``add`` updates the subspace in place (atomically) unless ``-o`` names another folder.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
+import time
+from typing import Any
+
+#: Parameters given as positional arguments, per command (the seed CLI's order).
+POSITIONALS: dict[str, tuple[str, ...]] = {
+    "info": ("path",),
+    "inspect": ("adapter",),
+    "validate": ("adapters",),
+    "analyze": ("adapters",),
+    "diff": ("a", "b"),
+    "compress": ("adapters",),
+    "add": ("subspace", "adapter"),
+    "export": ("subspace", "task_id"),
+    "merge": ("adapters",),
+    "quantize": ("subspace",),
+    "benchmark": ("adapters",),
+}
+#: Short flags kept from the seed CLI.
+SHORT_FLAGS: dict[str, str] = {"output": "-o", "num_components": "-k"}
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlora-tui --batch", description="Run one vlora-tui job headless.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="summarize an adapter (reads the header only)")
-    info.add_argument("path")
-    info.add_argument("--json", action="store_true")
-    demo = sub.add_parser("demo", help="write the demo collection")
-    demo.add_argument("-o", "--output", required=True)
-    demo.add_argument("--force", action="store_true")
-    demo.add_argument("--json", action="store_true")
-    return p
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_param(sub: argparse.ArgumentParser, p: Any, positional: bool) -> None:
+    help_text = p.help or ""
+    if p.default not in (None, False, (), []) and p.type != "bool":
+        help_text += f" (default: {p.default})"
+    kw: dict[str, Any] = {"help": help_text}
+    if p.type in ("paths", "strs", "floats"):
+        kw["nargs"] = "+"
+    elif p.type == "int":
+        kw["type"] = int
+    elif p.type == "float":
+        kw["type"] = float
+    elif p.type == "choice":
+        kw["choices"] = list(p.choices)
+        if p.choices and all(isinstance(c, int) for c in p.choices):
+            kw["type"] = int
+    if positional:
+        kw["metavar"] = p.name.upper()
+        sub.add_argument(p.name, **kw)
+        return
+    flags = [_flag(p.name)]
+    if p.name in SHORT_FLAGS:
+        flags.insert(0, SHORT_FLAGS[p.name])
+    if p.type == "bool":
+        sub.add_argument(*flags, dest=p.name, action="store_true", help=help_text)
+        return
+    if p.type in ("paths", "strs", "floats") or p.type not in ("int", "float", "choice"):
+        kw["metavar"] = p.name.upper().replace("_", "-") if p.type != "choice" else None
+        if kw["metavar"] is None:
+            del kw["metavar"]
+    sub.add_argument(*flags, dest=p.name, required=bool(p.required), default=None, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``--batch`` parser, one subcommand per job kind."""
+    from engine.jobs import job_kinds
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document on stdout")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    parser = _Parser(
+        prog="vlora-tui --batch",
+        description="Run one vlora-tui job headless. Exit 0 ok, 1 failed, 2 usage or bad input, 130 interrupted.",
+        parents=[common],
+    )
+    parser.set_defaults(json=False, debug=False, quiet=False)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subs.required = True
+    for name, kind in job_kinds().items():
+        sub = subs.add_parser(name, help=kind.help, description=f"{kind.title}: {kind.help}.", parents=[common])
+        positional = POSITIONALS.get(name, ())
+        for pname in positional:
+            _add_param(sub, kind.param(pname), True)
+        for p in kind.params:
+            if p.name not in positional:
+                _add_param(sub, p, False)
+    return parser
+
+
+# -- progress ---------------------------------------------------------------------
+
+
+class _PlainProgress:
+    """Throttled ``[ 42%] message`` lines on stderr."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.last_pct = -1
+
+    def __call__(self, p: Any) -> None:
+        pct = int(100 * p.fraction)
+        now = time.monotonic()
+        if pct == self.last_pct or (now - self.last < self.interval and pct < 100):
+            return
+        self.last, self.last_pct = now, pct
+        sys.stderr.write(f"[{pct:3d}%] {p.message}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class _RichProgress:
+    """A rich progress bar on stderr."""
+
+    def __init__(self, title: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.fields[title]}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.task = self.bar.add_task("", total=1.0, title=title)
+        self.bar.start()
+
+    def __call__(self, p: Any) -> None:
+        self.bar.update(self.task, completed=p.fraction, description=p.message[:60])
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+# -- rendering ----------------------------------------------------------------------
+
+Block = tuple  # ("kv", title, [(key, value)]) | ("table", title, [columns], [[cells]]) | ("lines", title, [str])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v) if v else "-"
+    return str(v)
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return _fmt(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_blocks(kind: str, data: dict[str, Any], summary: str) -> list[Block]:
+    """Turn a job's ``data`` into key/value blocks and tables for display."""
+    fn = _RENDERERS.get(kind)
+    blocks = fn(data) if fn else []
+    return blocks or [("lines", None, [summary])]
+
+
+def _render_demo(d: dict[str, Any]) -> list[Block]:
+    rows = [[fam, len(tasks), ", ".join(tasks)] for fam, tasks in d["families"].items()]
+    return [("kv", "Demo collection", [("path", d["path"]), ("adapters", len(d["adapters"]))]),
+            ("table", "Families", ["family", "tasks", "names"], rows)]
+
+
+def _render_adapter_info(d: dict[str, Any]) -> list[Block]:
+    kv = [
+        ("path", d["path"]), ("base model", d["base_model"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
+        ("rsLoRA", d["use_rslora"]), ("target modules", d["target_modules"]), ("modules", d["num_modules"]),
+        ("parameters", d["num_params"]), ("size", _bytes(d["bytes"])), ("dtypes", d["dtypes"]),
+    ]
+    if d.get("extra_tensors"):
+        kv.append(("extra tensors", len(d["extra_tensors"])))
+    rows = [[m["name"], m["rank"], m["out_features"], m["in_features"], m["dtype"]] for m in d["modules"]]
+    return [("kv", "Adapter", kv), ("table", "Modules", ["module", "rank", "out", "in", "dtype"], rows)]
+
+
+def _render_collection_info(d: dict[str, Any]) -> list[Block]:
+    rows = [
+        [a["name"], a.get("rank"), a.get("num_modules"), a.get("num_params"), _bytes(a.get("bytes")),
+         a.get("base_model") if a["ok"] else "ERROR: " + str(a.get("error"))]
+        for a in d["adapters"]
+    ]
+    blocks: list[Block] = [
+        ("kv", "Collection", [("path", d["path"]), ("adapters", d["count"]), ("base models", d["base_models"]),
+                              ("ranks", d["ranks"]), ("total size", _bytes(d["total_bytes"]))]),
+        ("table", "Adapters", ["name", "rank", "modules", "params", "size", "base model"], rows),
+    ]
+    if d["problems"]:
+        blocks.append(("lines", "Problems", [f"- {p}" for p in d["problems"]]))
+    return blocks
+
+
+def _render_info(d: dict[str, Any]) -> list[Block]:
+    if d.get("type") == "collection":
+        return _render_collection_info(d)
+    return _render_adapter_info(d)
+
+
+def _render_inspect(d: dict[str, Any]) -> list[Block]:
+    kv = [("path", d["path"]), ("base model", d["base_model"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
+          ("rsLoRA", d["use_rslora"]), ("parameters", d["num_params"]), ("size", _bytes(d["bytes"])),
+          ("‖ΔW‖ total", d["norm_delta_total"])]
+    rows = [[m["name"], m["rank"], f"{m['out_features']}×{m['in_features']}", m["scale"], m["norm_a"], m["norm_b"],
+             m["norm_delta"], m["stable_rank"]] for m in d["modules"]]
+    blocks: list[Block] = [("kv", "Adapter", kv),
+                           ("table", "Modules", ["module", "rank", "shape", "scale", "‖A‖", "‖B‖", "‖ΔW‖", "stable rank"], rows)]
+    blocks.append(("lines", "Problems", [f"- {p}" for p in d["problems"]] or ["none"]))
+    return blocks
+
+
+def _render_validate(d: dict[str, Any]) -> list[Block]:
+    rows = [[a["name"], "ok" if a["ok"] else "INVALID", a["error"] or "; ".join(a["warnings"]) or "-"] for a in d["adapters"]]
+    lines = []
+    if d["compatible"] is True:
+        lines.append("compatible: yes" + (f" ({'; '.join(d['compat_warnings'])})" if d["compat_warnings"] else ""))
+    elif d["compatible"] is False:
+        lines.append(f"compatible: NO ({d['compatibility']})")
+    lines.append("result: " + ("all valid" if d["ok"] else "FAILED"))
+    return [("table", "Adapters", ["adapter", "status", "problems"], rows), ("lines", None, lines)]
+
+
+def _render_merge(d: dict[str, Any]) -> list[Block]:
+    kv = [("output", d["path"]), ("method", d["method"]), ("inputs", d["inputs"]), ("rank", d["rank"]),
+          ("parameters", d["num_params"]), ("max ΔW error", d["max_error"]), ("overall ΔW error", d["overall_error"])]
+    kv += [(k, v) for k, v in d["params"].items() if k not in ("rank",)]
+    blocks: list[Block] = [("kv", "Merged adapter", kv)]
+    if not all(e == 0 for e in d["errors"].values()):
+        rows = [[m, d["ranks"].get(m), d["norms"].get(m), e] for m, e in d["errors"].items()]
+        blocks.append(("table", "Per-module truncation error", ["module", "rank", "‖ΔW‖", "rel. error"], rows))
+    if d["warnings"]:
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["warnings"]]))
+    return blocks
+
+
+_RENDERERS: dict[str, Any] = {
+    "merge": _render_merge,
+    "demo": _render_demo,
+    "info": _render_info,
+    "inspect": _render_inspect,
+    "validate": _render_validate,
+}
+
+
+def _print_plain(blocks: list[Block]) -> None:
+    out = sys.stdout
+    for i, block in enumerate(blocks):
+        kind, title = block[0], block[1]
+        if i:
+            out.write("\n")
+        if title:
+            out.write(f"{title}\n")
+        if kind == "kv":
+            width = max((len(k) for k, _ in block[2]), default=0)
+            for k, v in block[2]:
+                out.write(f"  {k:<{width}}  {_fmt(v)}\n")
+        elif kind == "table":
+            cols, rows = block[2], [[_fmt(c) for c in r] for r in block[3]]
+            widths = [max([len(str(c))] + [len(r[j]) for r in rows]) for j, c in enumerate(cols)]
+            out.write("  " + "  ".join(f"{c:<{w}}" for c, w in zip(cols, widths)).rstrip() + "\n")
+            for r in rows:
+                out.write("  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip() + "\n")
+        else:
+            for line in block[2]:
+                out.write(f"{line}\n")
+    out.flush()
+
+
+def _print_rich(blocks: list[Block]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for block in blocks:
+        kind, title = block[0], block[1]
+        if kind == "kv":
+            t = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+            t.add_column(style="bold cyan")
+            t.add_column()
+            for k, v in block[2]:
+                t.add_row(str(k), _fmt(v))
+            console.print(t)
+        elif kind == "table":
+            t = Table(title=title, title_justify="left", header_style="bold")
+            for c in block[2]:
+                t.add_column(str(c), overflow="fold")
+            for r in block[3]:
+                t.add_row(*[_fmt(c) for c in r])
+            console.print(t)
+        else:
+            if title:
+                console.print(f"[bold]{title}[/bold]")
+            for line in block[2]:
+                console.print(line, markup=False, highlight=False)
+        console.print()
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def _exit_code(result: Any) -> int:
+    if result.ok:
+        return EXIT_OK
+    if result.status == "cancelled":
+        return EXIT_INTERRUPTED
+    if result.error_kind == "input":
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    from engine.errors import VloraError
+    """Run one ``--batch`` command; returns the exit code."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    from engine.jobs import InlineRunner, JobRequest, job_kinds
+
+    kind = job_kinds()[args.command]
+    params = {p.name: getattr(args, p.name, None) for p in kind.params}
+    for p in kind.params:  # lists given as several words go to Param.validate as one string
+        if p.type == "floats" and isinstance(params[p.name], list):
+            params[p.name] = " ".join(params[p.name])
+    req = JobRequest(args.command, params)
+
+    cancel = threading.Event()
+    interrupted = {"n": 0}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted["n"] += 1
+        cancel.set()
+        if interrupted["n"] > 1:
+            raise KeyboardInterrupt
+        sys.stderr.write("interrupted: cancelling (Ctrl-C again to stop now)\n")
+        sys.stderr.flush()
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    progress = None
+    if not args.quiet:
+        progress = _RichProgress(kind.title) if sys.stderr.isatty() else _PlainProgress()
+    try:
+        result = InlineRunner().run(req, progress=progress, cancel=cancel)
+    finally:
+        if progress is not None:
+            progress.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    if interrupted["n"] and result.status != "ok":
+        result = result.__class__(**{**result.__dict__, "status": "cancelled", "error_kind": "cancelled"})
+    code = _exit_code(result)
 
     try:
-        if args.command == "info":
-            from engine.io.header import read_adapter_summary
-
-            s = read_adapter_summary(args.path)
-            if args.json:
-                print(json.dumps(s.to_dict(), indent=2))
+        if args.json:
+            sys.stdout.write(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+            sys.stdout.flush()
+        elif result.ok or result.data:
+            blocks = render_blocks(result.kind, result.data, result.summary)
+            if sys.stdout.isatty():
+                _print_rich(blocks)
             else:
-                print(f"{s.path}: {len(s.modules)} modules, r={s.rank}, alpha={s.lora_alpha}, {s.num_params} params, {s.nbytes} bytes")
-            return 0
-        if args.command == "demo":
-            from engine.demo import make_demo_collection
-
-            paths = make_demo_collection(args.output, force=args.force)
-            print(json.dumps([str(p) for p in paths]) if args.json else f"wrote {len(paths)} adapters to {args.output}")
-            return 0
-    except (VloraError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 1
+                _print_plain(blocks)
+    except BrokenPipeError:  # stdout closed early (``| head``): not an error of the job
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    if not result.ok:
+        if code == EXIT_INTERRUPTED:
+            sys.stderr.write("interrupted: nothing was written\n" if not result.outputs else "interrupted\n")
+        else:
+            sys.stderr.write(f"error: {result.error}\n")
+            if args.debug and result.traceback:
+                sys.stderr.write(result.traceback)
+    sys.stderr.flush()
+    return code

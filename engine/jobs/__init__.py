@@ -1,0 +1,51 @@
+"""The job layer shared by the TUI and ``--batch``: job kinds, requests, results, runners.
+
+Importable without torch: the TUI lists kinds and builds forms from
+:func:`job_kinds` before torch loads.
+
+Example::
+
+    from engine.jobs import JobRequest, InlineRunner, job_kinds
+
+    kinds = job_kinds()                      # name -> JobKind(name, title, help, params)
+    req = JobRequest("compress", {"adapters": ["adapters/"], "output": "sub/", "num_components": 8})
+    result = InlineRunner().run(req, progress=print, cancel=event)
+    result.status, result.data["stats"]
+"""
+
+from __future__ import annotations
+
+from .base import (
+    ERROR_KINDS,
+    STATUSES,
+    JobKind,
+    JobOutput,
+    JobRequest,
+    JobResult,
+    classify_error,
+    get_kind,
+    job_kinds,
+    run_job,
+    to_jsonable,
+    validate_request,
+)
+from .runners import CRASH_ENV, DELAY_ENV, InlineRunner, ProcessRunner
+
+__all__ = [
+    "CRASH_ENV",
+    "DELAY_ENV",
+    "ERROR_KINDS",
+    "STATUSES",
+    "InlineRunner",
+    "JobKind",
+    "JobOutput",
+    "JobRequest",
+    "JobResult",
+    "ProcessRunner",
+    "classify_error",
+    "get_kind",
+    "job_kinds",
+    "run_job",
+    "to_jsonable",
+    "validate_request",
+]

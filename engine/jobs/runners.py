@@ -1,0 +1,253 @@
+"""Runners: run a :class:`JobRequest` in this thread or in a child process.
+
+Both return a :class:`JobResult` and never raise for a job's own failure:
+errors become ``status="failed"`` (with ``error_kind``), cancellation becomes
+``status="cancelled"``. The process runner isolates work that can take the
+interpreter down (a segfault, ``os._exit``, the OOM killer): the caller gets
+``status="failed", error_kind="crash"`` and carries on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import JobCancelled
+from ..progress import CancelLike, Progress, ProgressFn
+from .base import JobRequest, JobResult, get_kind, run_job
+
+#: Test-only hook: when this environment variable is set in a job's child process, the
+#: child crashes on purpose before running the job (``exit`` → ``os._exit(3)``,
+#: ``segfault`` → a null-pointer read, ``kill`` → SIGKILL to itself, ``hang`` → sleeps).
+CRASH_ENV = "VLORA_TUI_TEST_CRASH_CHILD"
+#: Test-only hook: seconds to sleep at each progress event, so tests can interrupt a job
+#: midway deterministically (both runners honour it).
+DELAY_ENV = "VLORA_TUI_TEST_PROGRESS_DELAY"
+
+
+def _with_test_delay(progress: ProgressFn | None) -> ProgressFn | None:
+    raw = os.environ.get(DELAY_ENV, "").strip()
+    if not raw:
+        return progress
+    delay = float(raw)
+
+    def slow(p: Progress) -> None:
+        if progress is not None:
+            progress(p)
+        time.sleep(delay)
+
+    return slow
+
+
+class InlineRunner:
+    """Run jobs in the calling thread (``--batch``, and the TUI's thread worker)."""
+
+    def run(
+        self, req: JobRequest, *, progress: ProgressFn | None = None, cancel: CancelLike | None = None
+    ) -> JobResult:
+        """Run ``req``; errors and cancellation come back as a result, never raised.
+
+        ``KeyboardInterrupt`` is turned into a ``cancelled`` result too (outputs are
+        written through temporary folders, so nothing half-written is left).
+        """
+        t0 = time.perf_counter()
+        try:
+            return run_job(req, progress=_with_test_delay(progress), cancel=cancel)
+        except (Exception, KeyboardInterrupt) as exc:
+            return JobResult.from_exception(req, exc, time.perf_counter() - t0)
+
+
+def _crash_if_asked() -> None:
+    how = os.environ.get(CRASH_ENV, "").strip().lower()
+    if not how:
+        return
+    if how == "exit":
+        os._exit(3)
+    if how == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "hang":
+        time.sleep(3600)
+
+
+class _Terminated(BaseException):
+    """Raised in the child by SIGTERM so that temporary output folders get removed."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _child_main(req_dict: dict[str, Any], events: Any, cancel: Any) -> None:
+    """Entry point of the child process (top level, so ``spawn`` can import it)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # the parent owns Ctrl-C: it sets ``cancel`` and then terminates us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    req = JobRequest.from_dict(req_dict)
+
+    def progress(p: Progress) -> None:
+        events.put(("progress", (p.step, p.total, p.message)))
+
+    t0 = time.perf_counter()
+    try:
+        _crash_if_asked()
+        result = run_job(req, progress=_with_test_delay(progress), cancel=cancel)
+    except _Terminated:
+        result = JobResult.from_exception(req, JobCancelled("terminated"), time.perf_counter() - t0)
+    except Exception as exc:
+        result = JobResult.from_exception(req, exc, time.perf_counter() - t0)
+    events.put(("result", result.to_dict()))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (segmentation fault)" if -code == signal.SIGSEGV else " (killed; out of memory?)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+class ProcessRunner:
+    """Run each job in a fresh ``spawn``-ed child process.
+
+    Progress events come back over a queue and are passed to ``progress`` in the
+    calling thread. When ``cancel`` is set, the child's own cancel event is set; if
+    it has not stopped after ``grace`` seconds it is terminated (SIGTERM, then
+    SIGKILL), and any temporary output folder it left is removed.
+
+    Args:
+        grace: Seconds a cancelled child gets to stop by itself.
+        poll: Seconds between checks of ``cancel`` and of the child's liveness.
+    """
+
+    def __init__(self, *, grace: float = 2.0, poll: float = 0.05) -> None:
+        self.grace = grace
+        self.poll = poll
+        self._ctx = mp.get_context("spawn")
+
+    def run(
+        self, req: JobRequest, *, progress: ProgressFn | None = None, cancel: CancelLike | None = None
+    ) -> JobResult:
+        """Run ``req`` in a child; returns its result, or a failed/cancelled one."""
+        t0 = time.perf_counter()
+        started = time.time()
+        try:
+            get_kind(req.kind)  # fail fast, in the caller, on an unknown kind
+        except ValueError as exc:
+            return JobResult.from_exception(req, exc)
+        events = self._ctx.Queue()
+        child_cancel = self._ctx.Event()
+        proc = self._ctx.Process(target=_child_main, args=(req.to_dict(), events, child_cancel), daemon=True)
+        proc.start()
+        result: JobResult | None = None
+        cancel_at: float | None = None
+        try:
+            while result is None:
+                try:
+                    tag, payload = events.get(timeout=self.poll)
+                except queue_mod.Empty:
+                    tag, payload = None, None
+                except (EOFError, OSError):
+                    tag, payload = None, None
+                if tag == "progress" and progress is not None:
+                    progress(Progress(*payload))
+                elif tag == "result":
+                    result = JobResult.from_dict(payload)
+                    break
+                if cancel is not None and cancel.is_set() and cancel_at is None:
+                    child_cancel.set()
+                    cancel_at = time.perf_counter()
+                if cancel_at is not None and time.perf_counter() - cancel_at > self.grace:
+                    self._stop(proc)
+                    result = JobResult.from_exception(req, JobCancelled(), time.perf_counter() - t0)
+                    break
+                if tag is None and not proc.is_alive():
+                    result = self._drain(events)
+                    if result is None:
+                        proc.join(1.0)
+                        msg = f"the worker process {_describe_exit(proc.exitcode)} while running '{req.kind}'"
+                        result = JobResult(
+                            job_id=req.job_id,
+                            kind=req.kind,
+                            status="failed",
+                            summary=msg,
+                            error=msg,
+                            error_title="Worker crashed",
+                            seconds=time.perf_counter() - t0,
+                            error_kind="crash",
+                            error_type="WorkerCrashed",
+                        )
+                    break
+        except KeyboardInterrupt:
+            child_cancel.set()
+            self._stop(proc)
+            self._sweep(req, started)
+            raise
+        finally:
+            if proc.is_alive():
+                proc.join(self.grace)
+            if proc.is_alive():
+                self._stop(proc)
+            events.close()
+            events.join_thread()
+        if not result.ok:
+            self._sweep(req, started)
+        return result
+
+    @staticmethod
+    def _drain(events: Any) -> JobResult | None:
+        """The child's result if it posted one just before exiting."""
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:
+            try:
+                tag, payload = events.get(timeout=0.05)
+            except (queue_mod.Empty, EOFError, OSError):
+                continue
+            if tag == "result":
+                return JobResult.from_dict(payload)
+        return None
+
+    def _stop(self, proc: Any) -> None:
+        if not proc.is_alive():
+            return
+        proc.terminate()
+        proc.join(self.grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5.0)
+
+    @staticmethod
+    def _sweep(req: JobRequest, started: float) -> None:
+        """Remove temporary folders a killed child left beside the job's outputs."""
+        try:
+            kind = get_kind(req.kind)
+        except ValueError:
+            return
+        for name in kind.writes:
+            target = req.params.get(name)
+            if not target:
+                continue
+            out = Path(str(target))
+            parent = out.parent if out.parent != Path("") else Path(".")
+            if not parent.is_dir():
+                continue
+            for leftover in parent.glob(f".{out.name}.tmp-*"):
+                try:
+                    if leftover.is_dir() and leftover.stat().st_mtime >= started - 1:
+                        shutil.rmtree(leftover, ignore_errors=True)
+                except OSError:
+                    continue
