@@ -1,0 +1,708 @@
+"""``SharedSubspace``: one shared basis per module plus small per-task coefficients."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..errors import IncompatibleAdaptersError, UnknownTaskError
+from ..io.scan import validate_task_id
+from ..progress import CancelLike, ProgressFn, tick
+from ..types import LoRAWeights
+from .common import (
+    DEFAULT_METHOD,
+    METHODS,
+    AdapterSource,
+    ModuleBasis,
+    TaskProjection,
+    check_finite,
+    check_shapes,
+    config_template,
+    dtype_name,
+    effective_factors,
+    nbytes,
+    parse_dtype,
+    vllm_rank,
+)
+from .joint import JointParams, build_joint, encode_joint, encode_separate, extend_for_task, joint_factors
+from .pca import PCAParams, build_pca, encode_pca, pca_factors
+from .quant import QuantizedTensor, quantize_tensor
+
+
+def _task_ids(n: int, task_ids: Sequence[str] | None, names: Sequence[str | None]) -> list[str]:
+    if task_ids is not None:
+        ids = [str(t) for t in task_ids]
+        if len(ids) != n:
+            raise ValueError(f"task_ids has {len(ids)} entries for {n} adapters")
+    else:
+        ids = []
+        for i, nm in enumerate(names):
+            try:
+                ids.append(validate_task_id(str(nm)) if nm else f"task_{i}")
+            except ValueError:
+                ids.append(f"task_{i}")
+        if len(set(ids)) != len(ids):
+            ids = [f"task_{i}" for i in range(n)]
+    for t in ids:
+        validate_task_id(t)
+    dup = sorted({t for t in ids if ids.count(t) > 1})
+    if dup:
+        raise ValueError(f"duplicate task ids: {', '.join(dup)}")
+    return ids
+
+
+class SharedSubspace:
+    """A collection of LoRA adapters stored as shared per-module bases plus per-task coefficients.
+
+    Build with :meth:`from_adapters` or :meth:`from_adapters_streaming`; get any
+    task back as a PEFT adapter with :meth:`reconstruct`. ``method`` picks the
+    representation (see :data:`METHODS`): ``joint`` (default, ours), ``share``,
+    ``pca`` (the seed) or ``svd`` (each task alone, the honest baseline).
+
+    Attributes:
+        method: The method name.
+        modules: Module name → :class:`ModuleBasis`.
+        tasks: Task id → :class:`TaskProjection`.
+        params: The build parameters (kept so that ``absorb`` rebuilds alike).
+        dtype: Storage precision of bases and coefficients.
+        quantized: ``(module, tensor)`` / ``(task, module, tensor)`` → :class:`QuantizedTensor` after :meth:`quantize`.
+    """
+
+    def __init__(self, method: str, modules: dict[str, ModuleBasis], tasks: dict[str, TaskProjection],
+                 params: dict[str, Any], dtype: torch.dtype = torch.float16) -> None:
+        self.method = method
+        self.modules = modules
+        self.tasks = tasks
+        self.params = params
+        self.dtype = dtype
+        self.quantized: dict[tuple[str, ...], QuantizedTensor] = {}
+        self.quantization: dict[str, Any] | None = None
+        self.base_model: str | None = next((t.template.base_model_name_or_path for t in tasks.values()
+                                            if t.template is not None and t.template.base_model_name_or_path), None)
+
+    # -- facts --------------------------------------------------------------
+    @property
+    def task_ids(self) -> list[str]:
+        return list(self.tasks)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return sorted(self.modules)
+
+    @property
+    def num_components(self) -> int:
+        """Largest k over modules (seed-compatible)."""
+        return max((b.k for b in self.modules.values()), default=0)
+
+    @property
+    def k_per_module(self) -> dict[str, int]:
+        return {m: b.k for m, b in sorted(self.modules.items())}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {m: b.shape for m, b in self.modules.items()}
+
+    def __repr__(self) -> str:
+        return (f"SharedSubspace(method={self.method!r}, modules={len(self.modules)}, tasks={len(self.tasks)}, "
+                f"k_max={self.num_components}, dtype={dtype_name(self.dtype)})")
+
+    def _task(self, task_id: str) -> TaskProjection:
+        if task_id not in self.tasks:
+            known = ", ".join(list(self.tasks)[:5]) + (" …" if len(self.tasks) > 5 else "")
+            raise UnknownTaskError(f"unknown task {task_id!r}; the subspace holds: {known or '(none)'}")
+        return self.tasks[task_id]
+
+    # -- building -----------------------------------------------------------
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: Sequence[LoRAWeights],
+        task_ids: Sequence[str] | None = None,
+        num_components: int | None = None,
+        variance_threshold: float = 0.6,
+        adaptive_k: bool = False,
+        max_error: float | None = None,
+        method: str = DEFAULT_METHOD,
+        *,
+        refine: int = 1,
+        hybrid: bool = True,
+        dtype: Any = torch.float16,
+        sketch_rank: int = 1024,
+        progress: ProgressFn | None = None,
+        cancel: CancelLike | None = None,
+    ) -> SharedSubspace:
+        """Build a subspace from adapters in memory.
+
+        Args:
+            adapters: LoRA adapters of one base model with the same modules and shapes.
+            task_ids: One id per adapter; defaults to the adapters' names (else ``task_<i>``).
+            num_components: k for every module.
+            variance_threshold: Share of variance (ΔW energy for joint) that k must explain.
+            adaptive_k: Choose k per module by ``variance_threshold``.
+            max_error: Choose per module the smallest k whose worst task error
+                ‖ΔW−ΔŴ‖/‖ΔW‖ is at most this (overrides the others). With ``hybrid``,
+                a module is stored per task (truncated SVD) when that is smaller.
+            method: ``joint`` (default), ``share``, ``pca`` or ``svd``.
+            refine: Alternating refinement rounds of the joint basis.
+            hybrid: See ``max_error``.
+            dtype: Storage precision (float16 default); errors are measured after rounding.
+            sketch_rank: Width of the streaming basis sketch (exact below it).
+            progress: Called with ``Progress`` once per adapter per pass and per module.
+            cancel: ``is_set()`` → ``JobCancelled``.
+
+        Raises:
+            ValueError: bad arguments, NaN/Inf, k too large, invalid task ids.
+            IncompatibleAdaptersError: different modules/shapes/base models (or ranks for pca).
+        """
+        from ..io.local import check_compatible
+
+        if not adapters:
+            raise ValueError("from_adapters: no adapters given")
+        ids = _task_ids(len(adapters), task_ids, [a.name for a in adapters])
+        report = check_compatible(list(adapters))
+        for i, a in enumerate(adapters):
+            check_finite(a, f"adapter {ids[i]!r}")
+        if method == "pca" and report.mixed_ranks:
+            raise IncompatibleAdaptersError(report.warnings[0] + "; method 'pca' needs one rank, use method='joint'")
+        source = AdapterSource(ids, adapters=adapters)
+        return cls._build(source, report.shapes, method, num_components, variance_threshold, adaptive_k, max_error,
+                          refine, hybrid, dtype, sketch_rank, progress, cancel)
+
+    @classmethod
+    def from_adapters_streaming(
+        cls,
+        paths: Sequence[str | Path],
+        task_ids: Sequence[str] | None = None,
+        num_components: int | None = None,
+        variance_threshold: float = 0.6,
+        adaptive_k: bool = False,
+        max_error: float | None = None,
+        method: str = DEFAULT_METHOD,
+        *,
+        refine: int = 1,
+        hybrid: bool = True,
+        dtype: Any = torch.float16,
+        sketch_rank: int = 1024,
+        progress: ProgressFn | None = None,
+        cancel: CancelLike | None = None,
+    ) -> SharedSubspace:
+        """Build from adapter folders, holding one adapter in memory at a time (plus basis and statistics).
+
+        Same arguments and result as :meth:`from_adapters`; the adapters are read
+        in a few passes (3 + 2·refine for joint), so time is O(N).
+        """
+        from ..io.header import read_config, read_safetensors_header, resolve_adapter_files, strip_prefix
+
+        if not paths:
+            raise ValueError("from_adapters_streaming: no adapter paths given")
+        ps = [Path(p) for p in paths]
+        ids = _task_ids(len(ps), task_ids, [p.name for p in ps])
+        # validate every file's header up front (cheap, no tensors), collecting the problems
+        shapes: dict[str, tuple[int, int]] | None = None
+        ranks: set[int] = set()
+        problems: list[str] = []
+        base: str | None = None
+        for p in ps:
+            cfg_path, w_path = resolve_adapter_files(p)
+            cfg = read_config(cfg_path)
+            hdr = read_safetensors_header(w_path)
+            mods: dict[str, dict[str, Any]] = {}
+            for key, info in hdr.items():
+                for side in ("A", "B"):
+                    tag = f".lora_{side}."
+                    if tag in key and key.endswith(".weight"):
+                        mods.setdefault(strip_prefix(key.split(tag)[0]), {})[side] = info["shape"]
+            sh = {m: (int(v["B"][0]), int(v["A"][1])) for m, v in mods.items() if "A" in v and "B" in v}
+            ranks |= {int(v["A"][0]) for v in mods.values() if "A" in v}
+            b = cfg.get("base_model_name_or_path")
+            if shapes is None:
+                shapes, base = sh, b
+            elif sh != shapes:
+                diff = sorted(set(sh) ^ set(shapes)) or sorted(m for m in sh if sh[m] != shapes.get(m))
+                problems.append(f"{p}: modules or shapes differ from {ps[0]} (e.g. '{diff[0]}')")
+            elif base and b and b != base:
+                problems.append(f"{p}: base model {b!r} differs from {base!r}")
+        if problems:
+            raise IncompatibleAdaptersError("; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
+        if method == "pca" and len(ranks) > 1:
+            raise IncompatibleAdaptersError(f"adapters have different ranks ({', '.join(map(str, sorted(ranks)))}); "
+                                            "method 'pca' needs one rank, use method='joint'")
+        assert shapes is not None
+        source = AdapterSource(ids, paths=ps)
+        return cls._build(source, shapes, method, num_components, variance_threshold, adaptive_k, max_error,
+                          refine, hybrid, dtype, sketch_rank, progress, cancel)
+
+    @classmethod
+    def _build(cls, source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
+               num_components: int | None, variance_threshold: float, adaptive_k: bool, max_error: float | None,
+               refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any) -> SharedSubspace:
+        if method not in METHODS:
+            raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
+        if num_components is not None and num_components < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if not 0.0 < variance_threshold <= 1.0:
+            raise ValueError(f"variance_threshold must be in (0, 1], got {variance_threshold}")
+        if max_error is not None and not 0.0 <= max_error < 1.0:
+            raise ValueError(f"max_error must be in [0, 1), got {max_error}")
+        if refine < 0:
+            raise ValueError(f"refine must be >= 0, got {refine}")
+        dt = parse_dtype(dtype)
+        params = {"num_components": num_components, "variance_threshold": variance_threshold, "adaptive_k": adaptive_k,
+                  "max_error": max_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank}
+        checked = _CheckedSource(source, shapes)
+        if method == "pca":
+            bases, tasks = build_pca(checked, shapes, PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt),
+                                     progress=progress, cancel=cancel)
+        else:
+            jp = JointParams(basis="factors" if method == "share" else "delta", num_components=num_components,
+                             variance_threshold=variance_threshold, adaptive_k=adaptive_k, max_error=max_error,
+                             refine=refine if method == "joint" else 0, hybrid=hybrid and method != "svd",
+                             sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd")
+            bases, tasks = build_joint(checked, shapes, jp, progress=progress, cancel=cancel)
+        return cls(method, bases, tasks, params, dt)
+
+    # -- tasks ----------------------------------------------------------------
+    def _check_adapter(self, adapter: LoRAWeights, label: str) -> None:
+        check_shapes(adapter, label, self.shapes, self.base_model)
+        check_finite(adapter, label)
+        if self.method == "pca":
+            bad = [m for m, b in self.modules.items() if adapter.module_rank(m) != b.rank]
+            if bad:
+                raise IncompatibleAdaptersError(f"{label}: module '{bad[0]}' has rank {adapter.module_rank(bad[0])}, "
+                                                f"the pca subspace has rank {self.modules[bad[0]].rank}")
+
+    def _encode(self, m: str, adapter: LoRAWeights, template: LoRAWeights) -> tuple[dict[str, Tensor], float]:
+        b = self.modules[m]
+        sb, a = effective_factors(adapter, m)
+        if b.kind == "pca":
+            return encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, template, m, self.dtype)
+        if b.kind == "separate":
+            me = self.params.get("max_error")
+            if me is None:
+                me = max((t.fidelity.get(m, 0.0) for t in self.tasks.values()), default=0.0)
+            return encode_separate(sb, a, me, None, self.dtype)
+        return encode_joint(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), self.dtype)
+
+    def project(self, adapter: LoRAWeights, task_id: str, *, progress: ProgressFn | None = None,
+                cancel: CancelLike | None = None) -> TaskProjection:
+        """Coefficients of ``adapter`` in the current bases (they do not change), with its measured error.
+
+        Modules stored per task (``separate``) keep the adapter's truncated SVD at the subspace's error target.
+        """
+        validate_task_id(task_id)
+        label = f"adapter {task_id!r}"
+        self._check_adapter(adapter, label)
+        tmpl = config_template(adapter, task_id)
+        proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
+                              original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in self.modules))
+        mods = sorted(self.modules)
+        for j, m in enumerate(mods):
+            tick(progress, cancel, j, len(mods), f"projecting {m}")
+            sb, a = effective_factors(adapter, m)
+            proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
+            proj.coeffs[m], proj.fidelity[m] = self._encode(m, adapter, tmpl)
+        return proj
+
+    def add_task(self, projection: TaskProjection) -> None:
+        """Store a projection made by :meth:`project` (replaces a task of the same id)."""
+        validate_task_id(projection.task_id)
+        missing = sorted(set(self.modules) - set(projection.coeffs))
+        if missing:
+            raise ValueError(f"projection {projection.task_id!r} lacks module '{missing[0]}'")
+        self.tasks[projection.task_id] = projection
+
+    def absorb(self, adapter: LoRAWeights, new_task_id: str, *, progress: ProgressFn | None = None,
+               cancel: CancelLike | None = None) -> None:
+        """Add a task and recompute the bases from the stored tasks' reconstructions plus the new adapter.
+
+        The originals of the stored tasks are not read (their files may be gone): they
+        enter as their reconstructions, so their reported errors become upper bounds
+        (old error + change of reconstruction).
+        """
+        validate_task_id(new_task_id)
+        self._check_adapter(adapter, f"adapter {new_task_id!r}")
+        olds = {t: self.reconstruct(t, pad_to_vllm=False) for t in self.tasks if t != new_task_id}
+        adapters = list(olds.values()) + [adapter]
+        ids = list(olds) + [new_task_id]
+        p = self.params
+        new = SharedSubspace.from_adapters(
+            adapters, ids, p["num_components"], p["variance_threshold"], p["adaptive_k"], p["max_error"], self.method,
+            refine=p["refine"], hybrid=p["hybrid"], dtype=self.dtype, sketch_rank=p["sketch_rank"],
+            progress=progress, cancel=cancel)
+        for tid, old_w in olds.items():
+            prev = self.tasks[tid]
+            proj = new.tasks[tid]
+            for m in proj.fidelity:
+                drift = proj.fidelity[m] * (proj.norms[m] / prev.norms[m]) if prev.norms.get(m) else 0.0
+                proj.fidelity[m] = prev.fidelity[m] + drift
+                proj.norms[m] = prev.norms[m]
+            proj.ranks, proj.template, proj.original_bytes = prev.ranks, prev.template, prev.original_bytes
+            proj.error_is_bound = True
+        self.modules, self.tasks = new.modules, new.tasks
+        self.quantized, self.quantization = {}, None
+
+    def absorb_incremental(self, adapter: LoRAWeights, task_id: str, *, progress: ProgressFn | None = None,
+                           cancel: CancelLike | None = None) -> TaskProjection:
+        """Add a task in O(1) of N: stored tasks are not touched; bases grow by the few directions it needs.
+
+        The target is the build's ``max_error``, else the worst error already stored in that module.
+
+        Returns:
+            The new task's projection (its errors measured).
+        """
+        validate_task_id(task_id)
+        label = f"adapter {task_id!r}"
+        self._check_adapter(adapter, label)
+        tmpl = config_template(adapter, task_id)
+        proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
+                              original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in self.modules))
+        mods = sorted(self.modules)
+        for j, m in enumerate(mods):
+            tick(progress, cancel, j, len(mods), f"absorbing {m}")
+            b = self.modules[m]
+            sb, a = effective_factors(adapter, m)
+            proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
+            target = self.params.get("max_error")
+            if target is None:
+                target = max((t.fidelity.get(m, 0.0) for t in self.tasks.values() if t.task_id != task_id), default=0.0)
+            if b.kind == "joint":
+                u, v, c, e = extend_for_task(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), target, self.dtype)
+                b.tensors["U"], b.tensors["V"] = u, v
+                for key in (("U",), ("V",)):
+                    self.quantized.pop((m, *key), None)
+                proj.coeffs[m], proj.fidelity[m] = c, e
+            elif b.kind == "pca":
+                c, e = encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, tmpl, m, self.dtype)
+                if e > target:
+                    t = b.tensors
+                    for side, x in (("a", adapter.lora_a[m]), ("b", adapter.lora_b[m])):
+                        resid = x.double().reshape(1, -1) - t[f"mean_{side}"].double()
+                        t[f"comp_{side}"] = ops.gram_schmidt(t[f"comp_{side}"].double(), resid).to(self.dtype)
+                        t[f"sv_{side}"] = torch.cat([t[f"sv_{side}"], t[f"sv_{side}"].new_zeros(
+                            t[f"comp_{side}"].shape[0] - t[f"sv_{side}"].shape[0])])
+                        self.quantized.pop((m, f"comp_{side}"), None)
+                    c, e = encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, tmpl, m, self.dtype)
+                proj.coeffs[m], proj.fidelity[m] = c, e
+            else:
+                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, target, None, self.dtype)
+        self.tasks[task_id] = proj
+        return proj
+
+    # -- reconstruction -------------------------------------------------------------
+    def task_factors(self, task_id: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """Effective factors ``(B_eff, A)`` per module (``B_eff @ A = ΔŴ``, scale included), float64."""
+        proj = self._task(task_id)
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for m, b in self.modules.items():
+            c = proj.coeffs[m]
+            if b.kind == "pca":
+                out[m] = pca_factors(b, c, proj.template, m)
+            elif b.kind == "separate":
+                out[m] = (c["b"].double(), c["a"].double())
+            else:
+                out[m] = joint_factors(b.tensors["U"], b.tensors["V"], c, proj.ranks.get(m, b.k))
+        return out
+
+    def reconstruct(self, task_id: str, *, pad_to_vllm: bool = True, dtype: torch.dtype = torch.float32) -> LoRAWeights:
+        """The task as a PEFT-ready ``LoRAWeights`` with its original alpha, rsLoRA, targets, base model and extras.
+
+        Module ranks are at most the original's; with ``pad_to_vllm`` every module is
+        padded with zero rows/columns to one rank vLLM accepts.
+        """
+        proj = self._task(task_id)
+        factors = self.task_factors(task_id)
+        rank = max((a.shape[0] for _, a in factors.values()), default=1)
+        target = vllm_rank(max(rank, 1)) if pad_to_vllm else None
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for m, (b, a) in factors.items():
+            q = a.shape[0]
+            want = target if target is not None else max(q, 1)
+            if q < want:
+                b = torch.cat([b, b.new_zeros(b.shape[0], want - q)], dim=1)
+                a = torch.cat([a, a.new_zeros(want - q, a.shape[1])], dim=0)
+            out[m] = (b.to(dtype), a.to(dtype))
+        template = proj.template or LoRAWeights(layer_names=[], lora_a={}, lora_b={}, rank=rank, name=task_id)
+        w = template.replace_factors(out, rank=target, name=task_id)
+        return w
+
+    # -- training helpers ---------------------------------------------------------------
+    def get_trainable_params(self, task_id: str, num_expand: int = 0) -> dict[str, Tensor]:
+        """The task's coefficients as float32 leaf tensors with ``requires_grad`` (bases stay frozen).
+
+        ``num_expand`` > 0 first appends that many random orthonormal directions to every
+        shared basis (in place; other tasks are unaffected: their coefficients are zero there).
+        Names: ``<module>.sigma`` (joint/share), ``<module>.loadings_a``/``loadings_b`` (pca),
+        ``<module>.lora_B``/``lora_A`` (modules stored per task).
+        """
+        proj = self._task(task_id)
+        if num_expand < 0:
+            raise ValueError(f"num_expand must be >= 0, got {num_expand}")
+        g = torch.Generator().manual_seed(len(self.tasks) * 7919 + num_expand)
+        if num_expand:
+            for m, b in self.modules.items():
+                t = b.tensors
+                if b.kind == "joint":
+                    for key in ("U", "V"):
+                        base = t[key].double().T
+                        t[key] = ops.gram_schmidt(base, torch.randn(num_expand, base.shape[1], generator=g, dtype=torch.float64)).T.to(self.dtype)
+                        self.quantized.pop((m, key), None)
+                    kk = min(t["U"].shape[1], t["V"].shape[1])
+                    t["U"], t["V"] = t["U"][:, :kk], t["V"][:, :kk]
+                elif b.kind == "pca":
+                    for side in ("a", "b"):
+                        base = t[f"comp_{side}"].double()
+                        t[f"comp_{side}"] = ops.gram_schmidt(base, torch.randn(num_expand, base.shape[1], generator=g, dtype=torch.float64)).to(self.dtype)
+                        t[f"sv_{side}"] = torch.cat([t[f"sv_{side}"], t[f"sv_{side}"].new_zeros(t[f"comp_{side}"].shape[0] - t[f"sv_{side}"].shape[0])])
+                        self.quantized.pop((m, f"comp_{side}"), None)
+        params: dict[str, Tensor] = {}
+        for m, b in self.modules.items():
+            c = proj.coeffs[m]
+            if b.kind == "joint":
+                k = b.k
+                sig = c["c"].float() @ c["d"].float() if "c" in c else c["sigma"].float()
+                full = torch.zeros(k, k)
+                full[: sig.shape[0], : sig.shape[1]] = sig
+                params[f"{m}.sigma"] = full.requires_grad_(True)
+            elif b.kind == "pca":
+                for side, key in (("a", "la"), ("b", "lb")):
+                    k = b.tensors[f"comp_{side}"].shape[0]
+                    full = torch.zeros(k)
+                    full[: c[key].shape[0]] = c[key].float()
+                    params[f"{m}.loadings_{side}"] = full.requires_grad_(True)
+            else:
+                params[f"{m}.lora_B"] = c["b"].float().clone().requires_grad_(True)
+                params[f"{m}.lora_A"] = c["a"].float().clone().requires_grad_(True)
+        return params
+
+    def set_trainable_params(self, task_id: str, params: dict[str, Tensor]) -> None:
+        """Write coefficients from :meth:`get_trainable_params` back into the task (errors become unknown: NaN)."""
+        proj = self._task(task_id)
+        names = {"sigma": ("sigma",), "loadings_a": ("la",), "loadings_b": ("lb",), "lora_B": ("b",), "lora_A": ("a",)}
+        for key, value in params.items():
+            m, _, part = key.rpartition(".")
+            if m not in self.modules or part not in names:
+                raise ValueError(f"unknown trainable parameter {key!r}")
+            c = proj.coeffs[m]
+            if part == "sigma":
+                c.pop("c", None)
+                c.pop("d", None)
+            c[names[part][0]] = value.detach().to(self.dtype).clone()
+            proj.fidelity[m] = float("nan")
+
+    # -- quantisation -----------------------------------------------------------------
+    def quantize(self, bits: int = 8, method: str = "symmetric", double_quant: bool = False,
+                 quantize_loadings: bool = False, *, block_size: int = 64,
+                 adapters: dict[str, LoRAWeights] | Sequence[LoRAWeights] | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> SharedSubspace:
+        """Quantise the bases (and optionally the per-task coefficients) per block, in place.
+
+        Errors are re-measured after rounding: exactly against ``adapters`` (by task id,
+        or in task order) when given, else as ``old error + change of the reconstruction``
+        (an upper bound; the change itself is exact).
+
+        Returns:
+            ``self``.
+        """
+        if method == "nf4":
+            bits = 4
+        probe = torch.zeros(2)
+        quantize_tensor(probe, bits=bits, method=method, block_size=block_size)  # validates the arguments
+        originals: dict[str, LoRAWeights] = {}
+        if adapters is not None:
+            originals = dict(adapters) if isinstance(adapters, dict) else dict(zip(self.tasks, adapters))
+        before = {t: self.task_factors(t) for t in self.tasks}
+        mods = sorted(self.modules)
+        kw = dict(bits=bits, method=method, block_size=block_size, double_quant=double_quant)
+        for j, m in enumerate(mods):
+            tick(progress, cancel, j, len(mods), f"quantizing {m}")
+            b = self.modules[m]
+            keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b", "mean_a", "mean_b")}.get(b.kind, ())
+            for key in keys:
+                if b.tensors[key].numel():
+                    qt = quantize_tensor(b.tensors[key], **kw)
+                    self.quantized[(m, key)] = qt
+                    b.tensors[key] = qt.dequantize(torch.float32)
+            if quantize_loadings or b.kind == "separate":
+                for tid, proj in self.tasks.items():
+                    if b.kind != "separate" and not quantize_loadings:
+                        continue
+                    for key, val in proj.coeffs[m].items():
+                        if val.numel():
+                            qt = quantize_tensor(val, **kw)
+                            self.quantized[(tid, m, key)] = qt
+                            proj.coeffs[m][key] = qt.dequantize(torch.float32)
+        for tid, proj in self.tasks.items():
+            after = self.task_factors(tid)
+            orig = originals.get(tid)
+            for m in self.modules:
+                if orig is not None:
+                    sb, a = effective_factors(orig, m)
+                    proj.fidelity[m] = ops.lowrank_rel_error(sb, a, *after[m])
+                    continue
+                b0, a0 = before[tid][m]
+                n2 = float(ops.lowrank_sqnorm(b0, a0)) ** 0.5
+                change = ops.lowrank_rel_error(b0, a0, *after[m]) * n2
+                norm = proj.norms.get(m, 0.0)
+                proj.fidelity[m] = proj.fidelity[m] + (change / norm if norm > 0 else 0.0)
+                proj.error_is_bound = True
+            if orig is not None:
+                proj.error_is_bound = False
+        self.quantization = {"bits": bits, "method": method, "double_quant": double_quant,
+                             "quantize_loadings": quantize_loadings, "block_size": block_size}
+        return self
+
+    # -- accounting -------------------------------------------------------------------
+    def _tensor_bytes(self) -> tuple[int, int]:
+        """(bytes stored for bases and coefficients, float parameters they represent)."""
+        total, params = 0, 0
+        for m, b in self.modules.items():
+            for key, t in b.tensors.items():
+                if key.startswith("sv_"):
+                    continue  # statistics, not needed to reconstruct
+                qt = self.quantized.get((m, key))
+                total += qt.nbytes if qt is not None else t.numel() * _elem(t, self.dtype)
+                params += t.numel()
+        for tid, proj in self.tasks.items():
+            for m, c in proj.coeffs.items():
+                for key, t in c.items():
+                    qt = self.quantized.get((tid, m, key))
+                    total += qt.nbytes if qt is not None else t.numel() * _elem(t, self.dtype)
+                    params += t.numel()
+        return total, params
+
+    def explained_variance(self) -> dict[str, list[float]]:
+        """Module → cumulative explained variance for k = 1, 2, … (ΔW energy for joint/share)."""
+        return {m: list(b.explained) for m, b in sorted(self.modules.items())}
+
+    def fidelity(self) -> dict[str, dict[str, float]]:
+        """Task → module → relative ΔW error."""
+        return {t: dict(p.fidelity) for t, p in self.tasks.items()}
+
+    def compression_stats(self) -> dict[str, Any]:
+        """Bytes, ratio and fidelity.
+
+        ``ratio`` = bytes of the original adapters' LoRA factors (at their dtype) / bytes
+        stored (at storage precision, or quantised); ``ratio_vs_fp16`` compares with the
+        originals at fp16. Errors are relative ‖ΔW−ΔŴ‖_F/‖ΔW‖_F.
+        """
+        stored, stored_params = self._tensor_bytes()
+        orig = sum(p.original_bytes for p in self.tasks.values())
+        orig_params = sum(sum(p.ranks.get(m, 0) * (b.shape[0] + b.shape[1]) for m, b in self.modules.items())
+                          for p in self.tasks.values())
+        per_task = {t: {"mean": p.mean_error, "max": p.max_error} for t, p in self.tasks.items()}
+        per_module: dict[str, dict[str, float]] = {}
+        for m in sorted(self.modules):
+            v = [p.fidelity[m] for p in self.tasks.values() if m in p.fidelity]
+            per_module[m] = {"mean": float(sum(v) / len(v)) if v else 0.0, "max": float(max(v)) if v else 0.0}
+        allv = [e for p in self.tasks.values() for e in p.fidelity.values()]
+        return {
+            "method": self.method,
+            "num_tasks": len(self.tasks),
+            "num_modules": len(self.modules),
+            "num_layers": len(self.modules),
+            "dtype": dtype_name(self.dtype),
+            "quantization": self.quantization,
+            "k": self.k_per_module,
+            "components_per_layer": self.k_per_module,
+            "module_kinds": {m: b.kind for m, b in sorted(self.modules.items())},
+            "original_bytes": int(orig),
+            "stored_bytes": int(stored),
+            "ratio": orig / stored if stored else 0.0,
+            "compression_ratio": orig / stored if stored else 0.0,
+            "ratio_vs_fp16": 2 * orig_params / stored if stored else 0.0,
+            "original_params": int(orig_params),
+            "stored_params": int(stored_params),
+            "error": {
+                "mean": float(sum(allv) / len(allv)) if allv else 0.0,
+                "max": float(max(allv)) if allv else 0.0,
+                "per_task": per_task,
+                "per_module": per_module,
+                "is_bound": any(p.error_is_bound for p in self.tasks.values()),
+            },
+            "fidelity": self.fidelity(),
+        }
+
+    def full_stack_compression(self, base_model_params: int, base_model_bits: int = 16, quantized_bits: int = 4) -> dict[str, Any]:
+        """Memory of base model + all adapters, before and after (base quantised to ``quantized_bits``, adapters as stored)."""
+        if base_model_params < 0:
+            raise ValueError(f"base_model_params must be >= 0, got {base_model_params}")
+        stats = self.compression_stats()
+        base_before = base_model_params * base_model_bits / 8
+        base_after = base_model_params * quantized_bits / 8
+        before = base_before + stats["original_bytes"]
+        after = base_after + stats["stored_bytes"]
+        return {
+            "base_model_bytes": int(base_before), "base_model_quantized_bytes": int(base_after),
+            "adapters_bytes": stats["original_bytes"], "subspace_bytes": stats["stored_bytes"],
+            "total_before_bytes": int(before), "total_after_bytes": int(after),
+            "ratio": before / after if after else 0.0, "adapter_ratio": stats["ratio"], "num_tasks": stats["num_tasks"],
+        }
+
+    def to(self, device: Any = None, dtype: Any = None) -> SharedSubspace:
+        """Move bases and coefficients to ``device`` and/or cast them to ``dtype`` (then the storage precision). Returns ``self``."""
+        dt = parse_dtype(dtype) if dtype is not None else None
+
+        def mv(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dt if t.is_floating_point() and dt is not None else t.dtype)
+
+        for b in self.modules.values():
+            b.tensors = {k: mv(v) for k, v in b.tensors.items()}
+        for p in self.tasks.values():
+            p.coeffs = {m: {k: mv(v) for k, v in c.items()} for m, c in p.coeffs.items()}
+        if dt is not None:
+            self.dtype = dt
+        return self
+
+    def copy(self) -> SharedSubspace:
+        """A deep copy."""
+        return copy.deepcopy(self)
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the subspace folder (see :mod:`engine.subspace.storage`); quantised tensors are written as codes."""
+        from .storage import save_subspace
+
+        return save_subspace(self, Path(path), force=force)
+
+    def save_quantized(self, path: str | Path, force: bool = False, *, bits: int = 4, method: str = "nf4",
+                       double_quant: bool = True) -> Path:
+        """Write a quantised copy (4-bit codes packed two a byte); ``self`` is quantised already or left as it is."""
+        sub = self
+        if self.quantization is None:
+            sub = self.copy().quantize(bits=bits, method=method, double_quant=double_quant)
+        return sub.save(path, force=force)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SharedSubspace:
+        """Read a subspace folder (float or quantised; detected from the manifest), verifying checksums."""
+        from .storage import load_subspace
+
+        return load_subspace(Path(path))
+
+
+def _elem(t: Tensor, dtype: torch.dtype) -> int:
+    return t.element_size() if not t.is_floating_point() else torch.empty(0, dtype=dtype).element_size()
+
+
+class _CheckedSource(AdapterSource):
+    """Wraps a source: checks modules, shapes and finiteness of each adapter as it is read."""
+
+    def __init__(self, inner: AdapterSource, shapes: dict[str, tuple[int, int]]) -> None:
+        super().__init__(inner.task_ids, inner.adapters, inner.paths)
+        self.inner = inner
+        self.shapes_ = shapes
+        self.checked = False
+
+    def __iter__(self):  # type: ignore[override]
+        for i, t, a in self.inner:
+            if not self.checked:
+                check_shapes(a, self.inner.label(i), self.shapes_, None)
+                check_finite(a, self.inner.label(i))
+            yield i, t, a
+        self.checked = True
