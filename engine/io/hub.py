@@ -42,8 +42,18 @@ class CachedAdapter:
 
 
 def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """True when offline mode is on (``HF_HUB_OFFLINE``, or ``huggingface_hub``'s own setting).
+
+    ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import; it is asked too
+    so that both agree however the mode was set.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a declared dependency
+        return False
+    return bool(constants.is_offline_mode())
 
 
 @contextlib.contextmanager
@@ -86,25 +96,34 @@ def download_adapter(repo_id: str, revision: str | None = None, *, token: str | 
         ValueError: malformed repo id.
         HubError: missing repo/revision/file, offline and not cached, network failure.
     """
-    from huggingface_hub import hf_hub_download
-
     validate_repo_id(repo_id)
     what = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
-    with _hub_errors(what):
-        cfg = hf_hub_download(repo_id, ADAPTER_CONFIG_NAME, revision=revision, token=token)
-    try:
-        with _hub_errors(what):
-            weights = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, revision=revision, token=token)
-    except HubError as exc:
-        if "file not found" in str(exc):
-            raise AdapterFormatError(
-                f"{what}: no {ADAPTER_WEIGHTS_NAME} (pickle .bin weights are refused, never unpickled)"
-            ) from exc
-        raise
+    cfg = _fetch(repo_id, ADAPTER_CONFIG_NAME, revision, token, what, "not a PEFT adapter repo")
+    # Pin the weights to the commit the config came from, so a push between the
+    # two requests cannot pair one commit's config with another's weights.
+    commit = Path(cfg).parent.name
+    weights = _fetch(
+        repo_id, ADAPTER_WEIGHTS_NAME, commit, token, what, "pickle .bin weights are refused, never unpickled"
+    )
     folder = Path(cfg).parent
-    if Path(weights).parent != folder:  # both resolve to one commit's snapshot
+    if Path(weights).parent != folder:  # pragma: no cover - same commit, same snapshot
         raise HubError(f"{what}: config and weights resolved to different snapshots")
     return folder
+
+
+def _fetch(repo_id: str, filename: str, revision: str | None, token: str | None, what: str, hint: str) -> str:
+    """``hf_hub_download`` one file; a file the repo lacks is an ``AdapterFormatError`` naming it."""
+    from huggingface_hub import errors as e
+    from huggingface_hub import hf_hub_download
+
+    missing = (e.EntryNotFoundError, getattr(e, "RemoteEntryNotFoundError", e.EntryNotFoundError))
+    with _hub_errors(what):
+        try:
+            return hf_hub_download(repo_id, filename, revision=revision, token=token)
+        except e.LocalEntryNotFoundError:
+            raise  # not cached while offline: a HubError, below
+        except missing as exc:
+            raise AdapterFormatError(f"{what}: no {filename} in the repo ({hint})") from exc
 
 
 def load_adapter_from_hub(repo_id: str, revision: str | None = None, *, token: str | None = None) -> Any:
@@ -147,8 +166,10 @@ def search_hub_adapters(query: str = "", *, author: str | None = None, limit: in
 
 def list_cached_adapters(cache_dir: str | Path | None = None) -> list[CachedAdapter]:
     """Adapters (model repos with an adapter config) already in the local HF cache."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
+    # scan_cache_dir's own default is the HF_HUB_CACHE seen when huggingface_hub was imported
+    cache_dir = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
     try:
         info = scan_cache_dir(cache_dir)
     except Exception:  # no cache yet, or not readable
