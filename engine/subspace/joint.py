@@ -40,6 +40,8 @@ class Sketch:
         self.y: Tensor | None = None
         self.pending: list[Tensor] = []
         self.width = 0
+        self.u: Tensor | None = None
+        self.s: Tensor | None = None
 
     def add(self, cols: Tensor) -> None:
         if cols.shape[1] == 0:
@@ -57,7 +59,8 @@ class Sketch:
         q, r = torch.linalg.qr(z)
         u, s, _ = torch.linalg.svd(r, full_matrices=False)
         k = min(self.cap, s.numel())
-        self.y = q @ (u[:, :k] * s[:k])
+        self.u, self.s = q @ u[:, :k], s[:k]
+        self.y = self.u * self.s
         self.pending = []
         self.width = k
 
@@ -66,7 +69,7 @@ class Sketch:
         self._compress()
         if self.y is None:
             return torch.zeros(self.dim, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-        u, s, _ = torch.linalg.svd(self.y, full_matrices=False)
+        u, s = self.u, self.s  # columns of y are orthogonal after _compress
         keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
         return u[:, :keep], s[:keep]
 
