@@ -56,6 +56,9 @@ _EXPORTS: dict[str, str] = {
     "explained_variance": ".analysis",
     "SimilarityResult": ".analysis",
     "DiffResult": ".analysis",
+    # shared subspace
+    "SharedSubspace": ".subspace",
+    "TaskProjection": ".subspace",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -219,3 +219,20 @@ def test_progress_and_cancel():
     ev.set()
     with pytest.raises(JobCancelled):
         SharedSubspace.from_adapters(ads, num_components=2, cancel=ev)
+
+
+def test_methods_registered_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.registry import methods; "
+            "c = methods('compress'); q = methods('quantize'); "
+            "assert {'joint', 'share', 'pca', 'svd'} <= set(c) and {'symmetric', 'nf4'} <= set(q); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from engine.registry import get_method
+
+    ads = family(3, seed=15)
+    sub = get_method("compress", "joint").func(ads, num_components=2)
+    get_method("quantize", "symmetric").func(sub, bits=4)
+    assert sub.quantization["bits"] == 4

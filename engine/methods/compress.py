@@ -1,0 +1,92 @@
+"""Compression methods for the registry: names, help and parameters, importable without torch.
+
+Each registered function has the signature
+``func(adapters, *, task_ids=None, progress=None, cancel=None, **params) -> engine.subspace.SharedSubspace``
+(``adapters``: ``LoRAWeights`` in memory, or paths with ``streaming=True``) and
+imports the tensor code only when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..registry import Param, register
+
+#: The default compression method (the winner on ratio at equal ΔW error; see the README).
+DEFAULT_COMPRESS_METHOD = "joint"
+
+_K = (
+    Param("num_components", "int", None, "k for every module (overridden by max_error / adaptive_k)", minimum=1),
+    Param("variance_threshold", "float", 0.6, "share of variance k must explain", minimum=0.0, maximum=1.0),
+    Param("adaptive_k", "bool", False, "choose k per module by variance_threshold"),
+    Param("max_error", "float", None, "choose per module the smallest k with every task's ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this",
+          minimum=0.0, maximum=0.999),
+    Param("dtype", "choice", "float16", "storage precision (errors measured after rounding)",
+          choices=("float16", "bfloat16", "float32")),
+    Param("streaming", "bool", False, "read adapters from paths one at a time (memory: one adapter + basis)"),
+)
+
+
+def _run(method: str, adapters: Sequence[Any], task_ids: Sequence[str] | None, progress: Any, cancel: Any,
+         params: dict[str, Any]) -> Any:
+    from ..subspace import SharedSubspace
+
+    params = {k: v for k, v in params.items() if v is not None}
+    streaming = bool(params.pop("streaming", False))
+    build = SharedSubspace.from_adapters_streaming if streaming else SharedSubspace.from_adapters
+    return build(adapters, task_ids, method=method, progress=progress, cancel=cancel, **params)
+
+
+@register(
+    "compress",
+    "joint",
+    "Ours: per module one column basis U and one row basis V shared by all tasks, ΔW_i ≈ U·Σ_i·Vᵀ; "
+    "blind to LoRA's r×r rotation; with max_error, modules stored per task when that is smaller.",
+    (*_K,
+     Param("refine", "int", 1, "alternating refinement rounds of U and V", minimum=0, maximum=10),
+     Param("hybrid", "bool", True, "with max_error, store a module per task (truncated SVD) when smaller")),
+)
+def joint(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
+          cancel: Any = None, **params: Any) -> Any:
+    """Shared row and column bases per module."""
+    return _run("joint", adapters, task_ids, progress, cancel, params)
+
+
+@register(
+    "compress",
+    "share",
+    "Per-side column spaces (the Share paper's form): U from the stacked B_i, V from the stacked A_i; "
+    "coefficients as in joint.",
+    (*_K, Param("hybrid", "bool", True, "with max_error, store a module per task when smaller")),
+)
+def share(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
+          cancel: Any = None, **params: Any) -> Any:
+    """Per-side factor bases."""
+    return _run("share", adapters, task_ids, progress, cancel, params)
+
+
+@register(
+    "compress",
+    "pca",
+    "The seed (vlora): per module and side, PCA of the flattened factors with the mean stored; "
+    "k ≤ N−1; needs one rank.",
+    _K,
+)
+def pca(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
+        cancel: Any = None, **params: Any) -> Any:
+    """Seed PCA of flattened factors."""
+    return _run("pca", adapters, task_ids, progress, cancel, params)
+
+
+@register(
+    "compress",
+    "svd",
+    "Honest baseline: each task alone, each module's ΔW as its truncated SVD (rank by max_error, "
+    "num_components or variance_threshold).",
+    _K,
+)
+def svd(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
+        cancel: Any = None, **params: Any) -> Any:
+    """Per-task truncated SVD."""
+    return _run("svd", adapters, task_ids, progress, cancel, params)
