@@ -459,14 +459,19 @@ def _module_bases(subspace: Any, module: str) -> tuple[Tensor | None, Tensor | N
     """Column basis ``U`` (out×k) and row basis ``V`` (in×k) of ``module``, either may be ``None``.
 
     Accepted protocols, in order: a ``module_bases(module)`` method; a mapping
-    (or a ``.bases`` mapping) from module to ``(U, V)``, ``{"U", "V"}`` or an object
-    with such ``.tensors`` (the shared subspace's joint bases); ``components_b``
-    (out×k) / ``components_a`` (k×in) mappings as in vlora.
+    (or a ``.bases`` / ``.modules`` mapping) from module to ``(U, V)``, ``{"U", "V"}``
+    or an object with such ``.tensors`` — :class:`engine.subspace.SharedSubspace`'s
+    ``modules`` of joint/share :class:`ModuleBasis`; ``components_b`` (out×k) /
+    ``components_a`` (k×in) mappings as in vlora. A module whose basis has no
+    column/row basis (the ``pca`` method's flattened-factor components, ``svd``'s
+    per-task factors) gives ``(None, None)``.
     """
     fn = getattr(subspace, "module_bases", None)
     if callable(fn):
         return _entry_to_uv(fn(module))
     table = subspace if isinstance(subspace, Mapping) else getattr(subspace, "bases", None)
+    if table is None and isinstance(getattr(subspace, "modules", None), Mapping):
+        table = subspace.modules  # engine.subspace.SharedSubspace: module → ModuleBasis
     if isinstance(table, Mapping):
         return _entry_to_uv(table.get(module))
     comp_b = getattr(subspace, "components_b", None)
@@ -500,7 +505,7 @@ class CoverageResult:
         name: The adapter's name.
         modules: Module → ``‖UᵀΔW V‖²/‖ΔW‖²`` (1.0 for a zero update).
         overall: The same over all covered modules, energy-weighted.
-        missing: Modules of the adapter the subspace has no basis for.
+        missing: Modules of the adapter the subspace has no column/row basis for.
     """
 
     name: str
@@ -566,7 +571,9 @@ def subspace_coverage(
         energy_total += energy
     tick(progress, cancel, len(names), len(names), "coverage: done")
     if not cov:
-        raise ValueError(f"subspace: no bases for any module of {_label(adapter, 0)}")
+        method = getattr(subspace, "method", None)
+        why = f" (a {method!r} subspace has no column/row bases)" if method in ("pca", "svd") else ""
+        raise ValueError(f"subspace: no column/row bases for any module of {_label(adapter, 0)}{why}")
     overall = min(1.0, cap_total / energy_total) if energy_total > 0 else 1.0
     return CoverageResult(name=_label(adapter, 0), modules=cov, overall=overall, missing=missing)
 

@@ -364,12 +364,13 @@ def _elected_merge(contribs, n: int) -> Tensor:
 
 
 def _ties_module(adapters: Sequence[LoRAWeights], weights: Sequence[float], module: str, density: float) -> Tensor:
-    thresholds: list[float] = []
-    for a in adapters:
-        thresholds.append(magnitude_threshold(_dense_delta(a, module), density))
+    thresholds: list[float | None] = [None] * len(adapters)
 
     def contrib(i: int) -> Tensor:
-        return _ties_trim(_dense_delta(adapters[i], module), thresholds[i]).mul_(weights[i])
+        d = _dense_delta(adapters[i], module)
+        if thresholds[i] is None:  # first pass: found while electing, reused by the second
+            thresholds[i] = magnitude_threshold(d, density)
+        return _ties_trim(d, thresholds[i]).mul_(weights[i])
 
     return _elected_merge(contrib, len(adapters))
 

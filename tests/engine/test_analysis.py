@@ -270,7 +270,7 @@ def test_subspace_coverage_extremes_and_protocols(mixed):
     assert partial.missing == ["m.0.v", "m.1.q"]
     with pytest.raises(IncompatibleAdaptersError, match="column"):
         subspace_coverage({"m.0.q": (torch.randn(11, 2), None)}, a)
-    with pytest.raises(ValueError, match="no bases"):
+    with pytest.raises(ValueError, match="no column/row bases"):
         subspace_coverage({"other": (torch.randn(12, 2), None)}, a)
     with pytest.raises(ValueError, match="offers no"):
         subspace_coverage(object(), a)
@@ -334,3 +334,19 @@ def test_similarity_to_dict_is_json(mixed):
     assert set(json.loads(text)) == {"names", "matrix", "norms", "modules"}
     assert len(d["modules"]["m.0.q"]["matrix"]) == 4
     assert "modules" not in compute_similarity_matrix(mixed).to_dict(modules=False)
+
+
+def test_coverage_of_a_real_shared_subspace(peft_family_dirs):
+    """Against engine.subspace: with orthonormal U, V, coverage = 1 − (relative reconstruction error)²."""
+    from engine.subspace import SharedSubspace
+
+    family = [load_adapter(d) for d in peft_family_dirs[:3]]
+    stranger = load_adapter(peft_family_dirs[3])
+    sub = SharedSubspace.from_adapters(family, num_components=4, method="joint", hybrid=False)
+    for a, tid in zip(family, sub.task_ids):
+        cov = subspace_coverage(sub, a)
+        fidelity = sub.tasks[tid].fidelity
+        for m, c in cov.modules.items():
+            assert c == pytest.approx(1.0 - fidelity[m] ** 2, abs=1e-3)
+        assert cov.overall > 0.7 and not cov.missing
+    assert subspace_coverage(sub, stranger).overall < 0.05
