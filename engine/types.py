@@ -19,19 +19,18 @@ def match_pattern_key(patterns: dict[str, Any] | None, module: str) -> str | Non
     """Return the key of ``patterns`` that applies to ``module``, as PEFT matches them.
 
     PEFT's ``rank_pattern``/``alpha_pattern`` keys are module names or regexes
-    matched against the end of the dotted module name.
+    matched against the end of the dotted module name; the *first* key (in the
+    config's order) that matches wins, exactly as ``peft.utils.other.get_pattern_key``.
     """
     if not patterns:
         return None
-    for key in patterns:
-        if key == module:
-            return key
     for key in patterns:
         try:
             if re.match(rf"(.*\.)?({key})$", module):
                 return key
         except re.error:
-            continue
+            if key == module:
+                return key
     return None
 
 

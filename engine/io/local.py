@@ -96,6 +96,26 @@ def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | Non
     )
 
 
+def _rank_pattern(ranks: dict[str, int], r: int) -> dict[str, int]:
+    """``rank_pattern`` that gives every module its rank under PEFT's matching.
+
+    PEFT takes the first key that matches the *end* of a module name, so the key
+    ``model.layers.0.q_proj`` also matches ``x.model.layers.0.q_proj``. Longer
+    names go first, and a module of rank ``r`` that some key would still match
+    gets its own entry.
+    """
+    from ..types import match_pattern_key
+
+    chosen = {m for m, rk in ranks.items() if rk != r}
+    while True:
+        order = sorted(chosen, key=lambda n: (-len(n), n))
+        pattern = {m: ranks[m] for m in order}
+        caught = {m for m in ranks if m not in chosen and match_pattern_key(pattern, m) is not None}
+        if not caught:
+            return pattern
+        chosen |= caught
+
+
 def adapter_config_for(weights: LoRAWeights) -> dict[str, Any]:
     """The ``adapter_config.json`` to write for ``weights``.
 
@@ -111,7 +131,7 @@ def adapter_config_for(weights: LoRAWeights) -> dict[str, Any]:
     cfg["use_rslora"] = bool(weights.use_rslora)
     tm = weights.target_modules
     cfg["target_modules"] = sorted(tm) if isinstance(tm, (list, tuple, set)) else tm
-    cfg["rank_pattern"] = {m: rk for m, rk in ranks.items() if rk != r}
+    cfg["rank_pattern"] = _rank_pattern(ranks, r)
     cfg.setdefault("alpha_pattern", {})
     cfg["base_model_name_or_path"] = weights.base_model_name_or_path
     cfg.setdefault("bias", "none")
@@ -235,7 +255,9 @@ def save_adapter(
     config = adapter_config_for(w)
     with atomic_dir(out, force=force) as tmp:
         save_file(_state_dict(w), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        # top-level keys sorted like PEFT's; nested dicts keep their order (rank_pattern's is meaningful)
+        text = json.dumps({k: config[k] for k in sorted(config)}, indent=2)
+        (tmp / ADAPTER_CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
         if modelfile:
             base = w.base_model_name_or_path or "<base model>"
             (tmp / "Modelfile").write_text(f"FROM {base}\nADAPTER .\n", encoding="utf-8")

@@ -100,6 +100,45 @@ def test_rank_alpha_and_patterns_read(peft_variant_dirs, tmp_path):
     assert rs.scale(rs.layer_names[0]) == pytest.approx(16 / 8**0.5)
 
 
+def test_rank_pattern_first_match_wins_as_in_peft(tmp_path):
+    """PEFT uses the first pattern key (in file order) that matches, not an exact name first."""
+    from peft_factory import write_peft_adapter
+
+    src = write_peft_adapter(tmp_path / "src", seed=3, r=4, rank_pattern={"q_proj": 8})
+    cfg = json.loads((src / ADAPTER_CONFIG_NAME).read_text())
+    # a later, exact key that PEFT never reaches for layer 1's q_proj
+    cfg["rank_pattern"] = {"q_proj": 8, "model.layers.1.self_attn.q_proj": 2}
+    (src / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
+    model = _peft_model(src)  # PEFT itself loads it, at rank 8
+    assert model.base_model.model.get_submodule("model.layers.1.self_attn.q_proj").r["default"] == 8
+    w = load_adapter(src)
+    assert w.module_rank("model.layers.1.self_attn.q_proj") == 8
+    assert read_adapter_summary(src).rank == 4
+    torch.testing.assert_close(peft_logits(save_adapter(w, tmp_path / "out")), peft_logits(src), rtol=1e-5, atol=1e-6)
+
+
+def test_saved_rank_pattern_survives_suffix_names(tmp_path):
+    """Module names that end with another module's name still get their own ranks back."""
+    g = torch.Generator().manual_seed(0)
+    ranks = {"model.layers.0.q_proj": 8, "vision.model.layers.0.q_proj": 2, "lm.model.layers.0.q_proj": 4, "v_proj": 4}
+    from engine.types import LoRAWeights
+
+    w = LoRAWeights(
+        layer_names=sorted(ranks),
+        lora_a={m: torch.randn(r, 6, generator=g) for m, r in ranks.items()},
+        lora_b={m: torch.randn(5, r, generator=g) for m, r in ranks.items()},
+        rank=4,
+        metadata={"r": 4, "lora_alpha": 8},
+    )
+    out = save_adapter(w, tmp_path / "out")
+    assert load_adapter(out).ranks == ranks
+    assert json.loads((out / ADAPTER_CONFIG_NAME).read_text())["rank_pattern"] == {
+        "vision.model.layers.0.q_proj": 2,
+        "lm.model.layers.0.q_proj": 4,
+        "model.layers.0.q_proj": 8,
+    }
+
+
 def test_header_summary_agrees_with_loader(peft_variant_dirs):
     for d in peft_variant_dirs.values():
         s = read_adapter_summary(d)
