@@ -22,14 +22,14 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.signal import Signal
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from .commands import VloraCommands
 from .config import AppConfig
 from .messages import AddToCollection, JobProgress
 
 #: Topics published on ``state_signal``.
-TOPICS = ("collection", "adapter", "jobs", "analysis", "diff", "subspace", "inspect")
+TOPICS = ("collection", "adapter", "jobs", "progress", "analysis", "diff", "subspace", "inspect")
 
 
 def spec_name(spec: str) -> str:
@@ -101,16 +101,18 @@ class VloraApp(App[int]):
 
     MODES: ClassVar[dict[str, str | Callable[[], Screen]]] = {}
 
+    SCREENS_GROUP = Binding.Group("Screens", compact=True)
+
     BINDINGS: ClassVar = [
         Binding("ctrl+p", "command_palette", "Palette", tooltip="Search every action that fits now", id="palette"),
         Binding("question_mark,f1", "help", "Help", key_display="?", tooltip="List the keys of this screen", id="help"),
         Binding("f8", "screenshot", "Shot", tooltip="Save an SVG screenshot of this screen", id="screenshot"),
         Binding("ctrl+q", "quit", "Quit", tooltip="Cancel running jobs and leave", id="quit", priority=True),
-        Binding("1", "show('browser')", "Browse", tooltip="Adapter folders, HF cache, Hub search", id="mode-browser"),
-        Binding("2", "show('adapter')", "Adapter", tooltip="Config, modules and norms of one adapter", id="mode-adapter"),
-        Binding("3", "show('collection')", "Collection", tooltip="Similarity heatmap, clusters, diff", id="mode-collection"),
-        Binding("4", "show('subspace')", "Subspace", tooltip="Variance explained, fidelity, stats", id="mode-subspace"),
-        Binding("5", "show('jobs')", "Jobs", tooltip="Queue, progress, log and results", id="mode-jobs"),
+        Binding("1", "show('browser')", "Browse", tooltip="Adapter folders, HF cache, Hub search", id="mode-browser", group=SCREENS_GROUP),
+        Binding("2", "show('adapter')", "Adapter", tooltip="Config, modules and norms of one adapter", id="mode-adapter", group=SCREENS_GROUP),
+        Binding("3", "show('collection')", "Collection", tooltip="Similarity heatmap, clusters, diff", id="mode-collection", group=SCREENS_GROUP),
+        Binding("4", "show('subspace')", "Subspace", tooltip="Variance explained, fidelity, stats", id="mode-subspace", group=SCREENS_GROUP),
+        Binding("5", "show('jobs')", "Jobs", tooltip="Queue, progress, log and results", id="mode-jobs", group=SCREENS_GROUP),
     ]
 
     def __init__(self, config: AppConfig | None = None, *, runner_factory: Callable[[str], Any] | None = None) -> None:
@@ -155,6 +157,7 @@ class VloraApp(App[int]):
         """Data of the ``info`` job on :attr:`subspace_path`."""
         self.jobs: list[JobRecord] = []
         """Every job of this session, oldest first."""
+        self._progress_pending = False
 
     # -- start-up -----------------------------------------------------------
     def on_mount(self) -> None:
@@ -414,7 +417,7 @@ class VloraApp(App[int]):
         except (ValueError, KeyError) as exc:
             self.notify(str(exc), title=f"Cannot start {kind}", severity="error")
             return None
-        record = JobRecord(request=JobRequest(kind, coerced), title=title or kind, open_result=open_result)
+        record = JobRecord(request=JobRequest(kind, coerced, job_id=f"job{len(self.jobs) + 1}"), title=title or kind, open_result=open_result)
         record.log.append(f"queued: {record.title}")
         self.jobs.append(record)
         self.state_signal.publish("jobs")
@@ -452,7 +455,9 @@ class VloraApp(App[int]):
         def progress(p: Any) -> None:
             self.post_message(JobProgress(job.job_id, int(p.step), int(p.total), str(p.message)))
 
-        return self.runner_for(job.kind).run(job.request, progress=progress, cancel=job.cancel_event)
+        worker = get_current_worker()
+        cancel = _AnyEvent(job.cancel_event, worker.cancelled_event)  # the app's shutdown cancels workers too
+        return self.runner_for(job.kind).run(job.request, progress=progress, cancel=cancel)
 
     @on(JobProgress)
     def _on_job_progress(self, event: JobProgress) -> None:
@@ -463,7 +468,13 @@ class VloraApp(App[int]):
         if event.text and event.text != job.message:
             job.log.append(f"[{event.step}/{event.total}] {event.text}" if event.total else event.text)
         job.message = event.text
-        self.state_signal.publish("jobs")
+        if not self._progress_pending:  # redraw at most ten times a second, however fast the engine reports
+            self._progress_pending = True
+            self.set_timer(0.1, self._flush_progress)
+
+    def _flush_progress(self) -> None:
+        self._progress_pending = False
+        self.state_signal.publish("progress")
 
     def find_job(self, job_id: str) -> JobRecord | None:
         return next((j for j in self.jobs if j.job_id == job_id), None)
@@ -568,6 +579,16 @@ class VloraApp(App[int]):
                 target = "adapter"
         if target and job.open_result and self.current_mode != target:
             self.switch_mode(target)
+
+
+class _AnyEvent:
+    """Set when any of its events is set (``is_set()`` is all the engine calls)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 def job_title(kind: str, params: dict[str, Any]) -> str:

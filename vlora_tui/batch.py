@@ -130,16 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _PlainProgress:
-    """Throttled ``[ 42%] message`` lines on stderr."""
+    """Throttled ``[ 42%] message`` lines on stderr, from one second after the first event on.
 
-    def __init__(self, interval: float = 0.5) -> None:
+    Quick jobs print nothing, so a failure is one line on stderr.
+    """
+
+    def __init__(self, interval: float = 0.5, quiet_for: float = 1.0) -> None:
         self.interval = interval
+        self.start: float | None = None  # the first event, not start-up: importing torch is not progress
+        self.quiet_for = quiet_for
         self.last = 0.0
         self.last_pct = -1
 
     def __call__(self, p: Any) -> None:
         pct = int(100 * p.fraction)
         now = time.monotonic()
+        if self.start is None:
+            self.start = now
+        if now - self.start < self.quiet_for:
+            return
         if pct == self.last_pct or (now - self.last < self.interval and pct < 100):
             return
         self.last, self.last_pct = now, pct
@@ -206,7 +215,10 @@ def _bytes(n: Any) -> str:
 def render_blocks(kind: str, data: dict[str, Any], summary: str) -> list[Block]:
     """Turn a job's ``data`` into key/value blocks and tables for display."""
     fn = _RENDERERS.get(kind)
-    blocks = fn(data) if fn else []
+    try:
+        blocks = fn(data) if fn else []
+    except (KeyError, TypeError, ValueError, IndexError):  # a figure missing from data: show the summary
+        blocks = []
     return blocks or [("lines", None, [summary])]
 
 
@@ -247,7 +259,77 @@ def _render_collection_info(d: dict[str, Any]) -> list[Block]:
 def _render_info(d: dict[str, Any]) -> list[Block]:
     if d.get("type") == "collection":
         return _render_collection_info(d)
+    if d.get("type") == "subspace":
+        return _render_subspace_info(d)
     return _render_adapter_info(d)
+
+
+def _stats_kv(st: dict[str, Any]) -> list[tuple[str, Any]]:
+    err = st["error"]
+    kv = [("method", st["method"]), ("tasks", st["num_tasks"]), ("modules", st["num_modules"]), ("dtype", st["dtype"]),
+          ("original size", _bytes(st["original_bytes"])), ("stored size", _bytes(st["stored_bytes"])),
+          ("ratio", f"{st['ratio']:.2f}x"), ("ratio vs fp16", f"{st['ratio_vs_fp16']:.2f}x"),
+          ("ΔW error mean", err["mean"]), ("ΔW error max", err["max"])]
+    if err.get("is_bound"):
+        kv.append(("errors are", "upper bounds"))
+    q = st.get("quantization")
+    kv.append(("quantization", f"{q['bits']}-bit {q['method']}" + (" + double quant" if q.get("double_quant") else "") if q else None))
+    return kv
+
+
+def _task_rows(per_task: dict[str, Any]) -> list[list[Any]]:
+    return [[t, e["mean"], e["max"]] for t, e in per_task.items()]
+
+
+def _render_subspace_info(d: dict[str, Any]) -> list[Block]:
+    st = d["stats"]
+    kv = [("path", d["path"]), ("base model", d["base_model"]), ("format", d["format_version"]), *_stats_kv(st)]
+    tasks = [[t["task_id"], t["rank"], t["mean_error"], t["max_error"], "bound" if t["error_is_bound"] else ""] for t in d["tasks"]]
+    mods = [[m["name"], m["kind"], m["k"], f"{m['out_features']}×{m['in_features']}",
+             f"{m['explained_at_k']:.1%}" if m["explained_at_k"] is not None else "-", m["mean_error"], m["max_error"]]
+            for m in d["modules"]]
+    return [("kv", "Subspace", kv),
+            ("table", "Tasks (relative ΔW error)", ["task", "rank", "mean", "max", ""], tasks),
+            ("table", "Modules", ["module", "kind", "k", "shape", "explained at k", "mean error", "max error"], mods)]
+
+
+def _render_compress(d: dict[str, Any]) -> list[Block]:
+    st = d["stats"]
+    return [("kv", "Subspace written", [("path", d["path"]), *_stats_kv(st)]),
+            ("table", "Tasks (relative ΔW error)", ["task", "mean", "max"], _task_rows(st["error"]["per_task"]))]
+
+
+def _render_add(d: dict[str, Any]) -> list[Block]:
+    t = d["task"]
+    kv = [("path", d["path"]), ("task", d["task_id"]), ("mode", d["mode"]), ("ΔW error mean", t["mean_error"]),
+          ("ΔW error max", t["max_error"]), ("tasks now", d["stats"]["num_tasks"]), ("ratio", f"{d['stats']['ratio']:.2f}x")]
+    return [("kv", "Task added", kv)]
+
+
+def _render_export(d: dict[str, Any]) -> list[Block]:
+    kv = [("path", d["path"]), ("task", d["task_id"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
+          ("base model", d["base_model"]), ("target modules", d["target_modules"]), ("dtype", d["dtype"]),
+          ("Modelfile", d["modelfile"]), ("ΔW error mean", d["mean_error"]), ("ΔW error max", d["max_error"])]
+    return [("kv", "Adapter exported", kv)]
+
+
+def _render_quantize(d: dict[str, Any]) -> list[Block]:
+    q = d["quantization"]
+    b, a = d["before"], d["after"]
+    rows = [["stored bytes", b["stored_bytes"], a["stored_bytes"]], ["ratio", f"{b['ratio']:.2f}x", f"{a['ratio']:.2f}x"],
+            ["ΔW error mean", b["mean_error"], a["mean_error"]], ["ΔW error max", b["max_error"], a["max_error"]]]
+    return [("kv", "Quantized subspace", [("path", d["path"]), ("bits", q["bits"]), ("method", q["method"]),
+                                          ("double quant", q["double_quant"]), ("loadings quantized", q["quantize_loadings"])]),
+            ("table", "Before / after", ["", "before", "after"], rows)]
+
+
+def _render_benchmark(d: dict[str, Any]) -> list[Block]:
+    rows = [[r["method"], r["k"], _bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-",
+             f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", r["mean_error"], r["max_error"],
+             f"{r['seconds']:.2f}" if r["seconds"] is not None else "-", (r["error"] or "")[:60]] for r in d["rows"]]
+    return [("kv", "Benchmark", [("adapters", len(d["tasks"])), ("original size", _bytes(d["original_bytes"]))]),
+            ("table", "Fidelity and size over k (relative ΔW error; svd = each task alone, the baseline)",
+             ["method", "k", "stored", "ratio", "mean error", "max error", "s", "note"], rows)]
 
 
 def _render_inspect(d: dict[str, Any]) -> list[Block]:
@@ -286,7 +368,46 @@ def _render_merge(d: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _render_analyze(d: dict[str, Any]) -> list[Block]:
+    names = d["names"]
+    short = [n if len(n) <= 10 else n[:9] + "…" for n in names]
+    sim_rows = [[names[i], *[f"{v:.2f}" if v is not None else "-" for v in row]] for i, row in enumerate(d["similarity"])]
+    cl_rows = [[i + 1, len(c["names"]), ", ".join(c["names"])] for i, c in enumerate(d["clusters"])]
+    out_names = {o["name"] for o in d["outliers"]}
+    per = [[n, d["max_similarity"][i], d["mean_similarity"][i], "outlier" if n in out_names else ""] for i, n in enumerate(names)]
+    var = d["variance"]["mean"]
+    blocks: list[Block] = [
+        ("table", "Cosine similarity of ΔW", ["adapter", *short], sim_rows),
+        ("table", f"Clusters (threshold {d['threshold']:g}, {d['linkage']} linkage)", ["#", "size", "members"], cl_rows),
+        ("table", f"Outliers (max |cos| < {d['outlier_threshold']:g})", ["adapter", "max |cos|", "mean cos", ""], per),
+        ("table", "Shared structure: energy of all ΔW captured by the top-k shared column directions (mean over modules)",
+         ["k", *var.keys()], [["share", *[f"{v:.1%}" for v in var.values()]]]),
+    ]
+    return blocks
+
+
+def _render_diff(d: dict[str, Any]) -> list[Block]:
+    rows = [[m["module"], m["rank_a"], m["rank_b"], m["norm_a"], m["norm_b"], m["cosine"], m["relative_difference"]]
+            for m in d["modules"]]
+    o = d["overall"]
+    blocks: list[Block] = [
+        ("kv", f"{d['a']} vs {d['b']}", [("cosine", o["cosine"]), ("relative difference", o["relative_difference"]),
+                                         ("‖ΔW‖ a", o["norm_a"]), ("‖ΔW‖ b", o["norm_b"])]),
+        ("table", "Per module", ["module", "rank a", "rank b", "‖ΔW_a‖", "‖ΔW_b‖", "cosine", "‖ΔW_a−ΔW_b‖/‖ΔW_a‖"], rows),
+    ]
+    if d["only_in_a"] or d["only_in_b"]:
+        blocks.append(("kv", "Not shared", [("only in a", d["only_in_a"]), ("only in b", d["only_in_b"])]))
+    return blocks
+
+
 _RENDERERS: dict[str, Any] = {
+    "compress": _render_compress,
+    "add": _render_add,
+    "export": _render_export,
+    "quantize": _render_quantize,
+    "benchmark": _render_benchmark,
+    "analyze": _render_analyze,
+    "diff": _render_diff,
     "merge": _render_merge,
     "demo": _render_demo,
     "info": _render_info,

@@ -43,14 +43,29 @@ class JobsScreen(Screen):
         yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
-        self.query_one("#queue", DataTable).add_columns("id", "job", "status", "progress", "time")
+        table = self.query_one("#queue", DataTable)
+        for label in ("id", "job", "status", "progress", "time"):
+            table.add_column(label, key=label)
         self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
         self._log_shown: tuple[str, int] | None = None
         self._refresh()
 
     def _on_state(self, topic: str) -> None:
-        if topic == "jobs":
+        if topic == "jobs" and self.app.screen is self:
             self._refresh()
+        elif topic == "progress" and self.app.screen is self:
+            self._refresh_progress()
+
+    def _refresh_progress(self) -> None:
+        """Update only the running jobs' progress cells and the shown job (no table rebuild)."""
+        table = self.query_one("#queue", DataTable)
+        for j in self.jobs:
+            if j.status == "running" and j.total and j.job_id in table.rows:
+                table.update_cell(j.job_id, "progress", f"{100 * j.step / j.total:.0f}%")
+        self._show(self.selected())
+
+    def on_screen_resume(self) -> None:
+        self._refresh()
 
     @property
     def jobs(self) -> list[Any]:

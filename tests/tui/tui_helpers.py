@@ -1,0 +1,71 @@
+"""Helpers for the TUI tests: a fixed-path demo collection, the app factory, waiting on jobs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vlora_tui.app import VloraApp
+from vlora_tui.config import AppConfig
+
+SIZE = (120, 36)
+#: A fixed place for the demo collection, so snapshots show the same paths on every run.
+FIXED_ROOT = Path(tempfile.gettempdir()) / "vlora-tui-tests"
+
+
+def ensure_demo(root: Path) -> Path:
+    """Build the (deterministic) demo collection at ``root`` unless it is there."""
+    from engine.demo import DEMO_FAMILIES, make_demo_collection
+    from engine.io.scan import scan_local_adapters
+
+    expected = sum(len(t) for t in DEMO_FAMILIES.values())
+    if not root.is_dir() or len(scan_local_adapters(root, max_depth=1)) < expected:
+        make_demo_collection(root, force=True)
+    return root
+
+
+def make_app(demo_dir: Path, out: Path, *, demo: bool = False, path: Path | None = None, **kw: Any) -> VloraApp:
+    """The app as ``vlora-tui`` builds it, with test-friendly settings (no Hub, no auto-inspect)."""
+    import multiprocessing.resource_tracker as resource_tracker
+
+    resource_tracker.ensure_running()  # as cli.run_app does, before Textual swaps stderr
+    runner_factory = kw.pop("runner_factory", None)
+    cfg = AppConfig(
+        path=path if path is not None else demo_dir,
+        demo=demo,
+        output_dir=out,
+        demo_dir=demo_dir,
+        hub_search=kw.pop("hub_search", False),
+        auto_inspect=kw.pop("auto_inspect", False),
+        process_kinds=kw.pop("process_kinds", frozenset()),
+        **kw,
+    )
+    return VloraApp(cfg, runner_factory=runner_factory)
+
+
+async def wait_jobs(app: VloraApp, pilot: Any) -> None:
+    """Wait on every job's own worker until the queue is empty."""
+    while True:
+        pending = [j for j in app.jobs if not j.finished]
+        if not pending:
+            break
+        job = pending[0]
+        if job.worker is None:
+            await pilot.pause(0.05)
+            continue
+        try:
+            await job.worker.wait()
+        except Exception:  # WorkerFailed: the app maps it in Worker.StateChanged
+            pass
+        await pilot.pause()
+    await pilot.pause()
+
+
+def settle_for_snapshot(app: VloraApp) -> None:
+    """Fixed job times and no toasts, so a snapshot does not depend on the machine."""
+    for j in app.jobs:
+        if j.seconds is not None:
+            j.seconds = 1.0
+    app.clear_notifications()
+    app.state_signal.publish("jobs")
