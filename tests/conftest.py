@@ -11,6 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Small tensor ops spin-wait across OpenMP threads on a busy 2-core machine (10x slower);
+# one thread per test process is faster and keeps the UI tests responsive.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from peft_factory import write_peft_adapter  # noqa: E402
 
