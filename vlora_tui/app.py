@@ -553,6 +553,16 @@ class VloraApp(App[int]):
             self.state_signal.publish("inspect")
             target = "adapter"
         elif kind == "analyze":
+            specs = [str(x) for x in params.get("adapters") or []]
+            if len(specs) == len(data.get("names") or []):
+                data["paths"] = specs
+            else:  # a parent folder was given: name → folder
+                from engine.io.scan import expand_adapter_specs
+
+                try:
+                    data["paths"] = [s.label for s in expand_adapter_specs(specs)]
+                except Exception:
+                    data["paths"] = []
             self.analysis = data
             self.state_signal.publish("analysis")
             target = "collection"

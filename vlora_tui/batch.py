@@ -90,7 +90,10 @@ def _add_param(sub: argparse.ArgumentParser, p: Any, positional: bool) -> None:
     if p.name in SHORT_FLAGS:
         flags.insert(0, SHORT_FLAGS[p.name])
     if p.type == "bool":
-        sub.add_argument(*flags, dest=p.name, action="store_true", help=help_text)
+        if p.default is None:  # unset means "the method's default": offer --x and --no-x
+            sub.add_argument(*flags, dest=p.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            sub.add_argument(*flags, dest=p.name, action="store_true", help=help_text)
         return
     if p.type in ("paths", "strs", "floats") or p.type not in ("int", "float", "choice"):
         kw["metavar"] = p.name.upper().replace("_", "-") if p.type != "choice" else None

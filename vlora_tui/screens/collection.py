@@ -35,10 +35,9 @@ class CollectionScreen(Screen):
                 yield Label("Adapters (space toggles)", classes="pane-title")
                 yield SelectionList[str](id="members")
             with Vertical(id="analysis-pane"):
-                with Horizontal(id="heatmap-row"):
-                    yield SimilarityHeatmap(id="heatmap")
-                    yield DataPlot(empty="similarity: press a to analyze", id="heatmap-plot")
+                yield SimilarityHeatmap(id="heatmap")
                 with Horizontal(id="analysis-row"):
+                    yield DataPlot(empty="similarity: press a to analyze", id="heatmap-plot")
                     with VerticalScroll(id="clusters-pane"):
                         yield Static("Clusters and outliers appear after the analyze job.", id="clusters")
                     with VerticalScroll(id="diff-pane"):
@@ -95,22 +94,16 @@ class CollectionScreen(Screen):
 
     @staticmethod
     def _clusters_text(data: dict[str, Any]) -> Table:
-        t = Table(title="Clusters", expand=True, show_edge=False)
+        t = Table(title="Clusters", expand=True, show_edge=False, box=None)
         t.add_column("#", justify="right", width=3)
         t.add_column("members")
-        for i, members in enumerate(data.get("clusters") or []):
-            if isinstance(members, dict):
-                members = members.get("members") or members.get("names") or []
-            t.add_row(str(i + 1), ", ".join(map(str, members)))
+        for i, cluster in enumerate(data.get("clusters") or []):
+            names = cluster.get("names") or [] if isinstance(cluster, dict) else cluster
+            t.add_row(str(i + 1), ", ".join(map(str, names)))
         outliers = data.get("outliers") or []
         if outliers:
             names = [o.get("name", str(o)) if isinstance(o, dict) else str(o) for o in outliers]
             t.add_row("⚠", Text("outliers: " + ", ".join(names), style="bold"))
-        pairs = data.get("most_similar") or []
-        if pairs:
-            p = pairs[0]
-            if isinstance(p, dict):
-                t.add_row("≈", f"most similar: {p.get('a')} ~ {p.get('b')} ({p.get('similarity', 0):.2f})")
         return t
 
     def _refresh_diff(self) -> None:
@@ -173,16 +166,31 @@ class CollectionScreen(Screen):
 
 
 def diff_table(data: dict[str, Any]) -> Table:
-    """The ``diff`` job's data as a table: overall figures, then the most different modules."""
-    t = Table(title=f"Diff {data.get('a_name', 'A')} vs {data.get('b_name', 'B')}", expand=True, show_edge=False)
+    """The ``diff`` job's data as a table: overall figures, then every module."""
+    t = Table(title=f"{data.get('a', 'A')} vs {data.get('b', 'B')}", expand=True, show_edge=False, box=None)
     t.add_column("module")
     t.add_column("cos", justify="right")
-    t.add_column("‖ΔA−ΔB‖/‖ΔA‖", justify="right")
-    for key in ("similarity", "cosine", "relative_difference"):
-        if key in data and isinstance(data[key], (int, float)):
-            t.add_row(Text(key, style="bold"), f"{data[key]:.3f}", "")
-    for m in (data.get("modules") or [])[:12]:
-        cos = m.get("cosine")
-        rel = m.get("relative_difference", m.get("rel_diff"))
-        t.add_row(str(m.get("name")), "—" if cos is None else f"{cos:.3f}", "—" if rel is None else f"{rel:.3f}")
+    t.add_column("rel.diff", justify="right")
+
+    def row(m: dict[str, Any], style: str = "") -> None:
+        t.add_row(Text(short(str(m.get("module", "overall"))), style=style), _num(m.get("cosine"), ".3f"),
+                  _num(m.get("relative_difference"), ".3f"))
+
+    if data.get("overall"):
+        row({**data["overall"], "module": "overall"}, "bold")
+    for m in data.get("modules") or []:
+        row(m)
+    for side in ("only_in_a", "only_in_b"):
+        if data.get(side):
+            t.add_row(Text(f"{side}: {', '.join(data[side])}", style="bold"), "", "")
     return t
+
+
+def _num(v: Any, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def short(name: str) -> str:
+    parts = name.split(".")
+    layer = next((p for p in parts if p.isdigit()), "")
+    return f"{layer}.{parts[-1]}" if layer else name

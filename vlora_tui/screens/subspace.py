@@ -23,7 +23,8 @@ class SubspaceScreen(Screen):
         Binding("left_square_bracket", "module(-1)", "Prev module", key_display="[", tooltip="Variance plot: previous module", id="subspace-prev"),
         Binding("right_square_bracket", "module(1)", "Next module", key_display="]", tooltip="Variance plot: next module", id="subspace-next"),
         Binding("e", "export", "Export…", tooltip="Export the highlighted task as a PEFT adapter", id="subspace-export"),
-        Binding("m", "merge", "Merge…", tooltip="Merge tasks of this subspace into one adapter", id="subspace-merge"),
+        Binding("space", "mark", "Mark", tooltip="Mark the highlighted task for merge", id="subspace-mark"),
+        Binding("m", "merge", "Merge…", tooltip="Merge the marked tasks' adapters (or the highlighted and next)", id="subspace-merge"),
         Binding("q", "quantize", "Quantize…", tooltip="Quantize this subspace's loadings", id="subspace-quantize"),
         Binding("a", "add", "Add…", tooltip="Project more adapters into this subspace", id="subspace-add"),
     ]
@@ -36,13 +37,14 @@ class SubspaceScreen(Screen):
                 yield DataPlot(empty="variance explained", id="variance-plot")
             with Horizontal(id="subspace-bottom"):
                 with Vertical(id="fidelity-pane"):
-                    yield Label("ΔW fidelity per task (relative error)", classes="pane-title")
+                    yield Label("ΔW fidelity: relative error per task and module (space marks)", classes="pane-title")
                     yield DataTable(id="fidelity", cursor_type="row", zebra_stripes=True)
                 yield DataPlot(empty="fidelity per task", id="fidelity-plot")
         yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         self._module_index = 0
+        self.marked: set[str] = set()
         self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
         self._refresh()
 
@@ -56,7 +58,7 @@ class SubspaceScreen(Screen):
 
     def tasks(self) -> list[str]:
         info = self.info or {}
-        return [t if isinstance(t, str) else str(t.get("name")) for t in info.get("tasks") or []]
+        return [t if isinstance(t, str) else str(t.get("task_id")) for t in info.get("tasks") or []]
 
     def highlighted_task(self) -> str | None:
         table = self.query_one("#fidelity", DataTable)
@@ -71,6 +73,7 @@ class SubspaceScreen(Screen):
         stats = self.query_one("#subspace-stats", Static)
         table = self.query_one("#fidelity", DataTable)
         table.clear(columns=True)
+        self.marked = set()
         if not info:
             stats.update("No subspace open: compress the collection (3, c) or open one (o).")
             self.query_one("#variance-plot", DataPlot).draw_empty()
@@ -78,35 +81,42 @@ class SubspaceScreen(Screen):
             return
         stats.update(stats_table(info, self.app.subspace_path))  # type: ignore[attr-defined]
         self._draw_variance()
-        fid = info.get("fidelity") or {}
-        per_task = fid.get("per_task") or {}
-        modules = list(fid.get("modules") or [])
-        table.add_columns("task", "mean", "max", "worst module")
-        tasks = self.tasks()
-        for t in tasks:
-            row = per_task.get(t) or {}
-            table.add_row(t, _f(row.get("mean")), _f(row.get("max")), str(row.get("worst_module") or "—"), key=t)
+        fidelity = info.get("fidelity") or {}
+        modules = [m["name"] for m in info.get("modules") or []]
+        # one column per module (short names: layer.proj), errors per task
+        table.add_column(" ", key="mark")
+        table.add_column("task", key="task")
+        table.add_column("mean", key="mean")
+        table.add_column("max", key="max")
+        for m in modules:
+            table.add_column(short_module(m), key=m)
+        rows = info.get("tasks") or []
+        for t in rows:
+            per_module = fidelity.get(t["task_id"]) or {}
+            table.add_row(" ", t["task_id"], _f(t.get("mean_error")), _f(t.get("max_error")),
+                          *[_f(per_module.get(m), ".2f") for m in modules], key=t["task_id"])
         self.query_one("#fidelity-plot", DataPlot).draw_bars(
-            [str(i + 1) for i in range(len(tasks))], [(per_task.get(t) or {}).get("mean") or 0.0 for t in tasks],
-            "mean relative ΔW error per task (task #)", "error",
+            [str(i + 1) for i in range(len(rows))], [t.get("mean_error") or 0.0 for t in rows],
+            "mean ΔW error per task (task #)", "relative error",
         )
-        del modules
 
     def _draw_variance(self) -> None:
         info = self.info or {}
-        ve = info.get("variance_explained") or {}
+        variance = info.get("variance") or {}
+        modules = info.get("modules") or []
         plot = self.query_one("#variance-plot", DataPlot)
-        if not ve:
+        if not variance or not modules:
             plot.draw_empty()
             return
-        modules = sorted(ve)
         self._module_index %= len(modules)
-        m = modules[self._module_index]
-        series = {}
-        for side, curve in (ve[m].items() if isinstance(ve[m], dict) else [("ΔW", ve[m])]):
-            ys = list(curve or [])
-            series[side] = (list(range(1, len(ys) + 1)), ys)
-        plot.draw_lines(series, f"variance explained — {m} ({self._module_index + 1}/{len(modules)})", "k", "cumulative", (0.0, 1.0))
+        mod = modules[self._module_index]
+        curve = list(variance.get(mod["name"]) or [])
+        series = {"cumulative": (list(range(1, len(curve) + 1)), curve)}
+        k = mod.get("k")
+        if k:
+            series[f"k={k}"] = ([k, k], [0.0, 1.0])
+        plot.draw_lines(series, f"variance explained: {short_module(mod['name'])} ({self._module_index + 1}/{len(modules)})",
+                        "components", "share", (0.0, 1.0))
 
     def action_module(self, step: int) -> None:
         self._module_index += step
@@ -124,11 +134,37 @@ class SubspaceScreen(Screen):
     def action_export(self) -> None:
         if self._need():
             task = self.highlighted_task()
-            self.app.action_new_job("export", {"subspace": self.app.subspace_path, "task": task})  # type: ignore[attr-defined]
+            out = str(self.app.config.output_dir / f"export-{task}")  # type: ignore[attr-defined]
+            self.app.action_new_job("export", {"subspace": self.app.subspace_path, "task_id": task, "output": out})  # type: ignore[attr-defined]
+
+    def action_mark(self) -> None:
+        """Mark or unmark the highlighted task (merge takes the marked tasks)."""
+        task = self.highlighted_task()
+        if task is None:
+            return
+        self.marked ^= {task}
+        table = self.query_one("#fidelity", DataTable)
+        table.update_cell(task, "mark", "✓" if task in self.marked else " ")
 
     def action_merge(self) -> None:
-        if self._need():
-            self.app.action_new_job("merge", {"subspace": self.app.subspace_path})  # type: ignore[attr-defined]
+        """Merge the marked tasks' source adapters (or the highlighted one and the next)."""
+        if not self._need():
+            return
+        from ..app import spec_name
+
+        tasks = self.tasks()
+        chosen = [t for t in tasks if t in self.marked]
+        if len(chosen) < 2:
+            task = self.highlighted_task()
+            i = tasks.index(task) if task in tasks else 0
+            chosen = tasks[i:i + 2] if i + 1 < len(tasks) else tasks[-2:]
+        by_name = {spec_name(s): s for s in self.app.collection}  # type: ignore[attr-defined]
+        missing = [t for t in chosen if t not in by_name]
+        if missing:
+            self.notify(f"no source adapter in the collection for {', '.join(missing)}", title="Merge", severity="error")
+            return
+        out = str(self.app.config.output_dir / ("merge-" + "+".join(chosen)))  # type: ignore[attr-defined]
+        self.app.action_new_job("merge", {"adapters": [by_name[t] for t in chosen], "output": out})  # type: ignore[attr-defined]
 
     def action_quantize(self) -> None:
         if self._need():
@@ -136,15 +172,26 @@ class SubspaceScreen(Screen):
 
     def action_add(self) -> None:
         if self._need():
-            self.app.action_new_job("add", {"subspace": self.app.subspace_path})  # type: ignore[attr-defined]
+            from ..app import spec_name
+
+            spec = self.app.current_adapter  # type: ignore[attr-defined]
+            values = {"subspace": self.app.subspace_path, "adapter": spec, "task_id": spec_name(spec) if spec else None}  # type: ignore[attr-defined]
+            self.app.action_new_job("add", values)  # type: ignore[attr-defined]
 
     @on(DataTable.RowSelected, "#fidelity")
     def _task_selected(self) -> None:
         self.action_export()
 
 
-def _f(v: Any) -> str:
-    return "—" if v is None else f"{v:.4f}"
+def _f(v: Any, spec: str = ".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def short_module(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``3.q_proj``."""
+    parts = name.split(".")
+    layer = next((p for p in parts if p.isdigit()), "")
+    return f"{layer}.{parts[-1]}" if layer else parts[-1]
 
 
 def stats_table(info: dict[str, Any], path: str | None) -> Table:
@@ -153,13 +200,27 @@ def stats_table(info: dict[str, Any], path: str | None) -> Table:
     t.add_column(style="bold")
     t.add_column()
     st = info.get("stats") or {}
+    ks = sorted(set((st.get("k") or {}).values()))
     t.add_row("subspace", str(path or info.get("path") or "—"))
-    t.add_row("tasks", str(len(info.get("tasks") or [])))
-    for key, label in (("num_components", "k (components)"), ("compression_ratio", "compression"),
-                       ("original_bytes", "original bytes"), ("compressed_bytes", "compressed bytes")):
-        if key in st:
-            v = st[key]
-            t.add_row(label, f"{v:.1f}×" if key == "compression_ratio" else f"{v:,}" if isinstance(v, int) else str(v))
+    t.add_row("method", f"{info.get('method', st.get('method', '—'))}  ({st.get('dtype', info.get('dtype', '—'))})")
+    t.add_row("base model", str(info.get("base_model") or "—"))
+    t.add_row("tasks / modules", f"{st.get('num_tasks', len(info.get('tasks') or []))} / {st.get('num_modules', '—')}")
+    t.add_row("k per module", ", ".join(map(str, ks)) if ks else "—")
+    if "original_bytes" in st:
+        t.add_row("size", f"{st['original_bytes'] / 1024:,.0f} KiB → {st.get('stored_bytes', 0) / 1024:,.0f} KiB")
+    if st.get("ratio") is not None:
+        t.add_row("compression", f"{st['ratio']:.1f}× (vs fp16 {st.get('ratio_vs_fp16', 0):.1f}×)")
+    tasks = info.get("tasks") or []
+    if tasks:
+        mean = sum(x.get("mean_error") or 0.0 for x in tasks) / len(tasks)
+        worst = max(tasks, key=lambda x: x.get("max_error") or 0.0)
+        t.add_row("ΔW error", f"mean {mean:.3f}, worst {worst.get('max_error', 0):.3f} ({worst['task_id']})")
     q = info.get("quantization")
-    t.add_row("quantization", "none (fp32)" if not q else str(q if isinstance(q, str) else q.get("method", q)))
+    if not q:
+        t.add_row("quantization", "none")
+    else:
+        bits = q.get("bits") if isinstance(q, dict) else None
+        method = q.get("method") if isinstance(q, dict) else q
+        extra = " + double quant" if isinstance(q, dict) and q.get("double_quant") else ""
+        t.add_row("quantization", f"{bits}-bit {method}{extra}" if bits else str(method))
     return t

@@ -37,14 +37,14 @@ class SimilarityHeatmap(DataTable):
         self.labels = list(labels)
         self.matrix = [list(r) for r in matrix]
         self.clear(columns=True)
-        self.add_column("adapter", key="adapter")
+        self.add_column("cos×100", key="adapter")
         for j in range(len(labels)):
             self.add_column(f"{j + 1:>3}", key=f"c{j}")
         for i, name in enumerate(labels):
-            cells: list[Text] = [Text(f"{i + 1:>2} {name}")]
+            cells: list[Text] = [Text(f"{i + 1:>2} {name[:16]}")]
             for j in range(len(labels)):
                 v = matrix[i][j] if j < len(matrix[i]) else None
-                txt = "    ·" if v is None else f"{v:5.2f}"
+                txt = "  ·" if v is None else f"{0 if abs(v) < 0.005 else round(v * 100):>3}"
                 cells.append(Text(txt, style=f"on {_shade(v)}" if v is not None else ""))
             self.add_row(*cells, key=f"r{i}")
 
