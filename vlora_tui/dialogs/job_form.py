@@ -49,7 +49,14 @@ class JobFormScreen(ModalScreen[dict | None]):
                     label = f"{p.name}{' *' if p.required else ''}"
                     with Horizontal(classes="field"):
                         yield Label(label, classes="field-label")
-                        if p.type == "bool":
+                        if p.type == "bool" and p.default is None:  # unset means "the method's own default"
+                            yield Select(
+                                [("yes", True), ("no", False)],
+                                value=Select.NULL if value is None else bool(value),
+                                prompt="(method default)",
+                                id=f"param-{p.name}",
+                            )
+                        elif p.type == "bool":
                             yield Checkbox(p.help or p.name, bool(value), id=f"param-{p.name}")
                         elif p.type == "choice" and p.choices:
                             yield Select(
