@@ -59,6 +59,16 @@ _EXPORTS: dict[str, str] = {
     # shared subspace
     "SharedSubspace": ".subspace",
     "TaskProjection": ".subspace",
+    # pipeline helpers and jobs
+    "init_subspace": ".pipeline",
+    "absorb_task": ".pipeline",
+    "extract_adapter": ".pipeline",
+    "JobRequest": ".jobs",
+    "JobResult": ".jobs",
+    "job_kinds": ".jobs",
+    "run_job": ".jobs",
+    "InlineRunner": ".jobs",
+    "ProcessRunner": ".jobs",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -76,7 +76,9 @@ class JobKind:
         title: Short human title (``Compress adapters``).
         help: One line for menus, forms and ``--help``.
         params: Typed parameters, in form order.
-        writes: Names of the parameters that are output paths (written atomically).
+        writes: Names of the parameters that are output paths (written atomically; an
+            existing one is refused before any work unless ``force``).
+        modifies: Names of parameters whose folder the job rewrites in place (atomically).
         func: The implementation (``func(params, *, progress, cancel) -> JobOutput``).
     """
 
@@ -85,6 +87,7 @@ class JobKind:
     help: str
     params: tuple[Param, ...] = ()
     writes: tuple[str, ...] = ()
+    modifies: tuple[str, ...] = ()
     func: JobFunc | None = field(default=None, compare=False, repr=False)
 
     def param(self, name: str) -> Param:

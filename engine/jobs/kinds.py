@@ -105,8 +105,15 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
       ``bytes``, ``dtypes``) plus ``"type"``.
     - ``"collection"``: ``{"path", "count", "adapters": [summary without modules, plus
       name/ok/error], "base_models", "ranks", "total_params", "total_bytes", "problems"}``.
+    - ``"subspace"`` (loads it, so torch is imported): ``{"path", "format_version", "method",
+      "dtype", "base_model", "quantization": {bits, method, double_quant, quantize_loadings,
+      block_size}|None, "stats": compression_stats() (without fidelity), "tasks": [{"task_id",
+      "mean_error", "max_error", "error_is_bound", "rank", "original_bytes"}], "modules":
+      [{"name", "kind", "k", "out_features", "in_features", "explained_at_k", "mean_error",
+      "max_error"}], "fidelity": {task: {module: error}}, "variance": {module: [cumulative
+      explained share for k = 1, 2, …]}}``.
     """
-    from ..io.scan import is_adapter_dir
+    from ..io.scan import is_adapter_dir, is_subspace_dir
 
     spec = str(params["path"])
     if spec.startswith("hf://"):
@@ -120,6 +127,10 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
         summary["path"] = spec
         return JobOutput(summary=_adapter_line(summary), data={"type": "adapter", **summary})
     p = Path(spec)
+    if is_subspace_dir(p):
+        data = subspace_info(p, progress=progress, cancel=cancel)
+        return JobOutput(summary=f"{p}: subspace ({data['method']}), {len(data['tasks'])} tasks, "
+                                 f"{data['stats']['ratio']:.1f}x, max ΔW error {data['stats']['error']['max']:.3g}", data=data)
     if p.is_dir() and not is_adapter_dir(p) and p.exists():
         data = _collection_info(p, progress, cancel)
         return JobOutput(summary=f"{p}: {data['count']} adapters, {data['total_bytes']} bytes", data=data)
@@ -248,6 +259,418 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     return JobOutput(summary=summary, data=data, ok=ok)
 
 
+# -- subspace jobs -------------------------------------------------------------------
+
+_STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+_COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force")
+_QUANT_FIXED = ("subspace", "output", "method", "bits", "force")
+
+
+def subspace_info(path: Path, *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> dict[str, Any]:
+    """What ``info`` reports on a saved subspace (see :func:`run_info`)."""
+    import json
+
+    from ..constants import SUBSPACE_MANIFEST_NAME
+    from ..subspace import SharedSubspace
+
+    tick(progress, cancel, 0, 2, f"loading {path}")
+    sub = SharedSubspace.load(path)
+    tick(progress, cancel, 1, 2, "measuring")
+    stats = sub.compression_stats()
+    fidelity = stats.pop("fidelity")
+    try:
+        manifest = json.loads((Path(path) / SUBSPACE_MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    tasks = []
+    for tid, proj in sub.tasks.items():
+        tasks.append({
+            "task_id": tid,
+            "mean_error": proj.mean_error,
+            "max_error": proj.max_error,
+            "error_is_bound": proj.error_is_bound,
+            "rank": max(proj.ranks.values(), default=0),
+            "original_bytes": proj.original_bytes,
+        })
+    modules = []
+    variance = sub.explained_variance()
+    for m in sub.layer_names:
+        b = sub.modules[m]
+        errs = [f[m] for f in fidelity.values() if m in f]
+        modules.append({
+            "name": m,
+            "kind": b.kind,
+            "k": b.k,
+            "out_features": b.shape[0],
+            "in_features": b.shape[1],
+            "explained_at_k": (variance[m][b.k - 1] if b.k and len(variance[m]) >= b.k else None),
+            "mean_error": sum(errs) / len(errs) if errs else 0.0,
+            "max_error": max(errs) if errs else 0.0,
+        })
+    tick(progress, cancel, 2, 2, "done")
+    return {
+        "type": "subspace",
+        "path": str(path),
+        "format_version": manifest.get("format_version", manifest.get("version")),
+        "method": sub.method,
+        "dtype": stats["dtype"],
+        "base_model": sub.base_model,
+        "quantization": sub.quantization,
+        "stats": stats,
+        "tasks": tasks,
+        "modules": modules,
+        "fidelity": fidelity,
+        "variance": variance,
+    }
+
+
+def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Build a shared subspace from adapters with a registered method and save it (temp folder, then rename).
+
+    The method's own parameters (``num_components``, ``variance_threshold``, ``max_error``,
+    ``adaptive_k``, ``dtype``, ``streaming``, ``refine``, ``hybrid``…) pass through; one the
+    method does not take is refused.
+
+    data: ``{"path", "tasks": [task id…], "method", "streaming": bool,
+    "stats": SharedSubspace.compression_stats()}`` — ``stats`` holds ``original_bytes``,
+    ``stored_bytes``, ``ratio``, ``ratio_vs_fp16``, ``k`` {module: k}, ``module_kinds``,
+    ``dtype``, ``quantization``, ``error`` {``mean``, ``max``, ``per_task`` {task: {mean, max}},
+    ``per_module`` {module: {mean, max}}, ``is_bound``} and ``fidelity`` {task: {module: error}}
+    (errors are relative ‖ΔW−ΔŴ‖/‖ΔW‖, measured after rounding to the storage dtype).
+    """
+    from ..registry import get_method
+    from .common import load_adapters, resolve_local_paths
+
+    if params["task_ids"] is not None:
+        from ..io.scan import validate_task_id
+
+        for t in params["task_ids"]:
+            validate_task_id(t)
+    method = params["method"]
+    info = get_method("compress", method)
+    kwargs = _method_kwargs("compress", method, params, _COMPRESS_FIXED)
+    streaming = bool(kwargs.get("streaming"))
+    stages = StagedProgress(progress, {"load": 1, "build": 4, "save": 1})
+    inputs: list[Any]
+    if streaming:
+        pairs = resolve_local_paths(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+        names, inputs = [n for n, _ in pairs], [p for _, p in pairs]
+    else:
+        inputs = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+        names = [a.name for a in inputs]
+    ids = params["task_ids"] or names
+    _check_ids(ids, len(inputs))
+    assert info.func is not None
+    sub = info.func(inputs, task_ids=ids, progress=stages.stage("build"), cancel=cancel, **kwargs)
+    tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
+    out = sub.save(params["output"], force=params["force"])
+    stages.done()
+    stats = sub.compression_stats()
+    err = stats["error"]
+    return JobOutput(
+        summary=(f"compressed {len(sub.tasks)} adapters into {out} ({stats['method']}): {stats['ratio']:.1f}x, "
+                 f"ΔW error mean {err['mean']:.3g} max {err['max']:.3g}"),
+        outputs=[str(out)],
+        data={"path": str(out), "tasks": sub.task_ids, "method": sub.method, "streaming": streaming, "stats": stats},
+    )
+
+
+def _check_ids(ids: list[str], n: int) -> None:
+    if len(ids) != n:
+        raise ValueError(f"task_ids: got {len(ids)} id(s) for {n} adapter(s)")
+    dup = sorted({t for t in ids if ids.count(t) > 1})
+    if dup:
+        raise ValueError(f"task_ids: duplicate id {dup[0]!r}")
+
+
+def _task_report(sub: Any, task_id: str) -> dict[str, Any]:
+    proj = sub.tasks[task_id]
+    return {"task_id": task_id, "mean_error": proj.mean_error, "max_error": proj.max_error,
+            "error_is_bound": proj.error_is_bound, "fidelity": dict(proj.fidelity)}
+
+
+def run_add(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Add an adapter to a saved subspace as a new task, and save the subspace.
+
+    Modes: ``absorb`` (default, the seed's: recompute the bases from the stored tasks'
+    reconstructions plus the new adapter), ``incremental`` (bases grow by the few
+    directions the new task needs; stored tasks untouched) or ``project`` (bases
+    fixed; the new task is encoded in them). The subspace is rewritten in place
+    (atomically) unless ``output`` names another folder. An existing task id is
+    refused unless ``force``.
+
+    data: ``{"path", "task_id", "mode", "task": {"task_id", "mean_error", "max_error",
+    "error_is_bound", "fidelity": {module: error}}, "stats": compression_stats()}``
+    """
+    from ..io.scan import validate_task_id
+    from ..subspace import SharedSubspace
+    from .common import load_one
+
+    if params["incremental"] and params["project"]:
+        raise ValueError("incremental, project: give at most one of --incremental and --project")
+    mode = "incremental" if params["incremental"] else "project" if params["project"] else "absorb"
+    task_id = validate_task_id(params["task_id"])
+    stages = StagedProgress(progress, {"load": 1, mode: 3, "save": 1})
+    load = stages.stage("load")
+    tick(load, cancel, 0, 2, f"loading {params['subspace']}")
+    sub = SharedSubspace.load(params["subspace"])
+    if task_id in sub.tasks and not params["force"]:
+        raise ValueError(f"task_id: {task_id!r} is already in {params['subspace']}; use --force to replace it")
+    tick(load, cancel, 1, 2, f"loading {params['adapter']}")
+    adapter = load_one(str(params["adapter"]))
+    step = stages.stage(mode)
+    if mode == "absorb":
+        sub.absorb(adapter, task_id, progress=step, cancel=cancel)
+    elif mode == "incremental":
+        sub.absorb_incremental(adapter, task_id, progress=step, cancel=cancel)
+    else:
+        sub.add_task(sub.project(adapter, task_id, progress=step, cancel=cancel))
+    target = params["output"] or params["subspace"]
+    tick(stages.stage("save"), cancel, 0, 1, f"writing {target}")
+    out = sub.save(target, force=True if params["output"] is None else params["force"])
+    stages.done()
+    task = _task_report(sub, task_id)
+    return JobOutput(
+        summary=f"added {task_id!r} to {out} ({mode}): ΔW error mean {task['mean_error']:.3g} max {task['max_error']:.3g}; {len(sub.tasks)} tasks",
+        outputs=[str(out)],
+        data={"path": str(out), "task_id": task_id, "mode": mode, "task": task, "stats": sub.compression_stats()},
+    )
+
+
+def run_export(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Reconstruct one task as a PEFT adapter folder (loads in PEFT, vLLM and TGI; optional Ollama Modelfile).
+
+    ``alpha`` rewrites ``lora_alpha`` and rescales B so that ΔW is unchanged;
+    ``base_model`` and ``target_modules`` override the config.
+
+    data: ``{"path", "task_id", "rank", "ranks": {module: rank}, "lora_alpha", "base_model",
+    "target_modules", "dtype", "modelfile": path|None, "mean_error", "max_error", "error_is_bound",
+    "fidelity": {module: error}}``
+    """
+    import torch
+
+    from ..io.local import save_adapter
+    from ..subspace import SharedSubspace
+
+    tick(progress, cancel, 0, 3, f"loading {params['subspace']}")
+    sub = SharedSubspace.load(params["subspace"])
+    task_id = params["task_id"]
+    tick(progress, cancel, 1, 3, f"reconstructing {task_id}")
+    w = sub.reconstruct(task_id, pad_to_vllm=not params["exact_rank"])
+    if params["target_modules"] is not None:
+        tm = list(params["target_modules"])
+        missing = sorted({m.rsplit(".", 1)[-1] for m in w.layer_names} - set(tm))
+        if missing:
+            raise ValueError(f"target_modules: the adapter has modules named {', '.join(missing)}, which the list leaves out")
+        w.target_modules = tm
+        w.metadata["target_modules"] = tm
+    if params["base_model"] is not None:
+        w.base_model_name_or_path = params["base_model"]
+        w.metadata["base_model_name_or_path"] = params["base_model"]
+    if params["alpha"] is not None:
+        factors = {m: (w.lora_b[m] * w.scale(m), w.lora_a[m]) for m in w.layer_names}
+        w.lora_alpha = float(params["alpha"])
+        w.metadata["lora_alpha"] = params["alpha"]
+        w.metadata["alpha_pattern"] = {}
+        w = w.replace_factors(factors, rank=w.rank)
+    tick(progress, cancel, 2, 3, f"writing {params['output']}")
+    dtype = getattr(torch, params["dtype"])
+    out = save_adapter(w, params["output"], force=params["force"], dtype=dtype, modelfile=params["modelfile"])
+    tick(progress, cancel, 3, 3, "done")
+    task = _task_report(sub, task_id)
+    data = {
+        "path": str(out), "task_id": task_id, "rank": w.rank, "ranks": w.ranks, "lora_alpha": w.lora_alpha,
+        "base_model": w.base_model_name_or_path, "target_modules": w.target_modules, "dtype": params["dtype"],
+        "modelfile": str(Path(out) / "Modelfile") if params["modelfile"] else None,
+        **{k: v for k, v in task.items() if k != "task_id"},
+    }
+    return JobOutput(summary=f"exported {task_id!r} to {out} (rank {w.rank}, ΔW error max {task['max_error']:.3g})",
+                     outputs=[str(out)], data=data)
+
+
+def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Quantize a saved subspace's bases (and optionally its coefficients) per block and save it.
+
+    Errors are re-measured after rounding (upper bounds, since the original adapters are
+    not read). ``nf4`` is 4-bit by definition (and double-quantizes its scales unless told not to).
+
+    data: ``{"path", "quantization": {"bits", "method", "double_quant", "quantize_loadings",
+    "block_size"}, "before": {"stored_bytes", "ratio", "mean_error", "max_error"},
+    "after": {same}, "stats": compression_stats() after}``
+    """
+    from ..registry import get_method
+    from ..subspace import SharedSubspace
+
+    bits, method = int(params["bits"]), params["method"]
+    if method == "nf4" and bits != 4:
+        raise ValueError(f"bits: nf4 is a 4-bit format, got --bits {bits}")
+    info = get_method("quantize", method)
+    kwargs = _method_kwargs("quantize", method, params, _QUANT_FIXED)
+    if any(p.name == "bits" for p in info.params):
+        kwargs["bits"] = bits
+    stages = StagedProgress(progress, {"load": 1, "quantize": 3, "save": 1})
+    tick(stages.stage("load"), cancel, 0, 1, f"loading {params['subspace']}")
+    sub = SharedSubspace.load(params["subspace"])
+
+    def figures() -> dict[str, Any]:
+        st = sub.compression_stats()
+        return {"stored_bytes": st["stored_bytes"], "ratio": st["ratio"], "mean_error": st["error"]["mean"],
+                "max_error": st["error"]["max"]}
+
+    before = figures()
+    assert info.func is not None
+    info.func(sub, progress=stages.stage("quantize"), cancel=cancel, **kwargs)
+    tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
+    out = sub.save(params["output"], force=params["force"])
+    stages.done()
+    after = figures()
+    return JobOutput(
+        summary=(f"quantized {params['subspace']} to {bits}-bit {method} in {out}: {before['stored_bytes']} → "
+                 f"{after['stored_bytes']} bytes, max ΔW error {before['max_error']:.3g} → {after['max_error']:.3g}"),
+        outputs=[str(out)],
+        data={"path": str(out), "quantization": sub.quantization, "before": before, "after": after,
+              "stats": sub.compression_stats()},
+    )
+
+
+def run_benchmark(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Fidelity against size over k for each compression method, in memory (nothing is written).
+
+    For each method and k the subspace is built with ``num_components=k`` and its
+    stored bytes, ratio and ΔW errors (after rounding to the storage dtype) are measured.
+    The ``svd`` method is the honest baseline (each task alone, truncated SVD per module).
+
+    data: ``{"tasks": [task id…], "original_bytes", "ks": [k…], "methods": [name…],
+    "rows": [{"method", "k", "stored_bytes", "ratio", "mean_error", "max_error", "seconds",
+    "error": str|None}]}`` (a cell that cannot be built, e.g. k above what a method allows,
+    has ``error`` set and null figures).
+    """
+    import time
+
+    from ..registry import get_method
+    from .common import load_adapters
+
+    stages = StagedProgress(progress, {"load": 1, "bench": 6})
+    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+    max_r = max(a.module_rank(m) for a in adapters for m in a.layer_names)
+    if params["k_values"] is not None:
+        ks = sorted({int(k) for k in params["k_values"]})
+        if any(k < 1 or k != int(k) for k in params["k_values"]):
+            raise ValueError(f"k_values: positive integers expected, got {params['k_values']}")
+    else:
+        ks, k = [], 1
+        cap = max_r * len(adapters)
+        while k <= cap:
+            ks.append(k)
+            k *= 2
+    meths = list(params["methods"] or _choices("compress"))
+    unknown = [m for m in meths if m not in _choices("compress")]
+    if unknown:
+        raise ValueError(f"methods: unknown compression method {unknown[0]!r}")
+    bench = stages.stage("bench")
+    rows: list[dict[str, Any]] = []
+    total = len(ks) * len(meths)
+    orig = 0
+    for i, (meth, k) in enumerate((m, k) for m in meths for k in ks):
+        tick(bench, cancel, i, total, f"{meth} k={k}")
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"method": meth, "k": k, "stored_bytes": None, "ratio": None, "mean_error": None,
+                               "max_error": None, "seconds": None, "error": None}
+        try:
+            build = get_method("compress", meth).func
+            assert build is not None
+            sub = build(adapters, num_components=k, dtype=params["dtype"], cancel=cancel)
+        except ValueError as exc:
+            row["error"] = str(exc)
+            rows.append(row)
+            continue
+        st = sub.compression_stats()
+        orig = st["original_bytes"]
+        row.update(stored_bytes=st["stored_bytes"], ratio=st["ratio"], mean_error=st["error"]["mean"],
+                   max_error=st["error"]["max"], seconds=time.perf_counter() - t0)
+        rows.append(row)
+    stages.done()
+    ok = [r for r in rows if r["error"] is None]
+    best = min(ok, key=lambda r: (r["max_error"], -r["ratio"])) if ok else None
+    summary = f"benchmarked {len(meths)} method(s) × {len(ks)} k value(s) on {len(adapters)} adapters"
+    if best:
+        summary += f"; lowest max error {best['max_error']:.3g} ({best['method']}, k={best['k']}, {best['ratio']:.1f}x)"
+    return JobOutput(summary=summary, data={"tasks": [a.name for a in adapters], "original_bytes": orig, "ks": ks,
+                                            "methods": meths, "rows": rows})
+
+
+# -- analyze / diff ---------------------------------------------------------------
+
+
+def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Similarity of the adapters' updates ΔW, clusters, outliers, and shared structure.
+
+    Cosines go through r×r products (no d×d update is formed).
+
+    data: ``{"names": [str…], "similarity": N×N list (overall cosine of ΔW), "norms": [‖ΔW‖…],
+    "clusters": [{"members": [i…], "names": [str…]}…] (largest first), "threshold", "linkage",
+    "outliers": [{"index", "name"}…], "outlier_threshold", "max_similarity": [per adapter],
+    "mean_similarity": [per adapter], "variance": {"side": "column", "ks", "mean": {k: share},
+    "modules": {module: {"cumulative", "at_k", "k90", "k99"}}},
+    "modules": {module: {"matrix", "norms"}} (only with ``per_module``)}``
+    """
+    from ..analysis import compute_similarity_matrix, explained_variance, find_clusters, find_outliers
+    from .common import load_adapters
+
+    stages = StagedProgress(progress, {"load": 2, "similarity": 2, "variance": 1})
+    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+    if len(adapters) < 2:
+        raise ValueError(f"adapters: analyze needs at least 2 adapters, got {len(adapters)}")
+    sim = compute_similarity_matrix(adapters, progress=stages.stage("similarity"), cancel=cancel)
+    clusters = find_clusters(sim, params["threshold"], linkage=params["linkage"])
+    outliers = find_outliers(sim, params["outlier_threshold"])
+    variance = explained_variance(adapters, progress=stages.stage("variance"), cancel=cancel)
+    stages.done()
+    sd = sim.to_dict(modules=params["per_module"])
+    od = outliers.to_dict()
+    data: dict[str, Any] = {
+        "names": sd["names"],
+        "similarity": sd["matrix"],
+        "norms": sd["norms"],
+        "clusters": clusters.to_dict()["clusters"],
+        "threshold": clusters.threshold,
+        "linkage": clusters.linkage,
+        "outliers": od["outliers"],
+        "outlier_threshold": od["threshold"],
+        "max_similarity": od["max_similarity"],
+        "mean_similarity": od["mean_similarity"],
+        "variance": variance.to_dict(),
+    }
+    if params["per_module"]:
+        data["modules"] = sd["modules"]
+    multi = sum(1 for c in clusters if len(c) > 1)
+    return JobOutput(
+        summary=f"{len(adapters)} adapters: {len(clusters)} cluster(s) ({multi} with several members), {len(outliers)} outlier(s)",
+        data=data,
+    )
+
+
+def run_diff(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Compare two adapters module by module (norms, cosine, relative difference of ΔW).
+
+    data: ``{"a", "b", "overall": {"module", "norm_a", "norm_b", "cosine", "relative_difference",
+    "rank_a", "rank_b"}, "modules": [same per module], "only_in_a": [module…], "only_in_b": [module…]}``
+    (``relative_difference`` is ``‖ΔW_a − ΔW_b‖/‖ΔW_a‖``, ``null`` when ΔW_a is zero and ΔW_b is not).
+    """
+    from ..analysis import adapter_diff
+    from .common import load_one
+
+    a = load_one(str(params["a"]))
+    b = load_one(str(params["b"]))
+    if a.name == b.name:
+        a.name, b.name = str(params["a"]), str(params["b"])
+    d = adapter_diff(a, b, progress=progress, cancel=cancel).to_dict()
+    o = d["overall"]
+    rel = o["relative_difference"]
+    rel_s = "n/a" if rel is None else f"{rel:.3g}"
+    return JobOutput(summary=f"{d['a']} vs {d['b']}: cosine {o['cosine']:.3f}, relative difference {rel_s}", data=d)
+
+
 # -- merge ----------------------------------------------------------------------
 
 
@@ -262,18 +685,33 @@ def _method_params(kind: str, fixed: tuple[str, ...]) -> tuple[Param, ...]:
 
     seen: dict[str, Param] = {}
     used_by: dict[str, list[str]] = {}
+    defaults: dict[str, dict[str, Any]] = {}
     for mname, info in methods(kind).items():
         for p in info.params:
             if p.name in fixed:
                 continue
             used_by.setdefault(p.name, []).append(mname)
+            defaults.setdefault(p.name, {})[mname] = p.default
             seen.setdefault(p.name, p)
     out = []
     for name, p in seen.items():
         who = used_by[name]
-        suffix = f" [{', '.join(who)}]" if len(who) < len(methods(kind)) else ""
-        out.append(Param(p.name, p.type, None, (p.help or "") + suffix, p.choices, False, p.minimum, p.maximum))
+        text = p.help or ""
+        shown = {m: d for m, d in defaults[name].items() if d is not None}
+        if shown and len(set(map(repr, shown.values()))) == 1:
+            text += f" (default {_show(next(iter(shown.values())))})"
+        elif shown:
+            text += " (default " + ", ".join(f"{_show(d)} for {m}" for m, d in shown.items()) + ")"
+        if len(who) < len(methods(kind)):
+            text += f" [{', '.join(who)}]"
+        out.append(Param(p.name, p.type, None, text, p.choices, False, p.minimum, p.maximum))
     return tuple(out)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def _method_kwargs(kind: str, method: str, params: dict[str, Any], fixed: tuple[str, ...]) -> dict[str, Any]:
@@ -284,7 +722,7 @@ def _method_kwargs(kind: str, method: str, params: dict[str, Any], fixed: tuple[
     accepted = {p.name: p for p in info.params}
     kwargs: dict[str, Any] = {}
     for name, value in params.items():
-        if name in fixed or value is None or value is False:
+        if name in fixed or value is None:
             continue
         if name not in accepted:
             raise ValueError(f"{name}: does not apply to {kind} method {method!r} (it takes {', '.join(accepted) or 'no parameters'})")
@@ -337,7 +775,8 @@ def ensure_registered() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    for kind in _build_kinds():
+    order = ("demo", "info", "inspect", "validate", "analyze", "diff", "compress", "add", "export", "merge", "quantize", "benchmark")
+    for kind in sorted(_build_kinds(), key=lambda k: order.index(k.name)):
         register_kind(kind)
     _REGISTERED = True
 
@@ -363,6 +802,89 @@ def _build_kinds() -> list[JobKind]:
             (ADAPTERS,), func=run_validate,
         ),
         JobKind(
+            "compress", "Compress adapters", "build a shared subspace from adapters and save it",
+            (
+                ADAPTERS,
+                _output("folder to write the subspace into"),
+                Param("method", "choice", _default_compress_method(), "compression method", _choices("compress")),
+                *_method_params("compress", _COMPRESS_FIXED),
+                Param("task_ids", "strs", None, "one task id per adapter (default: folder or repo names)"),
+                FORCE,
+            ),
+            writes=("output",), func=run_compress,
+        ),
+        JobKind(
+            "add", "Add task", "add an adapter to a saved subspace (absorb, --incremental or --project)",
+            (
+                Param("subspace", "path", required=True, help="saved subspace folder"),
+                Param("adapter", "path", required=True, help="adapter folder or hf://org/repo"),
+                Param("task_id", "str", required=True, help="id of the new task"),
+                Param("incremental", "bool", False, "grow the bases by the directions the task needs; stored tasks untouched"),
+                Param("project", "bool", False, "keep the bases fixed and encode the task in them"),
+                _output("write the updated subspace here instead of in place", required=False),
+                Param("force", "bool", False, "replace a task of the same id / overwrite --output"),
+            ),
+            writes=("output",), modifies=("subspace",), func=run_add,
+        ),
+        JobKind(
+            "export", "Export task", "reconstruct a task as a PEFT adapter folder (vLLM, TGI, Ollama)",
+            (
+                Param("subspace", "path", required=True, help="saved subspace folder"),
+                Param("task_id", "str", required=True, help="task to export"),
+                _output("folder to write the PEFT adapter into"),
+                Param("alpha", "float", None, "lora_alpha to write (B is rescaled so ΔW is unchanged)", minimum=0.0),
+                Param("base_model", "str", None, "base_model_name_or_path to write"),
+                Param("target_modules", "strs", None, "target_modules to write"),
+                Param("modelfile", "bool", False, "also write an Ollama Modelfile (FROM base, ADAPTER .)"),
+                Param("exact_rank", "bool", False, "keep each module's own rank (default: pad to a rank vLLM accepts)"),
+                Param("dtype", "choice", "float32", "dtype of the written factors", _STORAGE_DTYPES[::-1]),
+                FORCE,
+            ),
+            writes=("output",), func=run_export,
+        ),
+        JobKind(
+            "quantize", "Quantize subspace", "quantize a subspace's bases per block (int8, int4, NF4) and save it",
+            (
+                Param("subspace", "path", required=True, help="saved subspace folder"),
+                _output("folder to write the quantized subspace into"),
+                Param("bits", "choice", None, "bits per value", (8, 4), required=True),
+                Param("method", "choice", "symmetric", "quantization method", _choices("quantize")),
+                *_method_params("quantize", _QUANT_FIXED),
+                FORCE,
+            ),
+            writes=("output",), func=run_quantize,
+        ),
+        JobKind(
+            "benchmark", "Benchmark compression", "fidelity and size over k for each compression method (nothing written)",
+            (
+                ADAPTERS,
+                Param("k_values", "floats", None, "k values to try (default 1, 2, 4, … up to N·r)"),
+                Param("methods", "strs", None, "methods to compare (default: all)"),
+                Param("dtype", "choice", "float16", "storage precision", _STORAGE_DTYPES),
+            ),
+            func=run_benchmark,
+        ),
+        JobKind(
+            "analyze", "Analyze collection", "similarity of the updates ΔW, clusters, outliers and shared structure",
+            (
+                ADAPTERS,
+                Param("threshold", "float", 0.5, "similarity at which adapters cluster together", minimum=-1.0, maximum=1.0),
+                Param("outlier_threshold", "float", 0.1, "an adapter whose largest |cosine| to the others is below this is an outlier",
+                      minimum=0.0, maximum=1.0),
+                Param("linkage", "choice", "average", "clustering linkage", ("average", "single")),
+                Param("per_module", "bool", False, "also report per-module similarity matrices"),
+            ),
+            func=run_analyze,
+        ),
+        JobKind(
+            "diff", "Diff two adapters", "compare two adapters' updates ΔW module by module",
+            (
+                Param("a", "path", required=True, help="first adapter (folder or hf://org/repo)"),
+                Param("b", "path", required=True, help="second adapter (folder or hf://org/repo)"),
+            ),
+            func=run_diff,
+        ),
+        JobKind(
             "merge", "Merge adapters", "merge adapters' updates ΔW into one PEFT adapter (task arithmetic, TIES, DARE, …)",
             (
                 ADAPTERS,
@@ -378,9 +900,16 @@ def _build_kinds() -> list[JobKind]:
 
 
 def _choices(kind: str) -> tuple[str, ...]:
+    """Registered method names of ``kind``."""
     from ..registry import methods
 
     return tuple(methods(kind))
+
+
+def _default_compress_method() -> str:
+    from ..methods.compress import DEFAULT_COMPRESS_METHOD
+
+    return DEFAULT_COMPRESS_METHOD
 
 
 __all__ = ["ensure_registered", "run_demo", "run_info", "run_inspect", "run_validate"]

@@ -237,7 +237,7 @@ class ProcessRunner:
             kind = get_kind(req.kind)
         except ValueError:
             return
-        for name in kind.writes:
+        for name in (*kind.writes, *kind.modifies):
             target = req.params.get(name)
             if not target:
                 continue

@@ -237,3 +237,63 @@ def test_process_runner_cancel_mid_job_leaves_no_output(monkeypatch, tmp_path):
 def test_crash_hook_is_not_a_job_kind():
     assert not any("crash" in k for k in job_kinds())
     assert CRASH_ENV not in os.environ
+
+
+# -- subspace jobs and pipeline helpers ------------------------------------------------------
+
+
+def test_compress_cancel_in_process_runner_leaves_nothing(monkeypatch, tmp_path, peft_family_dirs):
+    monkeypatch.setenv(DELAY_ENV, "0.2")
+    ev = threading.Event()
+    seen = []
+
+    def progress(p):
+        seen.append(p)
+        if len(seen) == 8:
+            ev.set()
+
+    out = tmp_path / "sub"
+    res = ProcessRunner(grace=0.5).run(JobRequest("compress", {"adapters": peft_family_dirs, "output": out, "num_components": 2}),
+                                       progress=progress, cancel=ev)
+    assert res.status == "cancelled"
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_compress_add_export_inline(tmp_path, peft_family_dirs):
+    sub = tmp_path / "sub"
+    res = run_job(JobRequest("compress", {"adapters": [str(p) for p in peft_family_dirs[:4]], "output": sub,
+                                          "max_error": 0.001, "dtype": "float32", "task_ids": ["a", "b", "c", "d"]}))
+    assert res.ok and res.data["tasks"] == ["a", "b", "c", "d"] and res.data["stats"]["error"]["max"] <= 0.0011
+    with pytest.raises(ValueError, match="task_ids"):
+        run_job(JobRequest("compress", {"adapters": peft_family_dirs[:2], "output": tmp_path / "x", "task_ids": ["a"]}))
+    add = run_job(JobRequest("add", {"subspace": sub, "adapter": peft_family_dirs[4], "task_id": "e", "project": True}))
+    assert add.data["mode"] == "project" and add.outputs == [str(sub)]
+    exp = run_job(JobRequest("export", {"subspace": sub, "task_id": "b", "output": tmp_path / "b", "exact_rank": True,
+                                        "base_model": "other/base", "target_modules": ["q_proj", "v_proj"]}))
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "other/base" and exp.data["max_error"] <= 0.0011
+    with pytest.raises(ValueError, match="target_modules"):
+        run_job(JobRequest("export", {"subspace": sub, "task_id": "b", "output": tmp_path / "c", "target_modules": ["q_proj"]}))
+
+
+def test_pipeline_helpers(tmp_path, peft_family_dirs):
+    import torch
+
+    from engine.io.local import load_adapter
+    from engine.pipeline import absorb_task, extract_adapter, init_subspace
+
+    sub = init_subspace(peft_family_dirs[:3], num_components=None, max_error=0.001)
+    assert sub.task_ids == [p.name for p in peft_family_dirs[:3]]
+    proj = absorb_task(sub, peft_family_dirs[3], "fourth", incremental=True)
+    assert proj.task_id == "fourth" and "fourth" in sub.tasks
+    absorb_task(sub, peft_family_dirs[4], "fifth")
+    assert {"fourth", "fifth"} <= set(sub.tasks)
+    w = extract_adapter(sub, "fourth", tmp_path / "out")
+    orig = load_adapter(peft_family_dirs[3])
+    m = orig.layer_names[0]
+    err = torch.linalg.norm(w.delta_weight(m) - orig.delta_weight(m)) / torch.linalg.norm(orig.delta_weight(m))
+    assert float(err) < 0.05
+    with pytest.raises(OutputExistsError):
+        extract_adapter(sub, "fourth", tmp_path / "out")
+    streamed = init_subspace([peft_family_dirs[0].parent], num_components=2, streaming=True)
+    assert len(streamed.tasks) == 6
