@@ -452,8 +452,14 @@ class VloraApp(App[int]):
     def _run_job(self, job: JobRecord) -> Any:
         """Run one job through its runner (in a worker thread)."""
 
+        last = [""]
+
         def progress(p: Any) -> None:
-            self.post_message(JobProgress(job.job_id, int(p.step), int(p.total), str(p.message)))
+            text = str(p.message)
+            if text and text != last[0]:  # the log gets every step, even when redraws are collapsed
+                last[0] = text
+                job.log.append(f"[{p.step}/{p.total}] {text}" if p.total else text)
+            self.post_message(JobProgress(job.job_id, int(p.step), int(p.total), text))
 
         worker = get_current_worker()
         cancel = _AnyEvent(job.cancel_event, worker.cancelled_event)  # the app's shutdown cancels workers too
@@ -465,8 +471,6 @@ class VloraApp(App[int]):
         if job is None or job.finished:
             return
         job.step, job.total = event.step, event.total
-        if event.text and event.text != job.message:
-            job.log.append(f"[{event.step}/{event.total}] {event.text}" if event.total else event.text)
         job.message = event.text
         if not self._progress_pending:  # redraw at most ten times a second, however fast the engine reports
             self._progress_pending = True

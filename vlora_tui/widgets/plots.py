@@ -37,10 +37,11 @@ class DataPlot(PlotextPlot):
         plt.title(title)
         if matrix:
             plt.matrix_plot([[0.0 if v is None else float(v) for v in row] for row in matrix])
-            ticks = list(range(1, len(labels) + 1))
-            short = [str(i) for i in ticks]
-            plt.xticks(ticks, short)
-            plt.yticks(ticks, short)
+            # no tick labels: plotext thins them by the drawn size, which varies while a layout settles;
+            # the heatmap table beside the plot numbers the adapters
+            plt.xticks([])
+            plt.yticks([])
+            plt.xlabel(f"adapters 1…{len(labels)} (columns and rows as in the table)")
         self.refresh()
 
     def draw_lines(self, series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str,
