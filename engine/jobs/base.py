@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+import secrets
 import traceback as tb_mod
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -104,7 +104,7 @@ class JobKind:
 
 
 def _new_job_id() -> str:
-    return uuid.uuid4().hex[:8]
+    return secrets.token_hex(4)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ interpreter down (a segfault, ``os._exit``, the OOM killer): the caller gets
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
@@ -135,6 +134,8 @@ class ProcessRunner:
     """
 
     def __init__(self, *, grace: float = 2.0, poll: float = 0.05) -> None:
+        import multiprocessing as mp  # here, not at import: ``--batch info`` never needs it
+
         self.grace = grace
         self.poll = poll
         self._ctx = mp.get_context("spawn")
