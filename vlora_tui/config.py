@@ -49,5 +49,10 @@ class AppConfig:
     @property
     def start_path(self) -> Path:
         """The folder the browser's tree is rooted at."""
+        if self.path is None and self.demo:
+            from engine.demo import default_demo_dir
+
+            p = Path(self.demo_dir or default_demo_dir())
+            return p if p.is_dir() else p.parent if p.parent.is_dir() else Path.cwd()
         p = Path(self.path) if self.path is not None else Path.cwd()
         return p if p.is_dir() else p.parent
