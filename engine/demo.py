@@ -99,7 +99,7 @@ def make_demo_adapters(shape: DemoShape | None = None, *, seed: int = 0) -> list
                     mix = fam_mix[fam][m] + 0.25 * randn(r, 2 * r)
                     a = mix @ shared_rows[m].T / (2 * r) ** 0.5 + 0.01 * randn(r, i) / i**0.5
                     core = fam_core[fam][m] + 0.3 * randn(r, r)
-                    b = fam_cols[fam][m] @ core * 0.02 * (1.0 + 0.15 * t_index) + 0.0002 * randn(o, r)
+                    b = fam_cols[fam][m] @ core * 0.02 * (1.0 + 0.15 * t_index) + 0.00005 * randn(o, r)
                 lora_a[m], lora_b[m] = a.contiguous(), b.contiguous()
             config = {
                 "peft_type": "LORA",

@@ -15,13 +15,17 @@ from ..registry import Param, register
 
 #: The default compression method (the winner on ratio at equal ΔW error; see the README).
 DEFAULT_COMPRESS_METHOD = "joint"
+#: ΔW error target used when a job names no k rule: a fidelity promise, not a variance share.
+DEFAULT_MAX_ERROR = 0.05
 
 _K = (
     Param("num_components", "int", None, "k for every module (overridden by max_error / adaptive_k)", minimum=1),
-    Param("variance_threshold", "float", 0.6, "share of variance k must explain", minimum=0.0, maximum=1.0),
+    Param("variance_threshold", "float", None, "share of variance k must explain (0.6 when set alone)",
+          minimum=0.0, maximum=1.0),
     Param("adaptive_k", "bool", False, "choose k per module by variance_threshold"),
-    Param("max_error", "float", None, "choose per module the smallest k with every task's ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this",
-          minimum=0.0, maximum=0.999),
+    Param("max_error", "float", None,
+          f"choose per module the smallest k with every task's ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this "
+          f"(default {DEFAULT_MAX_ERROR} when no other k rule is given)", minimum=0.0, maximum=0.999),
     Param("dtype", "choice", "float16", "storage precision (errors measured after rounding)",
           choices=("float16", "bfloat16", "float32")),
     Param("streaming", "bool", False, "read adapters from paths one at a time (memory: one adapter + basis)"),
@@ -33,6 +37,10 @@ def _run(method: str, adapters: Sequence[Any], task_ids: Sequence[str] | None, p
     from ..subspace import SharedSubspace
 
     params = {k: v for k, v in params.items() if v is not None}
+    if params.get("adaptive_k") is False:
+        params.pop("adaptive_k")
+    if not params.keys() & {"num_components", "variance_threshold", "adaptive_k", "max_error"}:
+        params["max_error"] = DEFAULT_MAX_ERROR
     streaming = bool(params.pop("streaming", False))
     build = SharedSubspace.from_adapters_streaming if streaming else SharedSubspace.from_adapters
     return build(adapters, task_ids, method=method, progress=progress, cancel=cancel, **params)
