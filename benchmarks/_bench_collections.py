@@ -131,7 +131,11 @@ def train_peft_adapter(out: Path, *, task: int, family: int, init_seed: int, ste
     return out
 
 
-def make_peft(root: Path, n_max: int, *, steps: int, distinct_init: bool = False, family_size: int = 4) -> Collection:
+PEFT_QUICK_SHAPE = {"hidden": 64, "layers": 2, "rank": 4, "alpha": 8, "modules": ("q_proj", "v_proj")}
+
+
+def make_peft(root: Path, n_max: int, *, steps: int, distinct_init: bool = False, family_size: int = 4,
+              shape: dict | None = None) -> Collection:
     """``n_max`` PEFT-trained adapters; tasks in families of ``family_size`` (family = t // family_size)."""
     import torch
 
@@ -145,15 +149,16 @@ def make_peft(root: Path, n_max: int, *, steps: int, distinct_init: bool = False
         fam = t // family_size
         name = f"task{t:03d}-fam{fam}"
         p = raw / name
-        train_peft_adapter(p, task=t, family=fam, init_seed=(100 + t) if distinct_init else 42, steps=steps, shape=PEFT_SHAPE)
+        train_peft_adapter(p, task=t, family=fam, init_seed=(100 + t) if distinct_init else 42, steps=steps,
+                           shape=shape or PEFT_SHAPE)
         w = load_adapter(p, name=name)
         paths.append(_save16(w, root / name))
     shutil.rmtree(raw, ignore_errors=True)
-    s = PEFT_SHAPE
+    s = shape or PEFT_SHAPE
     init = "each task its own init seed" if distinct_init else "one init seed for all (shared A init)"
     return Collection(
         "peft-seeds" if distinct_init else "peft", root, paths,
-        f"PEFT-trained: tiny Llama hidden {s['hidden']}, {s['layers']} layers × q/k/v/o, r{s['rank']}, "
+        f"PEFT-trained: tiny Llama hidden {s['hidden']}, {s['layers']} layers × {'/'.join(m[0] for m in s['modules'])}, r{s['rank']}, "
         f"{steps} AdamW steps on synthetic next-token tasks, families of {family_size}; {init}; fp16 on disk",
         gen_seconds=time.perf_counter() - t0,
     )
@@ -221,7 +226,7 @@ def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02
 
 def quick_7b_shape() -> dict:
     """For --quick: the same structure at a size that runs in seconds."""
-    return {"hidden": 512, "layers": 4, "rank": 16, "alpha": 32, "modules": ("q_proj", "v_proj")}
+    return {"hidden": 256, "layers": 2, "rank": 16, "alpha": 32, "modules": ("q_proj", "v_proj")}
 
 
 def write_manifest(c: Collection) -> None:

@@ -149,7 +149,18 @@ def dir_bytes(path: str | Path) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak RSS of this process so far (Linux ru_maxrss is KiB)."""
+    """Peak RSS of this process so far.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own
+    address space. Not ru_maxrss: across fork+exec Linux carries the parent's peak
+    into the child's ru_maxrss, so a fat parent would contaminate every run.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) * (1 if sys.platform == "darwin" else 1024)
 
@@ -210,6 +221,10 @@ def _lib_stats_summary(stats: Any) -> dict[str, Any]:
         return None
 
     out["lib_ratio"] = find(stats, ("compression_ratio", "ratio", "bytes_ratio", "disk_ratio"))
+    if isinstance(stats.get("error"), dict):  # engine.subspace: {"error": {"mean", "max", "per_task": {t: {mean, max}}}}
+        e = stats["error"]
+        stats = {**stats, "error_mean": e.get("mean"), "error_max": e.get("max"), "per_task_error": e.get("per_task"),
+                 "error_is_bound": e.get("is_bound")}
     out["lib_err_mean"] = find(stats, ("delta_error_mean", "dw_error_mean", "error_mean", "mean_error", "mean_delta_error", "err_mean"))
     out["lib_err_max"] = find(stats, ("delta_error_max", "dw_error_max", "error_max", "max_error", "max_delta_error", "err_max"))
     per_task = None
@@ -275,14 +290,17 @@ def run_ours(spec: dict) -> dict[str, Any]:
 
 
 def _describe_k(sub: Any) -> str:
-    """A short description of k per module, from whatever the subspace exposes."""
-    for attr in ("k_per_module", "num_components_per_module", "ks"):
-        v = getattr(sub, attr, None)
-        if isinstance(v, dict) and v:
-            vals = [x if isinstance(x, int) else (sum(x) if isinstance(x, (tuple, list)) else None) for x in v.values()]
-            vals = [x for x in vals if x is not None]
-            if vals:
-                return f"{min(vals)}-{max(vals)}" if min(vals) != max(vals) else str(vals[0])
+    """k per module as "k lo-hi", plus how many modules are stored per task ("sep i/n")."""
+    mods = getattr(sub, "modules", None)
+    if isinstance(mods, dict) and mods:
+        ks = [int(getattr(b, "k", 0)) for b in mods.values() if getattr(b, "kind", "") != "separate"]
+        sep = sum(1 for b in mods.values() if getattr(b, "kind", "") == "separate")
+        parts = []
+        if ks:
+            parts.append(f"k {min(ks)}-{max(ks)}" if min(ks) != max(ks) else f"k {ks[0]}")
+        if sep:
+            parts.append(f"sep {sep}/{len(mods)}")
+        return ", ".join(parts) or "?"
     v = getattr(sub, "num_components", None)
     return str(v) if v is not None else "?"
 
@@ -294,6 +312,8 @@ def _heldout_ours(spec: dict, kw: dict) -> dict[str, Any]:
     paths, tasks = spec["paths"], spec["tasks"]
     if len(paths) < 3:
         return {"heldout": None}
+    if spec.get("heldout_k") is not None and kw.get("num_components") is not None:
+        kw = {**kw, "num_components": min(int(kw["num_components"]), int(spec["heldout_k"]))}
     if spec.get("streaming"):
         sub = SharedSubspace.from_adapters_streaming(paths[:-1], task_ids=tasks[:-1], **kw)
     else:

@@ -179,24 +179,35 @@ def lib_methods() -> tuple[list[str], str | None]:
     return ["pca", "ours"], None
 
 
-def k_grid_lib(method: str, n: int, rank: int, quick: bool) -> list[int]:
-    """num_components to sweep per lib method (see README for their meaning)."""
-    if method == "pca":  # the seed: components of N stacked factors
+def k_grid_lib(method: str, n: int, rank: int, quick: bool, big: bool, kmax: int = 1 << 30) -> list[int]:
+    """num_components to sweep per lib method (their meaning differs: see README); kmax = min module dim."""
+    if method == "pca":  # the seed: components of the N stacked, centred factors (≤ N−1)
         g = {1, max(1, n // 4), max(1, n // 2), n - 1}
-    else:  # shared row/column directions per module
-        g = {rank, 2 * rank, 4 * rank, 8 * rank}
+        if big:
+            return []
+    elif method in ("joint", "share"):  # k columns of U and of V per module (≤ N·r)
+        g = {rank, 2 * rank, 4 * rank, 8 * rank, 16 * rank}
+        if big:
+            g = {2 * rank, 8 * rank, 16 * rank} if method == "joint" else set()
+        g = {k for k in g if k <= min(n * rank, kmax)} or {min(n * rank, kmax)}
+    else:  # svd (each task alone) and anything unknown: the max-error rows only
+        return []
     if quick:
-        g = set(sorted(g)[::2]) | {max(g)}
+        g = {sorted(g)[len(g) // 2]} if g and method == "joint" else set()
     return sorted(x for x in g if x >= 1)
 
 
 def k_grid_peer(peer: str, n: int, rank: int, quick: bool, big: bool) -> list[int]:
-    if peer == "vlora-dev":
+    if peer == "vlora-dev":  # components of the N stacked factors
         g = {1, max(1, n // 4), max(1, n // 2), n - 1}
+        if big:
+            g = {max(1, n // 4), n - 1}
     else:  # lorashare: k columns of the feature space per module side
-        g = {rank, 2 * rank, 4 * rank} | ({8 * rank} if not big else set())
+        g = {rank, 2 * rank, 4 * rank, 8 * rank}
+        if big:  # each build is 128 eigendecompositions of 4096×4096
+            g = {4 * rank}
     if quick:
-        g = {min(g), max(g)}
+        g = {sorted(g)[len(g) // 2]}
     return sorted(x for x in g if x >= 1)
 
 
@@ -295,8 +306,9 @@ def collection_for(name: str, root: Path, n_max: int, args: argparse.Namespace) 
     if name == "demo":
         return bc.make_demo(root, n_max)
     if name in ("peft", "peft-seeds"):
-        steps = args.peft_steps or (10 if args.quick else 40)
-        return bc.make_peft(root, n_max, steps=steps, distinct_init=name == "peft-seeds")
+        steps = args.peft_steps or (5 if args.quick else 40)
+        return bc.make_peft(root, n_max, steps=steps, distinct_init=name == "peft-seeds",
+                            shape=bc.PEFT_QUICK_SHAPE if args.quick else None)
     if name == "7b":
         shape = bc.quick_7b_shape() if args.quick else None
         return bc.make_7b(root, n_max, family_size=args.family_size, noise=args.noise, shape=shape)
@@ -307,7 +319,7 @@ def sizes_for(name: str, args: argparse.Namespace) -> list[int]:
     if args.n:
         ns = [int(x) for x in args.n.split(",") if x.strip()]
     elif args.quick:
-        ns = {"demo": [8], "peft": [4], "peft-seeds": [4], "7b": [8]}[name]
+        ns = {"demo": [8], "peft": [3], "peft-seeds": [3], "7b": [8]}[name]
     else:
         ns = {"demo": [8, 14], "peft": [8, 32], "peft-seeds": [8, 32], "7b": [8, 32, 100]}[name]
     if name == "demo":
@@ -383,6 +395,12 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
     base_bytes = coll.adapter_bytes(n)
     common = {"paths": paths, "tasks": tasks, "heldout": args.heldout, "streaming": coll.streaming}
     big = coll.name == "7b" and not args.quick
+    from safetensors import safe_open
+
+    with safe_open(str(coll.paths[0] / "adapter_model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+        kmin_dim = min(min(fh.get_slice(k).get_shape()[0] for k in keys if ".lora_B." in k),  # smallest out
+                       min(fh.get_slice(k).get_shape()[1] for k in keys if ".lora_A." in k))  # smallest in
     rows: list[Row] = []
 
     def go(method: str, setting: str, spec: dict, extra: Path | None = None, kind: str = "") -> None:
@@ -397,10 +415,14 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
         print(msg, file=sys.stderr, flush=True)
 
     for m in methods:
-        ks = [int(x) for x in args.k.split(",")] if args.k else k_grid_lib(m, n, rank, args.quick)
+        if args.quick and m != "joint":  # a smoke check: the default method only
+            continue
+        ks = [int(x) for x in args.k.split(",")] if args.k else k_grid_lib(m, n, rank, args.quick, big, kmin_dim)
         if args.sweep:
-            for k in ks:
-                go(m, f"k={k}", {"kind": "ours", "kwargs": {"method": m, "num_components": k}})
+            for k in ks:  # on the 7B collection held-out only for the max-error rows (a second build each)
+                hk = n - 2 if m == "pca" else min((n - 1) * rank, kmin_dim)  # the N−1 build's largest k
+                go(m, f"k={k}", {"kind": "ours", "kwargs": {"method": m, "num_components": k},
+                                 "heldout": args.heldout and not big, "heldout_k": hk})
         for t in targets:
             go(m, f"err≤{t:g}", {"kind": "ours", "kwargs": {"method": m, "max_error": t}})
     for t in targets:
@@ -415,8 +437,10 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
                 f"(128 of them, ~3 s each on 2 cores) per k and again for held-out; raise --lorashare-7b-max-n")},
                 kind=name))
             continue
-        for k in k_grid_peer(name, n, rank, args.quick, big):
-            go(name, f"k={k}", {"kind": name, "k": k}, extra=peer.path)
+        ks = k_grid_peer(name, n, rank, args.quick, big)
+        for k in ks:
+            ho = args.heldout and (not big or (k == max(ks) and name != "lorashare"))
+            go(name, f"k={k}", {"kind": name, "k": k, "heldout": ho}, extra=peer.path)
     return rows
 
 
@@ -443,9 +467,9 @@ def print_verdicts(rows: list[Row], targets: list[float], md: bool, args: argpar
             continue
         for coll, n in cands:
             here = [r for r in rows if r.collection == coll and r.n == n]
-            lib = [r for r in here if r.kind == "ours"]
+            lib = [r for r in here if r.kind == "ours" and r.method != "svd"]  # svd: the library's own baseline
             best = _best(lib, tg["err"])
-            base = _best([r for r in here if r.kind == "baseline"], tg["err"])
+            base = _best([r for r in here if r.kind == "baseline" or (r.kind == "ours" and r.method == "svd")], tg["err"])
             peer_bits = []
             for pn in PEERS:
                 pb = _best([r for r in here if r.kind == pn], tg["err"])
@@ -462,7 +486,7 @@ def print_verdicts(rows: list[Row], targets: list[float], md: bool, args: argpar
                     pts = sorted([r for r in lib if r.method == m and r.ok], key=lambda r: r.ratio or 0)
                     out.append(f"    {m}: " + ", ".join(f"{r.setting} {r.ratio:.2f}×/{fpct(r.res['err_mean'])}" for r in pts))
     # streaming 7B
-    s7 = [r for r in rows if r.collection == "7b" and r.n == 100 and r.kind == "ours"]
+    s7 = [r for r in rows if r.collection == "7b" and r.n == 100 and r.kind == "ours" and r.setting.startswith("err")]
     if not s7:
         out.append("- 7B-shaped streaming N=100 ≤ 1.5 GB peak RSS and ≤ 60 s: NOT MEASURED"
                    + (" (--quick uses a reduced shape)" if args.quick else ""))
