@@ -112,7 +112,7 @@ def ensure_peer(name: str, cache: Path) -> Peer:
         return Peer(name, None, error=f"import {module} still failing after installing dependencies")
     dist = sorted(target.glob(f"{name.replace('-', '_')}-*.dist-info"))
     if dist:
-        peer.version = dist[-1].name.split("-")[1]
+        peer.version = dist[-1].name.removesuffix(".dist-info").split("-")[1]
     return peer
 
 
@@ -134,7 +134,18 @@ class Row:
         return bool(self.res.get("ok"))
 
 
-def run_worker(spec: dict, workdir: Path, timeout: float, extra_path: Path | None, threads: int) -> dict[str, Any]:
+def _rss_of(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_worker(spec: dict, workdir: Path, timeout: float, extra_path: Path | None, threads: int,
+               max_rss: float = 8 * GIB) -> dict[str, Any]:
     """Run one spec in its own process; returns the worker's JSON (or an error dict)."""
     runs = workdir / "runs"
     runs.mkdir(exist_ok=True)
@@ -146,17 +157,33 @@ def run_worker(spec: dict, workdir: Path, timeout: float, extra_path: Path | Non
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(pp), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, str(HERE / "_measure.py"), str(spec_path)], capture_output=True, text=True,
-                           env=env, timeout=timeout, cwd=str(ROOT))
-        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        if lines:
-            res = json.loads(lines[-1][len("RESULT "):])
-        else:
-            tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-            res = {"ok": False, "error": f"worker exited {p.returncode}: " + " | ".join(tail)}
-    except subprocess.TimeoutExpired:
-        res = {"ok": False, "error": f"timeout after {timeout:.0f} s"}
+    log = out / "worker.log"
+    killed = None
+    with open(log, "w") as fh:
+        p = subprocess.Popen([sys.executable, str(HERE / "_measure.py"), str(spec_path)], stdout=fh, stderr=subprocess.STDOUT,
+                             env=env, cwd=str(ROOT))
+        peak = 0
+        while p.poll() is None:  # watchdog: wall-clock limit and a resident-memory cap (the machine is shared)
+            time.sleep(0.5)
+            rss = _rss_of(p.pid)
+            peak = max(peak, rss)
+            if rss > max_rss:
+                killed = f"killed: resident memory {rss / GIB:.1f} GiB > cap {max_rss / GIB:.1f} GiB (--max-rss-gb)"
+            elif time.perf_counter() - t0 > timeout:
+                killed = f"killed: timeout after {timeout:.0f} s"
+            if killed:
+                p.kill()
+                p.wait()
+                break
+    text = log.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    if killed:
+        res = {"ok": False, "error": killed, "peak_rss": peak}
+    elif lines:
+        res = json.loads(lines[-1][len("RESULT "):])
+    else:
+        tail = text.strip().splitlines()[-3:]
+        res = {"ok": False, "error": f"worker exited {p.returncode}: " + " | ".join(tail)}
     res["wall_s"] = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return res
@@ -293,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--family-size", type=int, default=8, help="7B collection: tasks per family")
     ap.add_argument("--noise", type=float, default=0.02, help="7B collection: relative noise on A and B")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--max-rss-gb", type=float, default=8.0, help="kill a run whose resident memory passes this")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where collections go (default: a temp dir, removed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
@@ -405,7 +433,7 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
 
     def go(method: str, setting: str, spec: dict, extra: Path | None = None, kind: str = "") -> None:
         print(f"  [{coll.name} N={n}] {method} {setting} …", file=sys.stderr, end="", flush=True)
-        res = run_worker({**common, **spec}, workdir, args.timeout, extra, args.threads)
+        res = run_worker({**common, **spec}, workdir, args.timeout, extra, args.threads, args.max_rss_gb * GIB)
         row = Row(coll.name, n, method, setting, res, kind=kind or spec["kind"])
         if row.ok and res.get("bytes"):
             row.ratio = base_bytes / res["bytes"]
