@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -21,7 +22,7 @@ def run_app(argv: list[str]) -> int:
     args = parse_args(argv)
     path = Path(args.path).expanduser() if args.path else None
     if path is not None and not path.exists():
-        print(f"vlora-tui: {path}: no such file or directory")
+        print(f"vlora-tui: {path}: no such file or directory", file=sys.stderr)
         return 2
     # Textual replaces stderr with an object whose fileno() is -1; the process runner's
     # resource tracker must be started while the real stderr is still in place.
