@@ -403,8 +403,11 @@ class VloraApp(App[int]):
         if self._runner_factory is not None:
             return self._runner_factory(kind)
         from engine.jobs import InlineRunner, ProcessRunner
+        from engine.jobs.runners import leave_one_core
 
-        return ProcessRunner() if kind in self.config.process_kinds else InlineRunner()
+        # torch gets all cores but one, so the UI keeps painting while a job runs
+        threads = leave_one_core()
+        return ProcessRunner(threads=threads) if kind in self.config.process_kinds else InlineRunner(threads=threads)
 
     def submit_job(
         self, kind: str, params: dict[str, Any], *, title: str | None = None, open_result: bool = True

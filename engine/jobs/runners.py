@@ -44,8 +44,37 @@ def _with_test_delay(progress: ProgressFn | None) -> ProgressFn | None:
     return slow
 
 
+def leave_one_core() -> int:
+    """Thread count that leaves one core to a UI: ``max(1, cpu_count − 1)``."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def prepare_torch(threads: int | None) -> None:
+    """Import torch, cap its intra-op threads, and run one tiny op.
+
+    The first torch call in a fresh thread can hold the GIL for a few hundred ms, and
+    OpenMP threads that outnumber free cores spin-wait on small ops; doing this
+    once, before the job, keeps both out of the job's (and the UI's) way.
+    """
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    torch.ones(2).sum()
+
+
 class InlineRunner:
-    """Run jobs in the calling thread (``--batch``, and the TUI's thread worker)."""
+    """Run jobs in the calling thread (``--batch``, and the TUI's thread worker).
+
+    Args:
+        threads: Cap torch's threads before the first job (``None``: leave torch's default).
+            Only jobs that need torch should be run with a cap (it imports torch).
+    """
+
+    def __init__(self, *, threads: int | None = None) -> None:
+        self.threads = threads
+        self._prepared = False
 
     def run(
         self, req: JobRequest, *, progress: ProgressFn | None = None, cancel: CancelLike | None = None
@@ -57,6 +86,9 @@ class InlineRunner:
         """
         t0 = time.perf_counter()
         try:
+            if not self._prepared and self.threads is not None and get_kind(req.kind).name != "info":
+                prepare_torch(self.threads)
+                self._prepared = True
             return run_job(req, progress=_with_test_delay(progress), cancel=cancel)
         except (Exception, KeyboardInterrupt) as exc:
             return JobResult.from_exception(req, exc, time.perf_counter() - t0)
@@ -86,7 +118,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def _child_main(req_dict: dict[str, Any], events: Any, cancel: Any) -> None:
+def _child_main(req_dict: dict[str, Any], events: Any, cancel: Any, threads: int | None = None) -> None:
     """Entry point of the child process (top level, so ``spawn`` can import it)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     # the parent owns Ctrl-C: it sets ``cancel`` and then terminates us
@@ -99,6 +131,7 @@ def _child_main(req_dict: dict[str, Any], events: Any, cancel: Any) -> None:
     t0 = time.perf_counter()
     try:
         _crash_if_asked()
+        prepare_torch(threads)
         result = run_job(req, progress=_with_test_delay(progress), cancel=cancel)
     except _Terminated:
         result = JobResult.from_exception(req, JobCancelled("terminated"), time.perf_counter() - t0)
@@ -131,13 +164,16 @@ class ProcessRunner:
     Args:
         grace: Seconds a cancelled child gets to stop by itself.
         poll: Seconds between checks of ``cancel`` and of the child's liveness.
+        threads: torch threads in the child (``None``: torch's default; the TUI passes
+            :func:`leave_one_core` so the UI keeps a core).
     """
 
-    def __init__(self, *, grace: float = 2.0, poll: float = 0.05) -> None:
+    def __init__(self, *, grace: float = 2.0, poll: float = 0.05, threads: int | None = None) -> None:
         import multiprocessing as mp  # here, not at import: ``--batch info`` never needs it
 
         self.grace = grace
         self.poll = poll
+        self.threads = threads
         self._ctx = mp.get_context("spawn")
 
     def run(
@@ -152,7 +188,8 @@ class ProcessRunner:
             return JobResult.from_exception(req, exc)
         events = self._ctx.Queue()
         child_cancel = self._ctx.Event()
-        proc = self._ctx.Process(target=_child_main, args=(req.to_dict(), events, child_cancel), daemon=True)
+        proc = self._ctx.Process(target=_child_main, args=(req.to_dict(), events, child_cancel, self.threads),
+                                 daemon=True)
         proc.start()
         result: JobResult | None = None
         cancel_at: float | None = None
