@@ -8,7 +8,14 @@ operation needs it. The engine never imports Textual or rich.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# OpenMP threads that spin-wait for work make small LAPACK calls (the SVDs and QRs of
+# r×r and k×k blocks this engine runs by the thousand) up to 100x slower whenever another
+# process uses a core. Sleeping waiters cost nothing measurable on large ops. Set before
+# torch loads (it loads lazily, after this); a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
