@@ -404,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(croot, ignore_errors=True)
         print_verdicts(all_rows, targets, md, args)
         print_disagreements(all_rows, md)
+        if any("(¹)" in n for r in all_rows for n in r.res.get("notes", [])):
+            print("(¹) vlora-dev stacks the factors in their loaded dtype and calls torch.linalg.svd, which has no CPU "
+                  "float16 kernel: on fp16 adapter files it fails (\"linalg_svd_cpu\" not implemented for 'Half'). "
+                  "The benchmark wraps its vlora.io.load_adapter to upcast to fp32.\n", flush=True)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -438,6 +442,9 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
         if row.ok and res.get("bytes"):
             row.ratio = base_bytes / res["bytes"]
         rows.append(row)
+        if args.json:  # rows as they come, so that an interrupted run keeps what it measured
+            with open(args.json + ".rows.jsonl", "a") as fh:
+                fh.write(json.dumps(row.__dict__, default=str) + "\n")
         msg = (f" {fnum(row.ratio, '{:.2f}×')} err {fpct(res.get('err_mean'))} in {res.get('wall_s', 0):.0f} s"
                if row.ok else f" FAILED {res.get('error')}")
         print(msg, file=sys.stderr, flush=True)
