@@ -269,7 +269,8 @@ HEADERS = ["method", "setting", "k", "ratio (disk)", "lib ratio", "ΔW err mean"
 def row_cells(r: Row) -> list[str]:
     res = r.res
     if not r.ok:
-        return [r.method, r.setting, "–", "–", "–", "–", "–", "–", "–", "–", "–", "FAILED: " + str(res.get("error"))[:160]]
+        return [r.method, r.setting, "–", "–", "–", "–", "–", "–", "–", "–", fbytes(res.get("peak_rss")),
+                "FAILED: " + str(res.get("error"))[:160]]
     lib = "–"
     if res.get("lib_err_mean") is not None or res.get("lib_err_max") is not None:
         lib = f"{fpct(res.get('lib_err_mean'))}/{fpct(res.get('lib_err_max'))}"
