@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from .header import (
 )
 
 
-def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | None = None) -> LoRAWeights:
+def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | None = None,
+                 modules: Collection[str] | None = None) -> LoRAWeights:
     """Load a PEFT LoRA adapter.
 
     Args:
@@ -34,6 +35,9 @@ def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | Non
             or a ``.safetensors`` file with ``adapter_config.json`` beside it.
         check_finite: Refuse tensors holding NaN or Inf.
         name: Display name; defaults to the folder name.
+        modules: Read only these modules' LoRA tensors (names without PEFT's
+            prefix); names the file lacks are left out, so callers check what came
+            back. The whole header is still validated and extra tensors are read.
 
     Returns:
         The adapter, tensors in their stored dtype.
@@ -56,6 +60,10 @@ def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | Non
             if header[k]["dtype"] not in FLOAT_DTYPES:
                 layout.problems.append(f"tensor '{k}' has dtype {header[k]['dtype']}; LoRA factors must be float")
     raise_problems(weights_path, layout.problems)
+    pairs = layout.pairs
+    if modules is not None:
+        wanted = set(modules)
+        pairs = {m: keys for m, keys in pairs.items() if m in wanted}
 
     lora_a: dict[str, Any] = {}
     lora_b: dict[str, Any] = {}
@@ -63,7 +71,7 @@ def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | Non
     bad: list[str] = []
     try:
         with safe_open(str(weights_path), framework="pt") as fh:
-            for module, (ka, kb) in layout.pairs.items():
+            for module, (ka, kb) in pairs.items():
                 lora_a[module] = fh.get_tensor(ka)
                 lora_b[module] = fh.get_tensor(kb)
                 if check_finite:
@@ -79,7 +87,8 @@ def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | Non
         raise AdapterFormatError(f"{weights_path}: NaN/Inf values in {', '.join(repr(k) for k in bad[:3])}{more}")
 
     folder = config_path.parent
-    r = config.get("r") or max(int(t.shape[0]) for t in lora_a.values())
+    # from the header, so that a subset of modules gets the same r as the whole file
+    r = config.get("r") or max((int(header[ka]["shape"][0]) for ka, _ in layout.pairs.values()), default=0)
     return LoRAWeights(
         layer_names=sorted(lora_a),
         lora_a=lora_a,
@@ -88,7 +97,9 @@ def load_adapter(path: str | Path, *, check_finite: bool = True, name: str | Non
         metadata=config,
         lora_alpha=float(config.get("lora_alpha", 8)),
         use_rslora=bool(config.get("use_rslora", False)),
-        target_modules=config.get("target_modules"),
+        # without target_modules in the config: every module's suffix, also when only some were read
+        target_modules=(config["target_modules"] if config.get("target_modules") is not None
+                        else sorted({m.rsplit(".", 1)[-1] for m in layout.pairs})),
         base_model_name_or_path=config.get("base_model_name_or_path"),
         extra_tensors=extra,
         name=name or folder.name,

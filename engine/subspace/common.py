@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,17 +151,26 @@ def check_finite(adapter: LoRAWeights, label: str) -> None:
 
 
 class AdapterSource:
-    """The adapters of a build, iterated once per pass: a list in memory, or paths loaded one at a time."""
+    """The adapters of a build, iterated once per pass: a list in memory, or paths loaded one at a time.
+
+    With ``modules`` each adapter comes restricted to those modules: a view sharing
+    the tensors (in memory) or only their tensors read from the file (paths).
+    """
 
     def __init__(self, task_ids: Sequence[str], adapters: Sequence[LoRAWeights] | None = None,
-                 paths: Sequence[Path] | None = None) -> None:
+                 paths: Sequence[Path] | None = None, modules: Collection[str] | None = None) -> None:
         self.task_ids = list(task_ids)
         self.adapters = list(adapters) if adapters is not None else None
         self.paths = list(paths) if paths is not None else None
+        self.modules = frozenset(modules) if modules is not None else None
         self.passes = 0
 
     def __len__(self) -> int:
         return len(self.task_ids)
+
+    def subset(self, modules: Collection[str] | None) -> AdapterSource:
+        """The same adapters restricted to ``modules`` (``None``: all of them)."""
+        return AdapterSource(self.task_ids, self.adapters, self.paths, modules)
 
     def label(self, i: int) -> str:
         if self.paths is not None:
@@ -172,13 +181,21 @@ class AdapterSource:
     def __iter__(self) -> Iterator[tuple[int, str, LoRAWeights]]:
         self.passes += 1
         if self.adapters is not None:
-            yield from ((i, t, a) for i, (t, a) in enumerate(zip(self.task_ids, self.adapters)))
+            for i, (t, a) in enumerate(zip(self.task_ids, self.adapters)):
+                yield i, t, (restrict_modules(a, self.modules) if self.modules is not None else a)
             return
         from ..io.local import load_adapter
 
         assert self.paths is not None
         for i, (t, p) in enumerate(zip(self.task_ids, self.paths)):
-            yield i, t, load_adapter(p, name=t)
+            yield i, t, load_adapter(p, name=t, modules=self.modules)
+
+
+def restrict_modules(adapter: LoRAWeights, modules: Collection[str]) -> LoRAWeights:
+    """A view of ``adapter`` holding only ``modules`` (tensors shared, config and extras as they are)."""
+    keep = [m for m in adapter.layer_names if m in modules]
+    return replace(adapter, layer_names=keep, lora_a={m: adapter.lora_a[m] for m in keep},
+                   lora_b={m: adapter.lora_b[m] for m in keep})
 
 
 def vllm_rank(rank: int) -> int:

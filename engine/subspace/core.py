@@ -30,8 +30,9 @@ from .common import (
     parse_dtype,
     vllm_rank,
 )
-from .joint import JointParams, build_joint, encode_joint, encode_separate, extend_for_task, joint_factors
-from .pca import PCAParams, build_pca, encode_pca, pca_factors
+from .chunks import DEFAULT_MEMORY_BUDGET_MB, build_in_chunks
+from .joint import JointParams, encode_joint, encode_separate, extend_for_task, joint_factors
+from .pca import PCAParams, encode_pca, pca_factors
 from .quant import QuantizedTensor, quantize_tensor
 
 
@@ -134,6 +135,7 @@ class SharedSubspace:
         hybrid: bool = True,
         dtype: Any = torch.float16,
         sketch_rank: int = 1024,
+        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
     ) -> SharedSubspace:
@@ -153,6 +155,10 @@ class SharedSubspace:
             hybrid: See ``max_error``.
             dtype: Storage precision (float16 default); errors are measured after rounding.
             sketch_rank: Width of the streaming basis sketch (exact below it).
+            memory_budget_mb: Modules are built in chunks whose statistics (sketches,
+                components) are estimated to stay under this many MiB; each chunk reads
+                only its modules' tensors. The result is the same as one build over all
+                modules (``None``), which holds every module's statistics at once.
             progress: Called with ``Progress`` once per adapter per pass and per module.
             cancel: ``is_set()`` → ``JobCancelled``.
 
@@ -172,7 +178,8 @@ class SharedSubspace:
             raise IncompatibleAdaptersError(report.warnings[0] + "; method 'pca' needs one rank, use method='joint'")
         source = AdapterSource(ids, adapters=adapters)
         return cls._build(source, report.shapes, method, num_components, variance_threshold, adaptive_k, max_error,
-                          refine, hybrid, dtype, sketch_rank, progress, cancel)
+                          refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=report.ranks,
+                          memory_budget_mb=memory_budget_mb)
 
     @classmethod
     def from_adapters_streaming(
@@ -189,13 +196,16 @@ class SharedSubspace:
         hybrid: bool = True,
         dtype: Any = torch.float16,
         sketch_rank: int = 1024,
+        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
     ) -> SharedSubspace:
         """Build from adapter folders, holding one adapter in memory at a time (plus basis and statistics).
 
         Same arguments and result as :meth:`from_adapters`; the adapters are read
-        in a few passes (3 + 2·refine for joint), so time is O(N).
+        in a few passes (3 + 2·refine for joint) per chunk of modules, each reading only
+        that chunk's tensors, so time is O(N) and memory is one adapter plus one
+        chunk's statistics (``memory_budget_mb``) plus the result.
         """
         from ..io.header import read_config, read_safetensors_header, resolve_adapter_files, strip_prefix
 
@@ -206,6 +216,7 @@ class SharedSubspace:
         # validate every file's header up front (cheap, no tensors), collecting the problems
         shapes: dict[str, tuple[int, int]] | None = None
         ranks: set[int] = set()
+        module_ranks: dict[str, list[int]] = {}
         problems: list[str] = []
         base: str | None = None
         for p in ps:
@@ -220,6 +231,9 @@ class SharedSubspace:
                         mods.setdefault(strip_prefix(key.split(tag)[0]), {})[side] = info["shape"]
             sh = {m: (int(v["B"][0]), int(v["A"][1])) for m, v in mods.items() if "A" in v and "B" in v}
             ranks |= {int(v["A"][0]) for v in mods.values() if "A" in v}
+            for m, v in mods.items():
+                if "A" in v:
+                    module_ranks.setdefault(m, []).append(int(v["A"][0]))
             b = cfg.get("base_model_name_or_path")
             if shapes is None:
                 shapes, base = sh, b
@@ -236,12 +250,14 @@ class SharedSubspace:
         assert shapes is not None
         source = AdapterSource(ids, paths=ps)
         return cls._build(source, shapes, method, num_components, variance_threshold, adaptive_k, max_error,
-                          refine, hybrid, dtype, sketch_rank, progress, cancel)
+                          refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=module_ranks,
+                          memory_budget_mb=memory_budget_mb)
 
     @classmethod
     def _build(cls, source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
                num_components: int | None, variance_threshold: float, adaptive_k: bool, max_error: float | None,
-               refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any) -> SharedSubspace:
+               refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any, *,
+               ranks: dict[str, list[int]], memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB) -> SharedSubspace:
         if method not in METHODS:
             raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
         if num_components is not None and num_components < 1:
@@ -252,19 +268,21 @@ class SharedSubspace:
             raise ValueError(f"max_error must be in [0, 1), got {max_error}")
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
+        if memory_budget_mb is not None and not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be > 0 (or None for no limit), got {memory_budget_mb}")
         dt = parse_dtype(dtype)
         params = {"num_components": num_components, "variance_threshold": variance_threshold, "adaptive_k": adaptive_k,
                   "max_error": max_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank}
-        checked = _CheckedSource(source, shapes)
+        bp: JointParams | PCAParams
         if method == "pca":
-            bases, tasks = build_pca(checked, shapes, PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt),
-                                     progress=progress, cancel=cancel)
+            bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt)
         else:
-            jp = JointParams(basis="factors" if method == "share" else "delta", num_components=num_components,
+            bp = JointParams(basis="factors" if method == "share" else "delta", num_components=num_components,
                              variance_threshold=variance_threshold, adaptive_k=adaptive_k, max_error=max_error,
                              refine=refine if method == "joint" else 0, hybrid=hybrid and method != "svd",
                              sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd")
-            bases, tasks = build_joint(checked, shapes, jp, progress=progress, cancel=cancel)
+        bases, tasks = build_in_chunks(source, shapes, method, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
+                                       checked=_CheckedSource, progress=progress, cancel=cancel)
         return cls(method, bases, tasks, params, dt)
 
     # -- tasks ----------------------------------------------------------------
@@ -691,13 +709,16 @@ def _elem(t: Tensor, dtype: torch.dtype) -> int:
 
 
 class _CheckedSource(AdapterSource):
-    """Wraps a source: checks modules, shapes and finiteness of each adapter as it is read."""
+    """Wraps a source: checks modules, shapes and finiteness of each adapter as it is read (first pass only).
 
-    def __init__(self, inner: AdapterSource, shapes: dict[str, tuple[int, int]]) -> None:
-        super().__init__(inner.task_ids, inner.adapters, inner.paths)
+    ``check=False``: these modules were checked already (by an earlier round over the same chunk).
+    """
+
+    def __init__(self, inner: AdapterSource, shapes: dict[str, tuple[int, int]], check: bool = True) -> None:
+        super().__init__(inner.task_ids, inner.adapters, inner.paths, inner.modules)
         self.inner = inner
         self.shapes_ = shapes
-        self.checked = False
+        self.checked = not check
 
     def __iter__(self):  # type: ignore[override]
         for i, t, a in self.inner:

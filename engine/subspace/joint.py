@@ -175,75 +175,77 @@ def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int) -> int:
     return int(ok[0, 0]) + 1 if ok.numel() else kmax
 
 
-def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,
-                progress: Any = None, cancel: Any = None) -> tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]:
-    """Build the shared bases and every task's coefficients in passes over ``source``."""
-    modules = sorted(shapes)
-    n = len(source)
+def one_k_for_all(p: JointParams) -> bool:
+    """Whether every module gets the largest k any module needs (k by variance, not per module)."""
+    return not p.separate_only and not p.adaptive_k and p.max_error is None and p.num_components is None
+
+
+def joint_steps(p: JointParams, n: int, n_modules: int, *, k_only: bool = False) -> int:
+    """Progress steps of :func:`build_joint` (or :func:`joint_module_k` with ``k_only``) over ``n`` adapters."""
+    if k_only:
+        return 2 * n + n_modules
     n_passes = (3 if not p.separate_only else 1) + (2 * p.refine if p.basis == "delta" and not p.separate_only else 0)
-    step = [0]
-    total = n_passes * n + len(modules)
+    return n_passes * n + n_modules
 
-    def t(msg: str) -> None:
-        tick(progress, cancel, step[0], total, msg)
-        step[0] += 1
 
-    stats = {m: _ModStats(Sketch(o, p.sketch_rank), Sketch(i, p.sketch_rank)) for m, (o, i) in shapes.items()}
-    templates: dict[str, Any] = {}
-    ranks: dict[str, dict[str, int]] = {}
-    norms: dict[str, dict[str, float]] = {}
-    orig_bytes: dict[str, int] = {}
-    bases: dict[str, ModuleBasis] = {}
+def _statistics(source: AdapterSource, modules: list[str], shapes: dict[str, tuple[int, int]], p: JointParams,
+                t: Any) -> dict[str, _ModStats]:
+    """Passes 1 and 2: the candidate bases per module and their per-k energies and worst errors."""
+    stats = {m: _ModStats(Sketch(shapes[m][0], p.sketch_rank), Sketch(shapes[m][1], p.sketch_rank)) for m in modules}
+    if p.separate_only:
+        return stats
+    # pass 1: column/row sketches and norms
+    for _, tid, ad in source:
+        t(f"basis: {tid}")
+        for m in modules:
+            sb, a = effective_factors(ad, m)
+            st = stats[m]
+            qa, ra = torch.linalg.qr(a.T)
+            qb, rb = torch.linalg.qr(sb)
+            if p.basis == "delta":
+                st.sketch_u.add(sb @ ra.T)
+                st.sketch_v.add(a.T @ rb.T)
+            else:
+                st.sketch_u.add(sb)
+                st.sketch_v.add(a.T * (sb.norm() / max(a.norm().item(), 1e-30)))
+            st.norm2_sum += float((rb @ ra.T).pow(2).sum())
+            st.rank_sum += a.shape[0]
+    for m in modules:
+        st = stats[m]
+        u, su = st.sketch_u.basis()
+        v, sv = st.sketch_v.basis()
+        kk = min(u.shape[1], v.shape[1])
+        st.u, st.v = u[:, :kk], v[:, :kk]
+        st.energy = torch.zeros(kk, dtype=torch.float64)
+        st.max_err = torch.zeros(kk, dtype=torch.float64)
+        st.sketch_u = st.sketch_v = None  # type: ignore[assignment]
 
-    if not p.separate_only:
-        # pass 1: column/row sketches and norms
-        for _, tid, ad in source:
-            t(f"basis: {tid}")
-            for m in modules:
-                sb, a = effective_factors(ad, m)
-                st = stats[m]
-                qa, ra = torch.linalg.qr(a.T)
-                qb, rb = torch.linalg.qr(sb)
-                if p.basis == "delta":
-                    st.sketch_u.add(sb @ ra.T)
-                    st.sketch_v.add(a.T @ rb.T)
-                else:
-                    st.sketch_u.add(sb)
-                    st.sketch_v.add(a.T * (sb.norm() / max(a.norm().item(), 1e-30)))
-                st.norm2_sum += float((rb @ ra.T).pow(2).sum())
-                st.rank_sum += a.shape[0]
+    # pass 2: per-k energies → explained variance and the worst task's error per k
+    for _, tid, ad in source:
+        t(f"statistics: {tid}")
         for m in modules:
             st = stats[m]
-            u, su = st.sketch_u.basis()
-            v, sv = st.sketch_v.basis()
-            kk = min(u.shape[1], v.shape[1])
-            st.u, st.v = u[:, :kk], v[:, :kk]
-            st.energy = torch.zeros(kk, dtype=torch.float64)
-            st.max_err = torch.zeros(kk, dtype=torch.float64)
-            st.sketch_u = st.sketch_v = None  # type: ignore[assignment]
+            sb, a = effective_factors(ad, m)
+            kk = st.u.shape[1]
+            n2 = float(ops.lowrank_sqnorm(sb, a))
+            if kk:
+                pm = st.u.T @ sb  # K×r
+                qm = a @ st.v  # r×K
+                gp = torch.cumsum(pm[:, :, None] * pm[:, None, :], 0)
+                gq = torch.cumsum(qm.T[:, :, None] * qm.T[:, None, :], 0)
+                e = torch.einsum("kij,kji->k", gp, gq)
+                st.energy += e
+                if n2 > 0:
+                    st.max_err = torch.maximum(st.max_err, ((n2 - e).clamp_min(0) / n2).sqrt())
+            if p.max_error is not None and p.hybrid:
+                _, s, _ = ops.lowrank_svd(sb, a)
+                st.sep_rank_sum += rank_for_error(s, p.max_error)
+    return stats
 
-        # pass 2: per-k energies → explained variance and the worst task's error per k
-        for _, tid, ad in source:
-            t(f"statistics: {tid}")
-            for m in modules:
-                st = stats[m]
-                sb, a = effective_factors(ad, m)
-                kk = st.u.shape[1]
-                n2 = float(ops.lowrank_sqnorm(sb, a))
-                if kk:
-                    pm = st.u.T @ sb  # K×r
-                    qm = a @ st.v  # r×K
-                    gp = torch.cumsum(pm[:, :, None] * pm[:, None, :], 0)
-                    gq = torch.cumsum(qm.T[:, :, None] * qm.T[:, None, :], 0)
-                    e = torch.einsum("kij,kji->k", gp, gq)
-                    st.energy += e
-                    if n2 > 0:
-                        st.max_err = torch.maximum(st.max_err, ((n2 - e).clamp_min(0) / n2).sqrt())
-                if p.max_error is not None and p.hybrid:
-                    _, s, _ = ops.lowrank_svd(sb, a)
-                    st.sep_rank_sum += rank_for_error(s, p.max_error)
 
-    # choose k and the form of each module
+def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: dict[str, _ModStats], p: JointParams,
+                t: Any) -> dict[str, int]:
+    """Each module's own k (before :func:`one_k_for_all` raises them to one)."""
     chosen: dict[str, int] = {}
     for m in modules:
         t(f"choosing k: {m}")
@@ -252,9 +254,51 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
         o, i = shapes[m]
         st = stats[m]
         chosen[m] = _choose_k(m, st, p, min(o, i, st.rank_sum))
-    if not p.separate_only and not p.adaptive_k and p.max_error is None and p.num_components is None and chosen:
+    return chosen
+
+
+def _ticker(progress: Any, cancel: Any, total: int) -> Any:
+    step = [0]
+
+    def t(msg: str) -> None:
+        tick(progress, cancel, step[0], total, msg)
+        step[0] += 1
+
+    return t
+
+
+def joint_module_k(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,
+                   progress: Any = None, cancel: Any = None) -> dict[str, int]:
+    """Each module's own k, from passes 1 and 2 alone: for a build in chunks where :func:`one_k_for_all` holds."""
+    modules = sorted(shapes)
+    t = _ticker(progress, cancel, joint_steps(p, len(source), len(modules), k_only=True))
+    return _choose_all(modules, shapes, _statistics(source, modules, shapes, p, t), p, t)
+
+
+def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,
+                progress: Any = None, cancel: Any = None,
+                k_all: int | None = None) -> tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]:
+    """Build the shared bases and every task's coefficients in passes over ``source``.
+
+    ``k_all``: where :func:`one_k_for_all` holds, the k to raise every module to
+    (the largest over all modules, known beforehand when modules are built in chunks);
+    by default the largest over ``shapes``.
+    """
+    modules = sorted(shapes)
+    n = len(source)
+    t = _ticker(progress, cancel, joint_steps(p, n, len(modules)))
+    templates: dict[str, Any] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    norms: dict[str, dict[str, float]] = {}
+    orig_bytes: dict[str, int] = {}
+    bases: dict[str, ModuleBasis] = {}
+
+    stats = _statistics(source, modules, shapes, p, t)
+    # choose k and the form of each module
+    chosen = _choose_all(modules, shapes, stats, p, t)
+    if one_k_for_all(p) and chosen:
         # one k for all modules (as the seed): the largest any module needs
-        kk = max(chosen.values())
+        kk = max(chosen.values()) if k_all is None else k_all
         chosen = {m: min(kk, stats[m].u.shape[1]) for m in modules}
 
     for m in modules:
@@ -270,6 +314,7 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
             bases[m] = ModuleBasis("separate", (o, i), explained=ev)
             continue
         bases[m] = ModuleBasis("joint", (o, i), {"U": st.u[:, :k].clone(), "V": st.v[:, :k].clone()}, explained=ev)
+    del stats  # the candidate bases (K columns) are no longer needed: the chosen ones were copied
 
     # alternating refinement (joint only): U from ΔW_i V, then V from ΔW_iᵀ U
     refined: dict[str, tuple[Tensor, Tensor]] = {}

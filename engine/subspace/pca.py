@@ -51,6 +51,11 @@ def encode_pca(basis: ModuleBasis, a_raw: Tensor, b_raw: Tensor, sb: Tensor, tem
     return coeffs, ops.lowrank_rel_error(sb, a_raw.double(), bh, ah)
 
 
+def pca_steps(p: PCAParams, n: int, n_modules: int) -> int:
+    """Progress steps of :func:`build_pca` over ``n`` adapters."""
+    return (3 if p.max_error is not None else 2) * n + n_modules
+
+
 def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAParams, *,
               progress: Any = None, cancel: Any = None) -> tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]:
     """Build per-module, per-side PCA bases in passes over ``source`` (incremental SVD, exact without truncation)."""
@@ -61,7 +66,7 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
     if p.num_components is not None and p.num_components > n - 1 and not p.adaptive_k and p.max_error is None:
         raise ValueError(f"num_components={p.num_components} is too large for pca over {n} adapters: at most N-1 = {n - 1}")
     step = [0]
-    total = (3 if p.max_error is not None else 2) * n + len(modules)
+    total = pca_steps(p, n, len(modules))
 
     def t(msg: str) -> None:
         tick(progress, cancel, step[0], total, msg)

@@ -1,0 +1,175 @@
+"""Builds in chunks of modules, so that the statistics held at once stay under a memory budget.
+
+Every module's basis and coefficients depend on that module's factors alone, so
+building chunks of modules one after the other and merging the results gives the
+build over all modules at once, while only one chunk's statistics (the joint
+sketches, the pca components) are held and each pass reads only that chunk's
+tensors. The one coupling between modules, "one k for all modules" (joint/share
+with k chosen by variance), is resolved by a first round over the chunks that
+finds each module's own k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..progress import Progress
+from .common import AdapterSource, ModuleBasis, TaskProjection
+from .joint import JointParams, build_joint, joint_module_k, joint_steps, one_k_for_all
+from .pca import PCAParams, build_pca, pca_steps
+
+#: Default ``memory_budget_mb`` of the builds: the statistics of one chunk of modules stay under it.
+DEFAULT_MEMORY_BUDGET_MB = 512.0
+
+Built = tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]
+
+
+def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int], sketch_rank: int,
+                      refine: int = 0) -> int:
+    """Estimated bytes a build holds for one module over adapters of these ``ranks`` (float64 statistics).
+
+    joint/share: the larger of pass 1 (per side a sketch of up to ``2·cap + r``
+    columns before it compresses, never more than Σr) and what follows (the chosen
+    bases, their refined candidates and, with ``refine``, one side's refinement
+    sketch, which takes k columns per adapter), with k bounded by ``cap``/Σr as it is
+    not known yet; plus the per-task coefficients of two candidate bases at fp16.
+    pca: per side, the components (one row per adapter) and the mean, flattened.
+    svd: one adapter's factors.
+    """
+    o, i = shape
+    n, r_sum, r_max = len(ranks), int(sum(ranks)), int(max(ranks, default=0))
+    if method == "pca":
+        return 8 * r_max * (o + i) * (n + 1)
+    if method == "svd":
+        return 8 * r_max * (o + i)
+    cap = {d: min(d, sketch_rank) for d in (o, i)}
+    first = 8 * sum(d * min(2 * cap[d] + r_max, r_sum) for d in (o, i))
+    k = min(o, i, sketch_rank, r_sum)
+    later = 8 * (o + i) * 2 * k
+    if method == "joint" and refine > 0:
+        later += 8 * max(o, i) * (k + min(2 * max(cap.values()) + k, n * k))
+    return max(first, later) + 2 * 2 * n * min(k * k, 2 * k * r_max)
+
+
+def plan_chunks(sizes: dict[str, int], budget_bytes: float | None) -> list[list[str]]:
+    """Consecutive runs of the sorted modules whose summed ``sizes`` stay within ``budget_bytes``.
+
+    A module larger than the budget gets a chunk of its own; ``None`` puts all in one.
+    """
+    mods = sorted(sizes)
+    if budget_bytes is None or not mods:
+        return [mods]
+    chunks: list[list[str]] = []
+    cur: list[str] = []
+    used = 0
+    for m in mods:
+        if cur and used + sizes[m] > budget_bytes:
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(m)
+        used += sizes[m]
+    chunks.append(cur)
+    return chunks
+
+
+def merge_parts(parts: list[Built]) -> Built:
+    """One build from the builds of disjoint module chunks (the tasks in the same order in each)."""
+    if len(parts) == 1:
+        return parts[0]
+    bases: dict[str, ModuleBasis] = {}
+    tasks: dict[str, TaskProjection] = {}
+    for part_bases, part_tasks in parts:
+        bases.update(part_bases)
+        for tid, pr in part_tasks.items():
+            t = tasks.get(tid)
+            if t is None:  # the first chunk's record carries the template (the same config in every chunk)
+                tasks[tid] = pr
+                continue
+            t.coeffs.update(pr.coeffs)
+            t.fidelity.update(pr.fidelity)
+            t.norms.update(pr.norms)
+            t.ranks.update(pr.ranks)
+            t.original_bytes += pr.original_bytes  # summed over the chunk's modules only
+            t.error_is_bound = t.error_is_bound or pr.error_is_bound
+    return bases, tasks
+
+
+class _Steps:
+    """One monotone progress over consecutive runs, each with its own ``0 … steps-1`` ticks."""
+
+    def __init__(self, progress: Any, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def part(self, steps: int, label: str) -> Any:
+        offset = self.done
+        self.done += steps
+        if self.progress is None:
+            return None
+        outer = self.progress
+
+        def report(p: Progress) -> None:
+            outer(Progress(offset + min(p.step, steps), self.total, f"{p.message}{label}"))
+
+        return report
+
+
+def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
+                    params: JointParams | PCAParams, *, ranks: dict[str, Sequence[int]], memory_budget_mb: float | None,
+                    checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource],
+                    progress: Any = None, cancel: Any = None) -> Built:
+    """Run the build of ``method`` over chunks of modules under ``memory_budget_mb`` and merge the results.
+
+    Args:
+        source: All adapters, all modules.
+        shapes: Module → (out, in).
+        method: ``joint``, ``share``, ``pca`` or ``svd``; ``params`` its parameters.
+        ranks: Module → the adapters' ranks there (for the estimate of :func:`module_stat_bytes`).
+        memory_budget_mb: Bound on one chunk's estimated statistics; ``None``: one chunk.
+        checked: ``(source, shapes, check)`` → the source to build from; with ``check`` it
+            validates shapes and finiteness of the modules it yields (each chunk is checked once).
+    """
+    sketch_rank, refine = (params.sketch_rank, params.refine) if isinstance(params, JointParams) else (0, 0)
+    sizes = {m: max(1, module_stat_bytes(method, shapes[m], ranks.get(m, ()), sketch_rank, refine)) for m in shapes}
+    chunks = plan_chunks(sizes, None if memory_budget_mb is None else memory_budget_mb * 2**20)
+    n = len(source)
+    whole = len(chunks) == 1
+    pca = isinstance(params, PCAParams)
+    k_first = not pca and not whole and one_k_for_all(params)  # type: ignore[arg-type]
+
+    def steps(c: list[str]) -> int:
+        return pca_steps(params, n, len(c)) if pca else joint_steps(params, n, len(c))  # type: ignore[arg-type]
+
+    total = sum(steps(c) for c in chunks)
+    if k_first:
+        total += sum(joint_steps(params, n, len(c), k_only=True) for c in chunks)  # type: ignore[arg-type]
+    prog = _Steps(progress, total)
+    n_mods = len(shapes)
+    labels: list[str] = []
+    first = 0
+    for c in chunks:
+        labels.append("" if whole else f" [modules {first + 1}-{first + len(c)} of {n_mods}]")
+        first += len(c)
+
+    k_all: int | None = None
+    if k_first:
+        own: dict[str, int] = {}
+        for c, label in zip(chunks, labels):
+            sub_shapes = {m: shapes[m] for m in c}
+            own.update(joint_module_k(checked(source.subset(c), sub_shapes, True), sub_shapes, params,  # type: ignore[arg-type]
+                                      progress=prog.part(joint_steps(params, n, len(c), k_only=True), label),  # type: ignore[arg-type]
+                                      cancel=cancel))
+        k_all = max(own.values(), default=0)
+
+    parts: list[Built] = []
+    for c, label in zip(chunks, labels):
+        sub_shapes = {m: shapes[m] for m in c}
+        sub = checked(source.subset(None if whole else c), sub_shapes, not k_first)
+        part = prog.part(steps(c), label)
+        if pca:
+            parts.append(build_pca(sub, sub_shapes, params, progress=part, cancel=cancel))  # type: ignore[arg-type]
+        else:
+            parts.append(build_joint(sub, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all))  # type: ignore[arg-type]
+    return merge_parts(parts)
