@@ -211,10 +211,11 @@ def stats_table(info: dict[str, Any], path: str | None) -> Table:
     if st.get("ratio") is not None:
         t.add_row("compression", f"{st['ratio']:.1f}× (vs fp16 {st.get('ratio_vs_fp16', 0):.1f}×)")
     tasks = info.get("tasks") or []
-    if tasks:
-        mean = sum(x.get("mean_error") or 0.0 for x in tasks) / len(tasks)
+    err = st.get("error") or {}
+    if tasks and err:
+        # the engine's own figures; the screen only picks the worst task's name to show
         worst = max(tasks, key=lambda x: x.get("max_error") or 0.0)
-        t.add_row("ΔW error", f"mean {mean:.3f}, worst {worst.get('max_error', 0):.3f} ({worst['task_id']})")
+        t.add_row("ΔW error", f"mean {err.get('mean', 0):.3f}, worst {err.get('max', 0):.3f} ({worst['task_id']})")
     q = info.get("quantization")
     if not q:
         t.add_row("quantization", "none")
