@@ -114,14 +114,19 @@ class QuantizedTensor:
         return deq.reshape(-1)[:n].reshape(self.shape).to(dtype)
 
 
+def _blocks(flat: Tensor, size: int) -> tuple[Tensor, int]:
+    """``flat`` zero-padded to a whole number of blocks, as ``(blocks × size)``, and its true length."""
+    n = flat.numel()
+    pad = (-n) % size
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, size), n
+
+
 def _double_quantize(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mean = scales.mean()
     centred = scales - mean
-    n = centred.numel()
-    pad = (-n) % SCALE_BLOCK
-    if pad:
-        centred = torch.cat([centred, centred.new_zeros(pad)])
-    blocks = centred.view(-1, SCALE_BLOCK)
+    blocks, n = _blocks(centred, SCALE_BLOCK)
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     q = torch.round(blocks / safe[:, None] * 127.0).clamp(-127, 127).to(torch.int8)
@@ -155,12 +160,7 @@ def quantize_tensor(
     if method == "nf4":
         codes, scales = ops.nf4_pack(tensor, block_size)
     else:
-        flat = tensor.detach().float().reshape(-1)
-        n = flat.numel()
-        pad = (-n) % block_size
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        blocks = flat.view(-1, block_size)
+        blocks, n = _blocks(tensor.detach().float().reshape(-1), block_size)
         scales = blocks.abs().amax(dim=1)
         qmax = (1 << (bits - 1)) - 1
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
