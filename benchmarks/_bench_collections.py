@@ -166,13 +166,18 @@ def make_peft(root: Path, n_max: int, *, steps: int, distinct_init: bool = False
 
 # ---------------------------------------------------------------------------
 def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02, seed: int = 0,
-            shape: dict | None = None) -> Collection:
+            shape: dict | None = None, structure: str = "families") -> Collection:
     """7B-shaped synthetic adapters streamed to disk one at a time (memory: the shared bases only).
 
-    Per module m: a row basis R_m (in × 2r) shared by all tasks (common init); per family f a
-    column basis C_fm (out × r); per task A = M_t R_mᵀ + noise, B = C_fm K_t + noise with the
-    noise ``noise`` × the factor's norm (relative, per entry scale).
+    Per module m: a row basis R_m (in × 2r) shared by all tasks (common init); per task
+    A = M_t R_mᵀ + noise. ``structure="families"``: per family f a column basis C_fm
+    (out × r), B = C_fm K_t + noise, so the column space grows by r with every family.
+    ``structure="shared"``: one column basis C_m (out × 2r) for all tasks, B = C_m K_t + noise
+    (each family its own mean K): the collection the issue names, tasks sharing one
+    low-rank structure. Noise is ``noise`` × the factor's norm (relative, per entry scale).
     """
+    if structure not in ("families", "shared"):
+        raise ValueError(f"structure must be 'families' or 'shared', got {structure!r}")
     import torch
 
     from engine.types import LoRAWeights
@@ -197,15 +202,18 @@ def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02
         fam = t // family_size
         lora_a, lora_b = {}, {}
         for m in modules:
-            if (fam, m) not in cols:
-                cols[(fam, m)] = torch.randn(d, r, generator=g) / math.sqrt(d)
-                fam_core[(fam, m)] = torch.randn(r, r, generator=g)
+            width = r if structure == "families" else 2 * r
+            ckey = (fam, m) if structure == "families" else (0, m)
+            if ckey not in cols:
+                cols[ckey] = torch.randn(d, width, generator=g) / math.sqrt(d)
+            if (fam, m) not in fam_core:
+                fam_core[(fam, m)] = torch.randn(width, r, generator=g)
                 fam_mix[(fam, m)] = torch.randn(r, 2 * r, generator=g)
             mix = fam_mix[(fam, m)] + 0.5 * torch.randn(r, 2 * r, generator=g)
             a = mix @ rows[m].T  # entries ~ 1/sqrt(d)·O(1): a kaiming-like scale
             a = a + noise * a.norm() / math.sqrt(a.numel()) * torch.randn(r, d, generator=g)
-            core = fam_core[(fam, m)] + 0.3 * torch.randn(r, r, generator=g)
-            b = 0.05 * cols[(fam, m)] @ core
+            core = fam_core[(fam, m)] + 0.3 * torch.randn(width, r, generator=g)
+            b = 0.05 * cols[ckey] @ core
             b = b + noise * b.norm() / math.sqrt(b.numel()) * torch.randn(d, r, generator=g)
             lora_a[m], lora_b[m] = a.contiguous(), b.contiguous()
         name = f"task{t:03d}-fam{fam:02d}"
@@ -213,14 +221,15 @@ def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02
                         lora_alpha=float(s["alpha"]), name=name)
         paths.append(_save16(w, root / name))
         del w, lora_a, lora_b
+    cols_text = (f"column space (r) per family of {family_size}" if structure == "families"
+                 else f"one shared column space (2r), families of {family_size} in it")
     return Collection(
-        "7b", root, paths,
+        "7b" if structure == "families" else "7b-shared", root, paths,
         f"7B-shaped synthetic: hidden {d}, r{r}, {'/'.join(s['modules'])} on {L} layers; shared row space (2r) for all, "
-        f"column space (r) per family of {family_size}, per-task cores, {noise:.0%} relative noise on A and B; "
-        f"fp16 on disk, streamed",
+        f"{cols_text}, per-task cores, {noise:.0%} relative noise on A and B; fp16 on disk, streamed",
         streaming=True,
         gen_seconds=time.perf_counter() - t0,
-        extra={"family_size": family_size, "noise": noise},
+        extra={"family_size": family_size, "noise": noise, "structure": structure},
     )
 
 

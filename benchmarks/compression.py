@@ -303,9 +303,11 @@ def render(title: str, rows: list[list[str]], headers: list[str], markdown: bool
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (< 2 min): a smoke check")
-    ap.add_argument("--collections", default="demo,peft,7b", help="comma list of demo, peft, peft-seeds, 7b")
+    ap.add_argument("--collections", default="demo,peft,7b-shared,7b",
+                    help="comma list of demo, peft, peft-seeds, 7b-shared, 7b")
     ap.add_argument("--n", default=None, help="collection sizes, e.g. 8,32,100 (clipped to what a collection has)")
     ap.add_argument("--max-error", default="0.05", help="max-error target(s) for the lib and the baseline, comma list")
+    ap.add_argument("--mean-error", default="0.05", help="mean-error target(s) for the lib methods, comma list ('' for none)")
     ap.add_argument("--methods", default="auto", help="SharedSubspace methods (default: all the library has)")
     ap.add_argument("--k", default=None, help="override the k sweep of the lib methods (comma list)")
     ap.add_argument("--peers", dest="peers", action="store_true", default=True)
@@ -338,9 +340,10 @@ def collection_for(name: str, root: Path, n_max: int, args: argparse.Namespace) 
         steps = args.peft_steps or (5 if args.quick else 40)
         return bc.make_peft(root, n_max, steps=steps, distinct_init=name == "peft-seeds",
                             shape=bc.PEFT_QUICK_SHAPE if args.quick else None)
-    if name == "7b":
+    if name in ("7b", "7b-shared"):
         shape = bc.quick_7b_shape() if args.quick else None
-        return bc.make_7b(root, n_max, family_size=args.family_size, noise=args.noise, shape=shape)
+        return bc.make_7b(root, n_max, family_size=args.family_size, noise=args.noise, shape=shape,
+                          structure="families" if name == "7b" else "shared")
     raise SystemExit(f"unknown collection {name!r}")
 
 
@@ -348,9 +351,9 @@ def sizes_for(name: str, args: argparse.Namespace) -> list[int]:
     if args.n:
         ns = [int(x) for x in args.n.split(",") if x.strip()]
     elif args.quick:
-        ns = {"demo": [8], "peft": [3], "peft-seeds": [3], "7b": [8]}[name]
+        ns = {"demo": [8], "peft": [3], "peft-seeds": [3], "7b": [8], "7b-shared": [8]}[name]
     else:
-        ns = {"demo": [8, 14], "peft": [8, 32], "peft-seeds": [8, 32], "7b": [8, 32, 100]}[name]
+        ns = {"demo": [8, 14], "peft": [8, 32], "peft-seeds": [8, 32], "7b": [8, 32, 100], "7b-shared": [8, 32, 100]}[name]
     if name == "demo":
         ns = sorted({min(n, 14) for n in ns})
     return sorted(set(ns))
@@ -360,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     targets = [float(x) for x in args.max_error.split(",") if x.strip()]
+    args.mean_targets = [float(x) for x in args.mean_error.split(",") if x.strip()]
     md = args.markdown
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vlora-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -427,7 +431,7 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
     tasks = coll.tasks(n)
     base_bytes = coll.adapter_bytes(n)
     common = {"paths": paths, "tasks": tasks, "heldout": args.heldout, "streaming": coll.streaming}
-    big = coll.name == "7b" and not args.quick
+    big = coll.name.startswith("7b") and not args.quick
     from safetensors import safe_open
 
     with safe_open(str(coll.paths[0] / "adapter_model.safetensors"), "pt") as fh:
@@ -461,6 +465,8 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
                                  "heldout": args.heldout and not big, "heldout_k": hk})
         for t in targets:
             go(m, f"err≤{t:g}", {"kind": "ours", "kwargs": {"method": m, "max_error": t}})
+        for t in args.mean_targets:
+            go(m, f"mean≤{t:g}", {"kind": "ours", "kwargs": {"method": m, "mean_error": t}})
     for t in targets:
         go("baseline (per-task SVD)", f"err≤{t:g}", {"kind": "baseline", "target": t})
     for name, peer in peers.items():
@@ -522,17 +528,18 @@ def print_verdicts(rows: list[Row], targets: list[float], md: bool, args: argpar
                     pts = sorted([r for r in lib if r.method == m and r.ok], key=lambda r: r.ratio or 0)
                     out.append(f"    {m}: " + ", ".join(f"{r.setting} {r.ratio:.2f}×/{fpct(r.res['err_mean'])}" for r in pts))
     # streaming 7B
-    s7 = [r for r in rows if r.collection == "7b" and r.n == 100 and r.kind == "ours" and r.setting.startswith("err")]
+    s7 = [r for r in rows if r.collection.startswith("7b") and r.n == 100 and r.kind == "ours"
+          and r.setting.startswith(("err", "mean"))]
     if not s7:
         out.append("- 7B-shaped streaming N=100 ≤ 1.5 GB peak RSS and ≤ 60 s: NOT MEASURED"
                    + (" (--quick uses a reduced shape)" if args.quick else ""))
     for r in s7:
         if not r.ok:
-            out.append(f"- 7B streaming N=100 {r.method} {r.setting}: FAILED ({r.res.get('error')})")
+            out.append(f"- {r.collection} streaming N=100 {r.method} {r.setting}: FAILED ({r.res.get('error')})")
             continue
         rss, sec = r.res.get("peak_rss", 0), r.res.get("build_s", 1e9)
         ok = rss <= 1.5e9 and sec <= 60
-        out.append(f"- 7B streaming N=100 {r.method} {r.setting}: peak RSS {fbytes(rss)} (≤ 1.5 GB: "
+        out.append(f"- {r.collection} streaming N=100 {r.method} {r.setting}: peak RSS {fbytes(rss)} (≤ 1.5 GB: "
                    f"{'yes' if rss <= 1.5e9 else 'NO'}), build {sec:.1f} s (≤ 60 s: {'yes' if sec <= 60 else 'NO'}) → "
                    f"{'PASS' if ok else 'FAIL'}")
     print("\n".join(out) + "\n", flush=True)

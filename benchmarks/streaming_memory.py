@@ -32,7 +32,7 @@ def _vm(key: str) -> int:
     return 0
 
 
-def worker(root: str, n: int, budget: str, method: str, max_error: float) -> None:
+def worker(root: str, n: int, budget: str, method: str, max_error: float | None, mean_error: float | None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, str(ROOT))
     import torch
@@ -46,13 +46,15 @@ def worker(root: str, n: int, budget: str, method: str, max_error: float) -> Non
         kw["memory_budget_mb"] = None if budget == "none" else float(budget)
     before = _vm("VmRSS")
     t0 = time.perf_counter()
+    if mean_error is not None:
+        kw["mean_error"] = mean_error
     sub = SharedSubspace.from_adapters_streaming(paths, max_error=max_error, method=method, **kw)
     secs = time.perf_counter() - t0
     st = sub.compression_stats()
     print("RESULT " + json.dumps({
         "n": len(paths), "method": method, "budget": budget, "seconds": round(secs, 2),
         "peak_rss_mb": round(_vm("VmHWM") / 2**20, 1), "rss_before_build_mb": round(before / 2**20, 1),
-        "ratio": round(st["ratio"], 2), "max_error": round(st["error"]["max"], 4),
+        "ratio": round(st["ratio"], 2), "mean_error": round(st["error"]["mean"], 4), "max_error": round(st["error"]["max"], 4),
         "k_max": sub.num_components, "kinds": sorted(set(st["module_kinds"].values())),
     }), flush=True)
 
@@ -63,11 +65,15 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "vlora-streaming-7b")
     ap.add_argument("--budget", nargs="+", default=["none", "default"])
     ap.add_argument("--method", default="joint")
-    ap.add_argument("--max-error", type=float, default=0.05)
+    ap.add_argument("--max-error", type=lambda x: None if x == "none" else float(x), default=0.05,
+                    help="max-error target ('none': only --mean-error)")
+    ap.add_argument("--mean-error", type=float, default=None, help="also a mean-error target (k meets both)")
+    ap.add_argument("--structure", default="families", choices=("families", "shared"),
+                    help="the 7B collection's structure (see _bench_collections.make_7b)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        worker(str(a.root), a.n, a.budget[0], a.method, a.max_error)
+        worker(str(a.root), a.n, a.budget[0], a.method, a.max_error, a.mean_error)
         return
     have = sorted(p for p in a.root.iterdir() if p.is_dir() and p.name.startswith("task")) if a.root.exists() else []
     if len(have) < a.n:
@@ -76,13 +82,15 @@ def main() -> None:
         from _bench_collections import make_7b
 
         t0 = time.perf_counter()
-        make_7b(a.root, a.n)
+        make_7b(a.root, a.n, structure=a.structure)
         print(f"wrote {a.n} adapters to {a.root} in {time.perf_counter() - t0:.1f}s", flush=True)
     size = sum(f.stat().st_size for p in sorted(a.root.iterdir())[: a.n] if p.is_dir() for f in p.iterdir())
     print(f"collection: {a.n} adapters, {size / 2**20:.0f} MiB on disk", flush=True)
     for b in a.budget:
         cmd = [sys.executable, __file__, "--worker", "--root", str(a.root), "--n", str(a.n), "--budget", b,
-               "--method", a.method, "--max-error", str(a.max_error)]
+               "--method", a.method, "--max-error", "none" if a.max_error is None else str(a.max_error)]
+        if a.mean_error is not None:
+            cmd += ["--mean-error", str(a.mean_error)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln[7:] for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         print(line if line else f"budget {b}: failed (rc {r.returncode})\n{r.stderr[-2000:]}", flush=True)

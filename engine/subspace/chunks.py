@@ -16,7 +16,7 @@ from typing import Any
 
 from ..progress import Progress
 from .common import AdapterSource, ModuleBasis, TaskProjection
-from .joint import JointParams, build_joint, joint_module_k, joint_steps, one_k_for_all
+from .joint import JointParams, build_joint, joint_module_k, joint_steps, one_k_for_all, sketch_widths
 from .pca import PCAParams, build_pca, pca_steps
 
 #: Default ``memory_budget_mb`` of the builds: the statistics of one chunk of modules stay under it.
@@ -29,13 +29,11 @@ def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int],
                       refine: int = 0) -> int:
     """Estimated bytes a build holds for one module over adapters of these ``ranks`` (float64 statistics).
 
-    joint/share: the larger of pass 1 (per side a sketch of up to ``2·cap + r``
-    columns before it compresses, never more than Σr) and what follows (the chosen
-    bases, their refined candidates and, with ``refine``, one side's refinement
-    sketch, which takes k columns per adapter), with k bounded by ``cap``/Σr as it is
-    not known yet; plus the per-task coefficients of two candidate bases at fp16.
-    pca: per side, the components (one row per adapter) and the mean, flattened.
-    svd: one adapter's factors.
+    joint/share: the larger of pass 1 (per side the range sketch and its Gaussian
+    test matrix, ``dim × width``) and pass 2 (the orthonormal spaces, every task's
+    projections onto them, K×r and r×K, and its r×r Gram matrices), plus the
+    per-task coefficients at fp16. pca: per side, the components (one row per
+    adapter) and the mean, flattened. svd: one adapter's factors.
     """
     o, i = shape
     n, r_sum, r_max = len(ranks), int(sum(ranks)), int(max(ranks, default=0))
@@ -43,13 +41,11 @@ def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int],
         return 8 * r_max * (o + i) * (n + 1)
     if method == "svd":
         return 8 * r_max * (o + i)
-    cap = {d: min(d, sketch_rank) for d in (o, i)}
-    first = 8 * sum(d * min(2 * cap[d] + r_max, r_sum) for d in (o, i))
-    k = min(o, i, sketch_rank, r_sum)
-    later = 8 * (o + i) * 2 * k
-    if method == "joint" and refine > 0:
-        later += 8 * max(o, i) * (k + min(2 * max(cap.values()) + k, n * k))
-    return max(first, later) + 2 * 2 * n * min(k * k, 2 * k * r_max)
+    wu, wv = sketch_widths(shape, r_sum, sketch_rank)
+    first = 8 * 2 * (o * wu + i * wv)
+    second = 8 * (o * wu + i * wv) + 8 * 2 * n * (wu * r_max + r_max * wv + 2 * r_max * r_max)
+    k = min(wu, wv)
+    return max(first, second) + 2 * n * min(k * k, 2 * k * r_max)
 
 
 def plan_chunks(sizes: dict[str, int], budget_bytes: float | None) -> list[list[str]]:
@@ -135,6 +131,7 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
     sizes = {m: max(1, module_stat_bytes(method, shapes[m], ranks.get(m, ()), sketch_rank, refine)) for m in shapes}
     chunks = plan_chunks(sizes, None if memory_budget_mb is None else memory_budget_mb * 2**20)
     n = len(source)
+    rank_sums = {m: int(sum(ranks.get(m, ()))) for m in shapes}
     whole = len(chunks) == 1
     pca = isinstance(params, PCAParams)
     k_first = not pca and not whole and one_k_for_all(params)  # type: ignore[arg-type]
@@ -160,7 +157,7 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
             sub_shapes = {m: shapes[m] for m in c}
             own.update(joint_module_k(checked(source.subset(c), sub_shapes, True), sub_shapes, params,  # type: ignore[arg-type]
                                       progress=prog.part(joint_steps(params, n, len(c), k_only=True), label),  # type: ignore[arg-type]
-                                      cancel=cancel))
+                                      cancel=cancel, rank_sums=rank_sums))
         k_all = max(own.values(), default=0)
 
     parts: list[Built] = []
@@ -171,5 +168,6 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
         if pca:
             parts.append(build_pca(sub, sub_shapes, params, progress=part, cancel=cancel))  # type: ignore[arg-type]
         else:
-            parts.append(build_joint(sub, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all))  # type: ignore[arg-type]
+            parts.append(build_joint(sub, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all,
+                                     rank_sums=rank_sums))  # type: ignore[arg-type]
     return merge_parts(parts)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..errors import IncompatibleAdaptersError, UnknownTaskError
+from ..errors import AdapterFormatError, IncompatibleAdaptersError, UnknownTaskError
 from ..io.scan import validate_task_id
 from ..progress import CancelLike, ProgressFn, tick
 from ..types import LoRAWeights
@@ -131,10 +131,11 @@ class SharedSubspace:
         max_error: float | None = None,
         method: str = DEFAULT_METHOD,
         *,
+        mean_error: float | None = None,
         refine: int = 1,
         hybrid: bool = True,
         dtype: Any = torch.float16,
-        sketch_rank: int = 1024,
+        sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
@@ -150,11 +151,16 @@ class SharedSubspace:
             max_error: Choose per module the smallest k whose worst task error
                 ‖ΔW−ΔŴ‖/‖ΔW‖ is at most this (overrides the others). With ``hybrid``,
                 a module is stored per task (truncated SVD) when that is smaller.
+            mean_error: Like ``max_error`` for the mean error over tasks (per module,
+                so the overall mean meets it too); with both, k meets both.
             method: ``joint`` (default), ``share``, ``pca`` or ``svd``.
             refine: Alternating refinement rounds of the joint basis.
             hybrid: See ``max_error``.
             dtype: Storage precision (float16 default); errors are measured after rounding.
-            sketch_rank: Width of the streaming basis sketch (exact below it).
+            sketch_rank: Width of the randomized range sketch of each module's column
+                and row space, hence the largest k (joint/share). Exact while the summed
+                ranks of the adapters fit in it; above, the leading directions are found
+                to sketch accuracy and every error is still measured exactly.
             memory_budget_mb: Modules are built in chunks whose statistics (sketches,
                 components) are estimated to stay under this many MiB; each chunk reads
                 only its modules' tensors. The result is the same as one build over all
@@ -178,7 +184,7 @@ class SharedSubspace:
             raise IncompatibleAdaptersError(report.warnings[0] + "; method 'pca' needs one rank, use method='joint'")
         source = AdapterSource(ids, adapters=adapters)
         return cls._build(source, report.shapes, method, num_components, variance_threshold, adaptive_k, max_error,
-                          refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=report.ranks,
+                          mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=report.ranks,
                           memory_budget_mb=memory_budget_mb)
 
     @classmethod
@@ -192,10 +198,11 @@ class SharedSubspace:
         max_error: float | None = None,
         method: str = DEFAULT_METHOD,
         *,
+        mean_error: float | None = None,
         refine: int = 1,
         hybrid: bool = True,
         dtype: Any = torch.float16,
-        sketch_rank: int = 1024,
+        sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
@@ -250,13 +257,13 @@ class SharedSubspace:
         assert shapes is not None
         source = AdapterSource(ids, paths=ps)
         return cls._build(source, shapes, method, num_components, variance_threshold, adaptive_k, max_error,
-                          refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=module_ranks,
+                          mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=module_ranks,
                           memory_budget_mb=memory_budget_mb)
 
     @classmethod
     def _build(cls, source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
                num_components: int | None, variance_threshold: float, adaptive_k: bool, max_error: float | None,
-               refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any, *,
+               mean_error: float | None, refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any, *,
                ranks: dict[str, list[int]], memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB) -> SharedSubspace:
         if method not in METHODS:
             raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
@@ -266,20 +273,24 @@ class SharedSubspace:
             raise ValueError(f"variance_threshold must be in (0, 1], got {variance_threshold}")
         if max_error is not None and not 0.0 <= max_error < 1.0:
             raise ValueError(f"max_error must be in [0, 1), got {max_error}")
+        if mean_error is not None and not 0.0 <= mean_error < 1.0:
+            raise ValueError(f"mean_error must be in [0, 1), got {mean_error}")
+        if sketch_rank < 1:
+            raise ValueError(f"sketch_rank must be >= 1, got {sketch_rank}")
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
         if memory_budget_mb is not None and not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be > 0 (or None for no limit), got {memory_budget_mb}")
         dt = parse_dtype(dtype)
         params = {"num_components": num_components, "variance_threshold": variance_threshold, "adaptive_k": adaptive_k,
-                  "max_error": max_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank}
+                  "max_error": max_error, "mean_error": mean_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank}
         bp: JointParams | PCAParams
         if method == "pca":
-            bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt)
+            bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt, mean_error)
         else:
             bp = JointParams(basis="factors" if method == "share" else "delta", num_components=num_components,
                              variance_threshold=variance_threshold, adaptive_k=adaptive_k, max_error=max_error,
-                             refine=refine if method == "joint" else 0, hybrid=hybrid and method != "svd",
+                             mean_error=mean_error, refine=refine if method == "joint" else 0, hybrid=hybrid and method != "svd",
                              sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd")
         bases, tasks = build_in_chunks(source, shapes, method, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
                                        checked=_CheckedSource, progress=progress, cancel=cancel)
@@ -295,13 +306,18 @@ class SharedSubspace:
                 raise IncompatibleAdaptersError(f"{label}: module '{bad[0]}' has rank {adapter.module_rank(bad[0])}, "
                                                 f"the pca subspace has rank {self.modules[bad[0]].rank}")
 
+    def _target(self) -> float | None:
+        """The build's per-task error target: the stricter of ``max_error`` and ``mean_error`` (``None``: no target)."""
+        ts = [t for t in (self.params.get("max_error"), self.params.get("mean_error")) if t is not None]
+        return min(ts) if ts else None
+
     def _encode(self, m: str, adapter: LoRAWeights, template: LoRAWeights) -> tuple[dict[str, Tensor], float]:
         b = self.modules[m]
         sb, a = effective_factors(adapter, m)
         if b.kind == "pca":
             return encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, template, m, self.dtype)
         if b.kind == "separate":
-            me = self.params.get("max_error")
+            me = self._target()
             if me is None:
                 me = max((t.fidelity.get(m, 0.0) for t in self.tasks.values()), default=0.0)
             return encode_separate(sb, a, me, None, self.dtype)
@@ -351,7 +367,7 @@ class SharedSubspace:
         p = self.params
         new = SharedSubspace.from_adapters(
             adapters, ids, p["num_components"], p["variance_threshold"], p["adaptive_k"], p["max_error"], self.method,
-            refine=p["refine"], hybrid=p["hybrid"], dtype=self.dtype, sketch_rank=p["sketch_rank"],
+            mean_error=p.get("mean_error"), refine=p["refine"], hybrid=p["hybrid"], dtype=self.dtype, sketch_rank=p["sketch_rank"],
             progress=progress, cancel=cancel)
         for tid, old_w in olds.items():
             prev = self.tasks[tid]
@@ -369,7 +385,7 @@ class SharedSubspace:
                            cancel: CancelLike | None = None) -> TaskProjection:
         """Add a task in O(1) of N: stored tasks are not touched; bases grow by the few directions it needs.
 
-        The target is the build's ``max_error``, else the worst error already stored in that module.
+        The target is the build's ``max_error``/``mean_error`` (the stricter), else the worst error already stored in that module.
 
         Returns:
             The new task's projection (its errors measured).
@@ -386,7 +402,7 @@ class SharedSubspace:
             b = self.modules[m]
             sb, a = effective_factors(adapter, m)
             proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
-            target = self.params.get("max_error")
+            target = self._target()
             if target is None:
                 target = max((t.fidelity.get(m, 0.0) for t in self.tasks.values() if t.task_id != task_id), default=0.0)
             if b.kind == "joint":
@@ -724,6 +740,11 @@ class _CheckedSource(AdapterSource):
         for i, t, a in self.inner:
             if not self.checked:
                 check_shapes(a, self.inner.label(i), self.shapes_, None)
-                check_finite(a, self.inner.label(i))
+                try:
+                    check_finite(a, self.inner.label(i))
+                except ValueError as exc:
+                    if self.inner.paths is None:
+                        raise
+                    raise AdapterFormatError(str(exc)) from exc  # a file holding NaN/Inf: as load_adapter says it
             yield i, t, a
         self.checked = True

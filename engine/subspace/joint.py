@@ -3,9 +3,11 @@
 Each task's update is ``ΔŴ_i = U Σ_i Vᵀ`` with ``Σ_i = Uᵀ ΔW_i V`` (k×k, stored as
 is or as rank-r factors when smaller). With orthonormal U and V,
 ``‖ΔW_i − UΣ_iVᵀ‖² = ‖ΔW_i‖² − ‖Σ_i‖²``, so errors for every k come from r×r
-products. ``U`` spans the top eigenvectors of ``Σ_i ΔW_iΔW_iᵀ``, computed from the
-thin factors ``s·B_i·R_iᵀ`` (``A_iᵀ = Q_i R_i``) — blind to LoRA's r×r
-ambiguity ``B→BG, A→G⁻¹A`` — then optionally refined by alternating updates
+products. ``U`` spans the top eigenvectors of ``Σ_i ΔW_iΔW_iᵀ`` (``V``: of
+``Σ_i ΔW_iᵀΔW_i``), found from the thin factors without forming d×d: a
+randomized range sketch (exact when the summed ranks fit in ``sketch_rank``),
+then a Rayleigh–Ritz step. The bases are blind to LoRA's r×r ambiguity
+``B→BG, A→G⁻¹A``; they are then optionally refined by alternating updates
 (Gabrielsson et al., "Compress then Serve", arXiv:2407.00066). The ``share``
 variant builds U and V from the factors B_i and A_i themselves (the Share
 paper's per-side column spaces); it only differs in the basis.
@@ -16,6 +18,8 @@ build (one adapter in memory) and the in-memory build are one code path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,53 +29,6 @@ from torch import Tensor
 from .. import ops
 from ..progress import tick
 from .common import AdapterSource, ModuleBasis, TaskProjection, config_template, effective_factors
-
-
-class Sketch:
-    """Streaming thin SVD of a tall matrix given column blocks: keeps ``Y = U·diag(s)`` of at most ``cap`` columns.
-
-    Exact (``YYᵀ`` equals the Gram matrix of all columns) while the columns span at
-    most ``cap`` dimensions; beyond that it keeps the top ``cap`` directions.
-    """
-
-    def __init__(self, dim: int, cap: int) -> None:
-        self.dim = dim
-        self.cap = max(1, min(dim, cap))
-        self.y: Tensor | None = None
-        self.pending: list[Tensor] = []
-        self.width = 0
-        self.u: Tensor | None = None
-        self.s: Tensor | None = None
-
-    def add(self, cols: Tensor) -> None:
-        if cols.shape[1] == 0:
-            return
-        self.pending.append(cols)
-        self.width += cols.shape[1]
-        if self.width > 2 * self.cap:
-            self._compress()
-
-    def _compress(self) -> None:
-        blocks = ([self.y] if self.y is not None else []) + self.pending
-        if not blocks:
-            return
-        z = torch.cat(blocks, dim=1)
-        q, r = torch.linalg.qr(z)
-        u, s, _ = torch.linalg.svd(r, full_matrices=False)
-        k = min(self.cap, s.numel())
-        self.u, self.s = q @ u[:, :k], s[:k]
-        self.y = self.u * self.s
-        self.pending = []
-        self.width = k
-
-    def basis(self, rtol: float = 1e-9) -> tuple[Tensor, Tensor]:
-        """``(U dim×K, s (K,))``: directions with singular value above ``rtol·s_max``."""
-        self._compress()
-        if self.y is None:
-            return torch.zeros(self.dim, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-        u, s = self.u, self.s  # columns of y are orthogonal after _compress
-        keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
-        return u[:, :keep], s[:keep]
 
 
 def joint_factors(u: Tensor, v: Tensor, coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
@@ -135,34 +92,106 @@ class JointParams:
     variance_threshold: float = 0.6
     adaptive_k: bool = False
     max_error: float | None = None
+    mean_error: float | None = None
     refine: int = 1
     hybrid: bool = True
-    sketch_rank: int = 1024
+    sketch_rank: int = 256
     dtype: torch.dtype = torch.float16
     separate_only: bool = False  # the "svd" baseline: every module stored alone
+
+    @property
+    def target(self) -> float | None:
+        """The per-task error a module stored alone must meet (the stricter of the two rules)."""
+        ts = [t for t in (self.max_error, self.mean_error) if t is not None]
+        return min(ts) if ts else None
 
 
 @dataclass
 class _ModStats:
-    sketch_u: Sketch
-    sketch_v: Sketch
+    """One module's statistics over the passes (float64)."""
+
+    width_u: int
+    width_v: int
+    z_u: Tensor | None = None  # pass 1: Σ_i Y_i Y_iᵀ Ω (range sketch of the column space)
+    z_v: Tensor | None = None
+    q_u: Tensor | None = None  # after pass 1: orthonormal candidate spaces
+    q_v: Tensor | None = None
+    p: list[Tensor] = field(default_factory=list)  # pass 2, per task: Q_uᵀ·sB (K_u×r)
+    r: list[Tensor] = field(default_factory=list)  # pass 2, per task: A·Q_v (r×K_v)
+    ga: list[Tensor] = field(default_factory=list)  # per task A·Aᵀ
+    gb: list[Tensor] = field(default_factory=list)  # per task (sB)ᵀ·sB
+    n2: list[float] = field(default_factory=list)  # per task ‖ΔW‖²
     norm2_sum: float = 0.0
     rank_sum: int = 0
     sep_rank_sum: int = 0
-    energy: Tensor | None = None
-    max_err: Tensor | None = None
-    u: Tensor | None = None
+    energy: Tensor | None = None  # Σ_i ‖U_kᵀ ΔW_i V_k‖² per k
+    max_err: Tensor | None = None  # worst task's error per k
+    sum_err: Tensor | None = None  # summed task errors per k
+    u: Tensor | None = None  # candidate bases (out×K, in×K) in order of importance
     v: Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int) -> int:
+def _psd_sqrt(g: Tensor) -> Tensor:
+    """``L`` with ``L·Lᵀ = g`` for a symmetric PSD r×r ``g`` (eigen-decomposition, negatives clipped)."""
+    w, e = torch.linalg.eigh(g)
+    return e * w.clamp_min(0).sqrt()
+
+
+def _singular_values(ga: Tensor, gb: Tensor) -> Tensor:
+    """Singular values of ``sB·A`` (descending) from ``AAᵀ`` and ``(sB)ᵀsB``: ``s² = eig(Lᵀ·(sB)ᵀsB·L)``, ``AAᵀ = LLᵀ``."""
+    lo, info = torch.linalg.cholesky_ex(ga)
+    if int(info) != 0:  # singular AAᵀ (rank-deficient A)
+        lo = _psd_sqrt(ga)
+    return torch.linalg.eigvalsh(lo.T @ gb @ lo).flip(0).clamp_min(0).sqrt()
+
+
+def _omega(cache: dict[tuple[int, int], Tensor], dim: int, width: int) -> Tensor:
+    """The Gaussian test matrix of a dimension and width: fixed (seeded), shared by modules of that shape."""
+    key = (dim, width)
+    if key not in cache:
+        g = torch.Generator().manual_seed(1_000_003 * dim + width)
+        cache[key] = torch.randn(dim, width, generator=g, dtype=torch.float64)
+    return cache[key]
+
+
+def _orth(z: Tensor, rtol: float = 1e-12) -> Tensor:
+    """Orthonormal basis of the numerical range of ``z`` (Householder QR, then an SVD of R)."""
+    if z.shape[1] == 0:
+        return z
+    q, r = torch.linalg.qr(z)
+    with _one_thread():
+        u, s, _ = torch.linalg.svd(r)
+    keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    return q @ u[:, :keep]
+
+
+def _top_eig(m: Tensor, k: int | None = None, rtol: float = 1e-18) -> Tensor:
+    """Eigenvectors of a symmetric PSD matrix by decreasing eigenvalue (those above ``rtol·max``, at most ``k``)."""
+    w, e = torch.linalg.eigh((m + m.T) / 2)
+    w, e = w.flip(0), e.flip(1)
+    keep = int((w > rtol * w[0]).sum()) if w.numel() and w[0] > 0 else 0
+    return e[:, : keep if k is None else min(k, keep)]
+
+
+def _energies(p: Tensor, r: Tensor) -> Tensor:
+    """``‖P[:k]·R[:, :k]‖²`` for k = 1…K, through cumulative r×r Gram matrices."""
+    gp = torch.cumsum(p[:, :, None] * p[:, None, :], 0)  # K×r×r: Σ_{j<k} p_j p_jᵀ
+    gq = torch.cumsum(r.T[:, :, None] * r.T[:, None, :], 0)
+    return torch.einsum("kij,kji->k", gp, gq)
+
+
+def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int) -> int:
     kmax = st.u.shape[1] if st.u is not None else 0
     if kmax == 0:
         return 0
-    if p.max_error is not None:
-        ok = (st.max_err <= p.max_error + 1e-12).nonzero()
-        return int(ok[0, 0]) + 1 if ok.numel() else kmax
+    if p.max_error is not None or p.mean_error is not None:
+        ok = torch.ones(kmax, dtype=torch.bool)
+        if p.max_error is not None:
+            ok &= st.max_err <= p.max_error + 1e-12
+        if p.mean_error is not None:
+            ok &= st.sum_err / max(n, 1) <= p.mean_error + 1e-12
+        idx = ok.nonzero()
+        return int(idx[0, 0]) + 1 if idx.numel() else kmax
     if p.num_components is not None and not p.adaptive_k:
         if p.num_components > limit:
             raise ValueError(
@@ -177,74 +206,203 @@ def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int) -> int:
 
 def one_k_for_all(p: JointParams) -> bool:
     """Whether every module gets the largest k any module needs (k by variance, not per module)."""
-    return not p.separate_only and not p.adaptive_k and p.max_error is None and p.num_components is None
+    return (not p.separate_only and not p.adaptive_k and p.max_error is None and p.mean_error is None
+            and p.num_components is None)
 
 
 def joint_steps(p: JointParams, n: int, n_modules: int, *, k_only: bool = False) -> int:
     """Progress steps of :func:`build_joint` (or :func:`joint_module_k` with ``k_only``) over ``n`` adapters."""
     if k_only:
         return 2 * n + n_modules
-    n_passes = (3 if not p.separate_only else 1) + (2 * p.refine if p.basis == "delta" and not p.separate_only else 0)
-    return n_passes * n + n_modules
+    return (1 if p.separate_only else 3) * n + n_modules
+
+
+def sketch_widths(shape: tuple[int, int], rank_sum: int, sketch_rank: int) -> tuple[int, int]:
+    """Widths of the column and row range sketches: exact (the whole range) when ``rank_sum`` fits."""
+    o, i = shape
+    return min(o, rank_sum, sketch_rank), min(i, rank_sum, sketch_rank)
+
+
+class _Buffer:
+    """Factors of one module from consecutive adapters, held until they fill ``cap`` columns.
+
+    Products with the d×K sketches are memory-bound one adapter at a time; a
+    buffer of adapters makes them one matrix product (the sketch read once).
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(1, cap)
+        self.sb: list[Tensor] = []
+        self.a: list[Tensor] = []
+        self.cols = 0
+
+    def add(self, sb: Tensor, a: Tensor) -> bool:
+        self.sb.append(sb)
+        self.a.append(a)
+        self.cols += a.shape[0]
+        return self.cols >= self.cap
+
+    def take(self) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        sbs, as_ = self.sb, self.a
+        self.sb, self.a, self.cols = [], [], 0
+        return sbs, as_, torch.cat(sbs, 1), torch.cat(as_, 0)
+
+
+#: Columns (summed ranks) of factors buffered per module before they meet the sketches.
+BUFFER_COLUMNS = 256
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small dense linear algebra (eigh/SVD of K×K, K ≲ 256) is several times faster on one thread."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
+def _sketch_flush(st: _ModStats, buf: _Buffer, ou: Tensor, ov: Tensor, delta: bool) -> None:
+    """``Z_u += Σ ΔW_iΔW_iᵀΩ_u`` and ``Z_v += Σ ΔW_iᵀΔW_iΩ_v`` over the buffered adapters (``factors``: of sB_i, A_i)."""
+    if not buf.cols:
+        return
+    sbs, as_, sb, a = buf.take()
+    tu, tv = sb.T @ ou, a @ ov  # c×K_u, c×K_v
+    off = 0
+    for sbi, ai in zip(sbs, as_):
+        sl = slice(off, off + ai.shape[0])
+        off += ai.shape[0]
+        if delta:  # ΔWΔWᵀΩ = sB·(AAᵀ)·(sBᵀΩ), ΔWᵀΔWΩ = Aᵀ·(sBᵀsB)·(AΩ)
+            tu[sl] = (ai @ ai.T) @ tu[sl]
+            tv[sl] = (sbi.T @ sbi) @ tv[sl]
+        else:
+            tv[sl] *= float(sbi.pow(2).sum()) / max(float(ai.pow(2).sum()), 1e-300)
+    if st.z_u is None:
+        st.z_u, st.z_v = sb @ tu, a.T @ tv
+    else:
+        st.z_u.addmm_(sb, tu)
+        st.z_v.addmm_(a.T, tv)
+
+
+def _project_flush(st: _ModStats, buf: _Buffer) -> None:
+    """Every buffered task's projections ``Q_uᵀ·sB_i`` and ``A_i·Q_v``."""
+    if not buf.cols:
+        return
+    _, as_, sb, a = buf.take()
+    pu, rv = st.q_u.T @ sb, a @ st.q_v
+    off = 0
+    for ai in as_:
+        st.p.append(pu[:, off:off + ai.shape[0]])
+        st.r.append(rv[off:off + ai.shape[0]])
+        off += ai.shape[0]
 
 
 def _statistics(source: AdapterSource, modules: list[str], shapes: dict[str, tuple[int, int]], p: JointParams,
-                t: Any) -> dict[str, _ModStats]:
-    """Passes 1 and 2: the candidate bases per module and their per-k energies and worst errors."""
-    stats = {m: _ModStats(Sketch(shapes[m][0], p.sketch_rank), Sketch(shapes[m][1], p.sketch_rank)) for m in modules}
+                t: Any, rank_sums: dict[str, int] | None = None) -> dict[str, _ModStats]:
+    """Passes 1 and 2: the candidate bases per module and every task's error per k.
+
+    Pass 1 sketches the column space of ``Σ_i ΔW_iΔW_iᵀ`` (row space: ``ΔW_iᵀΔW_i``)
+    as ``Z = Σ_i ΔW_iΔW_iᵀΩ`` for a fixed Gaussian ``Ω``, through the factors
+    (``ΔW_iΔW_iᵀΩ = sB_i·(A_iA_iᵀ)·(sB_iᵀΩ)``, blind to the r×r rotation of the
+    factors): a randomized range finder with one power step (Halko et al. 2011),
+    exact when the summed ranks fit in ``sketch_rank``. Pass 2 projects every task
+    onto the sketched spaces; a Rayleigh–Ritz step there orders the directions,
+    and each task's error for every k follows from r×r products.
+    """
+    rank_sums = rank_sums or {}
+    stats: dict[str, _ModStats] = {}
+    for m in modules:
+        wu, wv = sketch_widths(shapes[m], rank_sums.get(m) or p.sketch_rank, p.sketch_rank)
+        stats[m] = _ModStats(wu, wv)
     if p.separate_only:
         return stats
-    # pass 1: column/row sketches and norms
+    delta = p.basis == "delta"
+    omegas: dict[tuple[int, int], Tensor] = {}
+    bufs = {m: _Buffer(BUFFER_COLUMNS) for m in modules}
+    # pass 1: range sketches
     for _, tid, ad in source:
         t(f"basis: {tid}")
         for m in modules:
             sb, a = effective_factors(ad, m)
             st = stats[m]
-            qa, ra = torch.linalg.qr(a.T)
-            qb, rb = torch.linalg.qr(sb)
-            if p.basis == "delta":
-                st.sketch_u.add(sb @ ra.T)
-                st.sketch_v.add(a.T @ rb.T)
-            else:
-                st.sketch_u.add(sb)
-                st.sketch_v.add(a.T * (sb.norm() / max(a.norm().item(), 1e-30)))
-            st.norm2_sum += float((rb @ ra.T).pow(2).sum())
             st.rank_sum += a.shape[0]
+            if bufs[m].add(sb, a):
+                _sketch_flush(st, bufs[m], _omega(omegas, sb.shape[0], st.width_u), _omega(omegas, a.shape[1], st.width_v), delta)
     for m in modules:
         st = stats[m]
-        u, su = st.sketch_u.basis()
-        v, sv = st.sketch_v.basis()
-        kk = min(u.shape[1], v.shape[1])
-        st.u, st.v = u[:, :kk], v[:, :kk]
-        st.energy = torch.zeros(kk, dtype=torch.float64)
-        st.max_err = torch.zeros(kk, dtype=torch.float64)
-        st.sketch_u = st.sketch_v = None  # type: ignore[assignment]
+        o, i = shapes[m]
+        _sketch_flush(st, bufs[m], _omega(omegas, o, st.width_u), _omega(omegas, i, st.width_v), delta)
+        st.q_u = _orth(st.z_u) if st.z_u is not None else torch.zeros(o, 0, dtype=torch.float64)
+        st.q_v = _orth(st.z_v) if st.z_v is not None else torch.zeros(i, 0, dtype=torch.float64)
+        st.z_u = st.z_v = None
+    del omegas
 
-    # pass 2: per-k energies → explained variance and the worst task's error per k
+    # pass 2: every task in the sketched spaces
+    target = p.target
     for _, tid, ad in source:
         t(f"statistics: {tid}")
         for m in modules:
             st = stats[m]
             sb, a = effective_factors(ad, m)
-            kk = st.u.shape[1]
-            n2 = float(ops.lowrank_sqnorm(sb, a))
-            if kk:
-                pm = st.u.T @ sb  # K×r
-                qm = a @ st.v  # r×K
-                gp = torch.cumsum(pm[:, :, None] * pm[:, None, :], 0)
-                gq = torch.cumsum(qm.T[:, :, None] * qm.T[:, None, :], 0)
-                e = torch.einsum("kij,kji->k", gp, gq)
-                st.energy += e
-                if n2 > 0:
-                    st.max_err = torch.maximum(st.max_err, ((n2 - e).clamp_min(0) / n2).sqrt())
-            if p.max_error is not None and p.hybrid:
-                _, s, _ = ops.lowrank_svd(sb, a)
-                st.sep_rank_sum += rank_for_error(s, p.max_error)
+            ga, gb = a @ a.T, sb.T @ sb
+            n2 = float((ga * gb).sum())
+            st.ga.append(ga)
+            st.gb.append(gb)
+            st.n2.append(n2)
+            st.norm2_sum += n2
+            if target is not None and p.hybrid:
+                with _one_thread():
+                    st.sep_rank_sum += rank_for_error(_singular_values(ga, gb), target)
+            if bufs[m].add(sb, a):
+                _project_flush(st, bufs[m])
+    for m in modules:
+        _project_flush(stats[m], bufs[m])
+    del bufs
+
+    # Rayleigh–Ritz in the sketched spaces, then each task's energy for every k
+    with _one_thread():
+        for m in modules:
+            _ritz(stats[m], delta)
     return stats
 
 
+def _ritz(st: _ModStats, delta: bool) -> None:
+    """Order the sketched directions (eigenvectors of the projected Gram sums) and tabulate the errors per k."""
+    ku, kv = st.q_u.shape[1], st.q_v.shape[1]
+    mu = torch.zeros(ku, ku, dtype=torch.float64)
+    mv = torch.zeros(kv, kv, dtype=torch.float64)
+    for pp, rr, ga, gb in zip(st.p, st.r, st.ga, st.gb):
+        if delta:
+            mu.addmm_(pp, ga @ pp.T)
+            mv.addmm_(rr.T, gb @ rr)
+        else:
+            mu.addmm_(pp, pp.T)
+            mv.addmm_(rr.T, rr, alpha=float(gb.trace()) / max(float(ga.trace()), 1e-300))
+    wu, wv = _top_eig(mu), _top_eig(mv)
+    kk = min(wu.shape[1], wv.shape[1])
+    wu, wv = wu[:, :kk], wv[:, :kk]
+    st.u, st.v = st.q_u @ wu, st.q_v @ wv
+    st.q_u = st.q_v = None
+    st.p = [wu.T @ pp for pp in st.p]
+    st.r = [rr @ wv for rr in st.r]
+    st.energy = torch.zeros(kk, dtype=torch.float64)
+    st.max_err = torch.zeros(kk, dtype=torch.float64)
+    st.sum_err = torch.zeros(kk, dtype=torch.float64)
+    if not kk:
+        return
+    for pp, rr, n2 in zip(st.p, st.r, st.n2):
+        e = _energies(pp, rr)
+        st.energy += e
+        err = ((n2 - e).clamp_min(0) / n2).sqrt() if n2 > 0 else torch.zeros_like(e)
+        st.max_err = torch.maximum(st.max_err, err)
+        st.sum_err += err
+
+
 def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: dict[str, _ModStats], p: JointParams,
-                t: Any) -> dict[str, int]:
+                t: Any, n: int) -> dict[str, int]:
     """Each module's own k (before :func:`one_k_for_all` raises them to one)."""
     chosen: dict[str, int] = {}
     for m in modules:
@@ -253,7 +411,7 @@ def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: d
             continue
         o, i = shapes[m]
         st = stats[m]
-        chosen[m] = _choose_k(m, st, p, min(o, i, st.rank_sum))
+        chosen[m] = _choose_k(m, st, p, min(o, i, st.rank_sum), n)
     return chosen
 
 
@@ -268,39 +426,81 @@ def _ticker(progress: Any, cancel: Any, total: int) -> Any:
 
 
 def joint_module_k(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,
-                   progress: Any = None, cancel: Any = None) -> dict[str, int]:
+                   progress: Any = None, cancel: Any = None, rank_sums: dict[str, int] | None = None) -> dict[str, int]:
     """Each module's own k, from passes 1 and 2 alone: for a build in chunks where :func:`one_k_for_all` holds."""
     modules = sorted(shapes)
     t = _ticker(progress, cancel, joint_steps(p, len(source), len(modules), k_only=True))
-    return _choose_all(modules, shapes, _statistics(source, modules, shapes, p, t), p, t)
+    return _choose_all(modules, shapes, _statistics(source, modules, shapes, p, t, rank_sums), p, t, len(source))
+
+
+def _refine(st: _ModStats, k: int, rounds: int) -> tuple[Tensor, Tensor]:
+    """Alternating updates of the first ``k`` directions inside the candidate spaces, from the stored projections.
+
+    ``U`` ← top-k of ``Σ_i ΔW_iV(ΔW_iV)ᵀ``, then ``V`` ← top-k of ``Σ_i ΔW_iᵀU(ΔW_iᵀU)ᵀ``
+    (Gabrielsson et al. 2024), restricted to the sketched spaces so that no pass
+    over the adapters is needed. Returns the new ``(U_c, V_c)`` as K×k coordinates.
+    """
+    kk = st.u.shape[1]
+    vc = torch.eye(kk, k, dtype=torch.float64)
+    uc = vc
+    for _ in range(rounds):
+        mu = torch.zeros(kk, kk, dtype=torch.float64)
+        for pp, rr in zip(st.p, st.r):
+            tt = rr @ vc  # r×k: ΔW V in the task's own r coordinates
+            mu.addmm_(pp, (tt @ tt.T) @ pp.T)
+        uc = _top_eig(mu, k, rtol=0.0)
+        mv = torch.zeros(kk, kk, dtype=torch.float64)
+        for pp, rr in zip(st.p, st.r):
+            tt = pp.T @ uc
+            mv.addmm_(rr.T, (tt @ tt.T) @ rr)
+        vc = _top_eig(mv, k, rtol=0.0)
+        if uc.shape[1] < k or vc.shape[1] < k:  # degenerate: keep the Ritz directions
+            return torch.eye(kk, k, dtype=torch.float64), torch.eye(kk, k, dtype=torch.float64)
+    return uc, vc
+
+
+def _errors_at(st: _ModStats, uc: Tensor, vc: Tensor) -> list[float]:
+    errs = []
+    for pp, rr, n2 in zip(st.p, st.r, st.n2):
+        e = float((uc.T @ pp @ rr @ vc).pow(2).sum())
+        errs.append(max(0.0, (n2 - e) / n2) ** 0.5 if n2 > 0 else 0.0)
+    return errs
+
+
+def _better(base: list[float], new: list[float], n2: list[float], p: JointParams) -> bool:
+    """Whether the refined basis lowers the residual energy without breaking an error target."""
+    res = lambda errs: sum(e * e * w for e, w in zip(errs, n2))  # noqa: E731
+    if not res(new) < res(base) * (1 - 1e-9):
+        return False
+    if p.max_error is not None and max(new, default=0.0) > max(p.max_error, max(base, default=0.0)):
+        return False
+    n = max(len(new), 1)
+    return not (p.mean_error is not None and sum(new) / n > max(p.mean_error, sum(base) / n))
 
 
 def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,
-                progress: Any = None, cancel: Any = None,
-                k_all: int | None = None) -> tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]:
-    """Build the shared bases and every task's coefficients in passes over ``source``.
+                progress: Any = None, cancel: Any = None, k_all: int | None = None,
+                rank_sums: dict[str, int] | None = None) -> tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]:
+    """Build the shared bases and every task's coefficients in three passes over ``source``.
 
     ``k_all``: where :func:`one_k_for_all` holds, the k to raise every module to
     (the largest over all modules, known beforehand when modules are built in chunks);
-    by default the largest over ``shapes``.
+    by default the largest over ``shapes``. ``rank_sums``: module → summed ranks of
+    the adapters (sizes the sketches; by default ``sketch_rank``).
     """
     modules = sorted(shapes)
     n = len(source)
     t = _ticker(progress, cancel, joint_steps(p, n, len(modules)))
-    templates: dict[str, Any] = {}
-    ranks: dict[str, dict[str, int]] = {}
-    norms: dict[str, dict[str, float]] = {}
-    orig_bytes: dict[str, int] = {}
     bases: dict[str, ModuleBasis] = {}
 
-    stats = _statistics(source, modules, shapes, p, t)
-    # choose k and the form of each module
-    chosen = _choose_all(modules, shapes, stats, p, t)
+    stats = _statistics(source, modules, shapes, p, t, rank_sums)
+    chosen = _choose_all(modules, shapes, stats, p, t, n)
     if one_k_for_all(p) and chosen:
         # one k for all modules (as the seed): the largest any module needs
         kk = max(chosen.values()) if k_all is None else k_all
         chosen = {m: min(kk, stats[m].u.shape[1]) for m in modules}
 
+    target = p.target
     for m in modules:
         o, i = shapes[m]
         if p.separate_only:
@@ -310,89 +510,46 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
         k = chosen[m]
         ev = (st.energy / st.norm2_sum).tolist() if st.norm2_sum > 0 else [1.0] * st.u.shape[1]
         shared_est = k * (o + i) + n * min(k * k, 2 * k * max(1, st.rank_sum // max(n, 1)))
-        if p.max_error is not None and p.hybrid and st.sep_rank_sum * (o + i) < shared_est:
+        if target is not None and p.hybrid and st.sep_rank_sum * (o + i) < shared_est:
             bases[m] = ModuleBasis("separate", (o, i), explained=ev)
             continue
-        bases[m] = ModuleBasis("joint", (o, i), {"U": st.u[:, :k].clone(), "V": st.v[:, :k].clone()}, explained=ev)
-    del stats  # the candidate bases (K columns) are no longer needed: the chosen ones were copied
+        u, v = st.u[:, :k], st.v[:, :k]
+        if p.basis == "delta" and p.refine > 0 and k > 0:
+            with _one_thread():
+                uc, vc = _refine(st, k, p.refine)
+                eye = torch.eye(st.u.shape[1], k, dtype=torch.float64)
+                better = _better(_errors_at(st, eye, eye), _errors_at(st, uc, vc), st.n2, p)
+            if better:
+                u, v = st.u @ uc, st.v @ vc
+        bases[m] = ModuleBasis("joint", (o, i), {"U": u.to(p.dtype), "V": v.to(p.dtype)}, explained=ev)
+    del stats
 
-    # alternating refinement (joint only): U from ΔW_i V, then V from ΔW_iᵀ U
-    refined: dict[str, tuple[Tensor, Tensor]] = {}
-    jm = [m for m in modules if bases[m].kind == "joint" and bases[m].k > 0]
-    if p.basis == "delta" and not p.separate_only and p.refine > 0 and jm:
-        cur = {m: (bases[m].tensors["U"], bases[m].tensors["V"]) for m in jm}
-        for _ in range(p.refine):
-            sk = {m: Sketch(shapes[m][0], max(p.sketch_rank, cur[m][0].shape[1])) for m in jm}
-            for _, tid, ad in source:
-                t(f"refining U: {tid}")
-                for m in jm:
-                    sb, a = effective_factors(ad, m)
-                    sk[m].add(sb @ (a @ cur[m][1]))
-            new_u = {m: _top(sk[m], cur[m][0]) for m in jm}
-            sk = {m: Sketch(shapes[m][1], max(p.sketch_rank, cur[m][1].shape[1])) for m in jm}
-            for _, tid, ad in source:
-                t(f"refining V: {tid}")
-                for m in jm:
-                    sb, a = effective_factors(ad, m)
-                    sk[m].add(a.T @ (sb.T @ new_u[m]))
-            cur = {m: (new_u[m], _top(sk[m], cur[m][1])) for m in jm}
-        refined = cur
-
-    # final pass: coefficients at storage precision and measured errors, for each candidate basis
-    stored = {m: (bases[m].tensors["U"].to(p.dtype), bases[m].tensors["V"].to(p.dtype)) for m in jm}
-    stored_ref = {m: (refined[m][0].to(p.dtype), refined[m][1].to(p.dtype)) for m in refined}
+    # final pass: coefficients in the stored (rounded) bases and the measured errors
     tasks: dict[str, TaskProjection] = {}
-    alt: dict[str, dict[str, tuple[dict[str, Tensor], float]]] = {}
-    score = {m: [0.0, 0.0, 0.0, 0.0] for m in refined}  # sum err² and max err: base, refined
     for _, tid, ad in source:
         t(f"coefficients: {tid}")
-        templates[tid] = config_template(ad, tid)
-        ranks[tid] = {m: ad.module_rank(m) for m in modules}
-        orig_bytes[tid] = sum(ad.lora_a[m].numel() * ad.lora_a[m].element_size() + ad.lora_b[m].numel() * ad.lora_b[m].element_size() for m in modules)
-        proj = TaskProjection(tid, {}, ranks=ranks[tid], template=templates[tid], original_bytes=orig_bytes[tid])
-        alt[tid] = {}
+        ranks = {m: ad.module_rank(m) for m in modules}
+        orig = sum(ad.lora_a[m].numel() * ad.lora_a[m].element_size() + ad.lora_b[m].numel() * ad.lora_b[m].element_size()
+                   for m in modules)
+        proj = TaskProjection(tid, {}, ranks=ranks, template=config_template(ad, tid), original_bytes=orig)
         for m in modules:
             sb, a = effective_factors(ad, m)
-            r = ad.module_rank(m)
+            r = ranks[m]
             proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
             b = bases[m]
             if b.kind == "separate":
                 q_fixed = None
-                if p.max_error is None:
+                if target is None:
                     _, s, _ = ops.lowrank_svd(sb, a)
                     q_fixed = _separate_rank(s, p, r)
-                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, p.max_error, q_fixed, p.dtype)
+                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, target, q_fixed, p.dtype)
                 continue
             if b.k == 0:
                 proj.coeffs[m] = {"sigma": torch.zeros(0, 0, dtype=p.dtype)}
                 proj.fidelity[m] = 0.0 if proj.norms[m] == 0 else 1.0
                 continue
-            proj.coeffs[m], proj.fidelity[m] = encode_joint(*stored[m], sb, a, r, p.dtype)
-            if m in stored_ref:
-                c2, e2 = encode_joint(*stored_ref[m], sb, a, r, p.dtype)
-                alt[tid][m] = (c2, e2)
-                sc = score[m]
-                sc[0] += proj.fidelity[m] ** 2 * proj.norms[m] ** 2
-                sc[1] = max(sc[1], proj.fidelity[m])
-                sc[2] += e2 ** 2 * proj.norms[m] ** 2
-                sc[3] = max(sc[3], e2)
+            proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype)
         tasks[tid] = proj
-    for m in modules:
-        b = bases[m]
-        if b.kind != "joint":
-            continue
-        use_ref = False
-        if m in score:
-            sc = score[m]
-            use_ref = sc[2] < sc[0] and (p.max_error is None or sc[3] <= max(p.max_error, sc[1]))
-        if use_ref:
-            b.tensors = {"U": stored_ref[m][0], "V": stored_ref[m][1]}
-            for tid in tasks:
-                tasks[tid].coeffs[m], tasks[tid].fidelity[m] = alt[tid][m]
-        elif m in stored:
-            b.tensors = {"U": stored[m][0], "V": stored[m][1]}
-        else:
-            b.tensors = {"U": b.tensors["U"].to(p.dtype), "V": b.tensors["V"].to(p.dtype)}
     return bases, tasks
 
 
@@ -402,14 +559,6 @@ def _separate_rank(s: Tensor, p: JointParams, r: int) -> int:
     ev = ops.explained_variance_ratio(s)
     ok = (ev >= p.variance_threshold - 1e-12).nonzero()
     return int(ok[0, 0]) + 1 if ok.numel() else s.numel()
-
-
-def _top(sk: Sketch, like: Tensor) -> Tensor:
-    u, _ = sk.basis()
-    k = like.shape[1]
-    if u.shape[1] < k:  # degenerate: keep the old directions to fill up
-        u = ops.gram_schmidt(u.T, like.T.double()).T[:, :k]
-    return u[:, :k]
 
 
 def extend_for_task(u: Tensor, v: Tensor, sb: Tensor, a: Tensor, rank: int, target: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, dict[str, Tensor], float]:

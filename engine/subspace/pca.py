@@ -27,6 +27,11 @@ class PCAParams:
     adaptive_k: bool = False
     max_error: float | None = None
     dtype: torch.dtype = torch.float16
+    mean_error: float | None = None
+
+    @property
+    def by_error(self) -> bool:
+        return self.max_error is not None or self.mean_error is not None
 
 
 def pca_factors(basis: ModuleBasis, coeffs: dict[str, Tensor], template: Any, module: str) -> tuple[Tensor, Tensor]:
@@ -53,7 +58,7 @@ def encode_pca(basis: ModuleBasis, a_raw: Tensor, b_raw: Tensor, sb: Tensor, tem
 
 def pca_steps(p: PCAParams, n: int, n_modules: int) -> int:
     """Progress steps of :func:`build_pca` over ``n`` adapters."""
-    return (3 if p.max_error is not None else 2) * n + n_modules
+    return (3 if p.by_error else 2) * n + n_modules
 
 
 def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAParams, *,
@@ -63,7 +68,7 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
     n = len(source)
     if n < 2:
         raise ValueError("method 'pca' needs at least 2 adapters (it centres the stack); use method='joint' for one")
-    if p.num_components is not None and p.num_components > n - 1 and not p.adaptive_k and p.max_error is None:
+    if p.num_components is not None and p.num_components > n - 1 and not p.adaptive_k and not p.by_error:
         raise ValueError(f"num_components={p.num_components} is too large for pca over {n} adapters: at most N-1 = {n - 1}")
     step = [0]
     total = pca_steps(p, n, len(modules))
@@ -107,8 +112,10 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
 
     templates: dict[str, Any] = {}
     worst: dict[str, Tensor] = {}
-    if p.max_error is not None:
+    summed: dict[str, Tensor] = {}
+    if p.by_error:
         worst = {m: torch.zeros(bases[m].k + 1, dtype=torch.float64) for m in modules}
+        summed = {m: torch.zeros(bases[m].k + 1, dtype=torch.float64) for m in modules}
         for _, tid, ad in source:
             t(f"statistics: {tid}")
             tmpl = config_template(ad, tid)
@@ -119,15 +126,21 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
                     sub = _truncated(b, k)
                     _, e = encode_pca(sub, ad.lora_a[m], ad.lora_b[m], sb, tmpl, m, torch.float64)
                     worst[m][k] = max(float(worst[m][k]), e)
-                    if e <= p.max_error:  # larger k only add directions: stop at the first k meeting the target
-                        break
+                    summed[m][k] += e
+                    if p.mean_error is None and e <= p.max_error:  # type: ignore[operator]
+                        break  # larger k only add directions: stop at the first k meeting the target
 
     for m in modules:
         t(f"choosing k: {m}")
         b = bases[m]
         kmax = max(b.tensors["comp_a"].shape[0], b.tensors["comp_b"].shape[0])
-        if p.max_error is not None:
-            ok = (worst[m] <= p.max_error + 1e-12).nonzero()
+        if p.by_error:
+            good = torch.ones(worst[m].numel(), dtype=torch.bool)
+            if p.max_error is not None:
+                good &= worst[m] <= p.max_error + 1e-12
+            if p.mean_error is not None:
+                good &= summed[m] / n <= p.mean_error + 1e-12
+            ok = good.nonzero()
             k = int(ok[0, 0]) if ok.numel() else kmax
         elif p.adaptive_k or p.num_components is None:
             k = max(ops.select_num_components(b.tensors["sv_a"], p.variance_threshold) if b.tensors["sv_a"].numel() else 0,
@@ -135,7 +148,7 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
         else:
             k = p.num_components
         bases[m] = _truncated(b, min(k, kmax))
-    if p.max_error is None and not p.adaptive_k:
+    if not p.by_error and not p.adaptive_k:
         kk = max(b.k for b in bases.values())
         bases = {m: _truncated(b, kk) for m, b in bases.items()}
     for b in bases.values():

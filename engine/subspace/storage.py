@@ -271,4 +271,4 @@ def load_seed_subspace(path: Path) -> Any:
     dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     return SharedSubspace("pca", modules, tasks, {"num_components": meta.get("num_components"), "variance_threshold":
                                                   meta.get("variance_threshold", 0.6), "adaptive_k": meta.get("adaptive_k", False),
-                                                  "max_error": None, "refine": 0, "hybrid": False, "sketch_rank": 1024}, dtype)
+                                                  "max_error": None, "mean_error": None, "refine": 0, "hybrid": False, "sketch_rank": 256}, dtype)
