@@ -31,23 +31,42 @@ from ..progress import tick
 from .common import AdapterSource, ModuleBasis, TaskProjection, config_template, effective_factors
 
 
-def joint_factors(u: Tensor, v: Tensor, coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
-    """Effective factors ``(B_eff out×q, A q×in)`` of ``U Σ Vᵀ`` with ``q ≤ rank`` (float32 math in float64)."""
+def _core(coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """The task's core ``Σ̂ = L·R`` in the basis (float64): ``c``/``d`` as stored, ``sigma`` truncated to ``rank``."""
     if "c" in coeffs:
-        c, d = coeffs["c"].double(), coeffs["d"].double()
-        kk = c.shape[0]
-        return u[:, :kk].double() @ c, d @ v[:, :kk].double().T
+        return coeffs["c"].double(), coeffs["d"].double()
     sigma = coeffs["sigma"].double()
     kk = sigma.shape[0]
     if kk == 0:
-        return u.new_zeros(u.shape[0], 0, dtype=torch.float64), v.new_zeros(0, v.shape[0], dtype=torch.float64)
+        return sigma.new_zeros(0, 0), sigma.new_zeros(0, 0)
     p, s, qh = torch.linalg.svd(sigma)
     q = min(rank, kk, int((s > s[0] * 1e-12).sum()) if s[0] > 0 else 0)
-    return u[:, :kk].double() @ (p[:, :q] * s[:q]), qh[:q] @ v[:, :kk].double().T
+    return p[:, :q] * s[:q], qh[:q]
 
 
-def encode_joint(u: Tensor, v: Tensor, sb: Tensor, a: Tensor, rank: int, dtype: torch.dtype) -> tuple[dict[str, Tensor], float]:
-    """Coefficients of ``ΔW = sb·a`` in the (stored) basis ``u``, ``v``, rounded to ``dtype``, and the measured error."""
+def joint_factors(u: Tensor, v: Tensor, coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
+    """Effective factors ``(B_eff out×q, A q×in)`` of ``U Σ Vᵀ`` with ``q ≤ rank`` (float32 math in float64)."""
+    left, right = _core(coeffs, rank)
+    kk = left.shape[0]
+    if kk == 0:
+        return u.new_zeros(u.shape[0], 0, dtype=torch.float64), v.new_zeros(0, v.shape[0], dtype=torch.float64)
+    return u[:, :kk].double() @ left, right @ v[:, :kk].double().T
+
+
+def basis_grams(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(UᵀU, VᵀV)`` of a stored (rounded, so not exactly orthonormal) basis, in float64."""
+    ud, vd = u.double(), v.double()
+    return ud.T @ ud, vd.T @ vd
+
+
+def encode_joint(u: Tensor, v: Tensor, sb: Tensor, a: Tensor, rank: int, dtype: torch.dtype, *,
+                 grams: tuple[Tensor, Tensor] | None = None, n2: float | None = None) -> tuple[dict[str, Tensor], float]:
+    """Coefficients of ``ΔW = sb·a`` in the (stored) basis ``u``, ``v``, rounded to ``dtype``, and the measured error.
+
+    The error ``‖ΔW − UΣ̂Vᵀ‖`` is exact for the stored ``u``, ``v`` and rounded ``Σ̂``,
+    through k×k products: ``‖ΔW‖² − 2⟨UᵀΔWV, Σ̂⟩ + tr(Σ̂ᵀ·UᵀU·Σ̂·VᵀV)``
+    (``grams`` = :func:`basis_grams` and ``n2`` = ``‖ΔW‖²`` when known).
+    """
     ud, vd = u.double(), v.double()
     k = ud.shape[1]
     sigma = (ud.T @ sb) @ (a @ vd)
@@ -58,8 +77,19 @@ def encode_joint(u: Tensor, v: Tensor, sb: Tensor, a: Tensor, rank: int, dtype: 
         coeffs = {"c": (p[:, :q] * s[:q]).to(dtype), "d": qh[:q].to(dtype)}
     else:
         coeffs = {"sigma": sigma.to(dtype)}
-    b_hat, a_hat = joint_factors(u, v, coeffs, rank)
-    return coeffs, ops.lowrank_rel_error(sb, a, b_hat, a_hat)
+    if n2 is None:
+        n2 = float(ops.lowrank_sqnorm(sb, a))
+    left, right = _core(coeffs, rank)
+    if left.shape[0] == 0:
+        return coeffs, (0.0 if n2 <= 0 else 1.0)
+    gu, gv = grams if grams is not None else basis_grams(u, v)
+    core = left @ right
+    cross = float((sigma * core).sum())
+    h2 = float(((core.T @ gu) @ (core @ gv)).diagonal().sum())
+    err2 = max(0.0, n2 - 2.0 * cross + h2)
+    if n2 <= 0.0:
+        return coeffs, 0.0 if err2 <= 0.0 else float("inf")
+    return coeffs, (err2 / n2) ** 0.5
 
 
 def encode_separate(sb: Tensor, a: Tensor, max_error: float | None, q_fixed: int | None, dtype: torch.dtype) -> tuple[dict[str, Tensor], float]:
@@ -522,11 +552,13 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
             if better:
                 u, v = st.u @ uc, st.v @ vc
         bases[m] = ModuleBasis("joint", (o, i), {"U": u.to(p.dtype), "V": v.to(p.dtype)}, explained=ev)
+    norms2 = {m: st.n2 for m, st in stats.items() if st.n2}
     del stats
 
     # final pass: coefficients in the stored (rounded) bases and the measured errors
+    grams = {m: basis_grams(b.tensors["U"], b.tensors["V"]) for m, b in bases.items() if b.kind == "joint"}
     tasks: dict[str, TaskProjection] = {}
-    for _, tid, ad in source:
+    for idx, tid, ad in source:
         t(f"coefficients: {tid}")
         ranks = {m: ad.module_rank(m) for m in modules}
         orig = sum(ad.lora_a[m].numel() * ad.lora_a[m].element_size() + ad.lora_b[m].numel() * ad.lora_b[m].element_size()
@@ -535,7 +567,8 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
         for m in modules:
             sb, a = effective_factors(ad, m)
             r = ranks[m]
-            proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
+            n2 = norms2[m][idx] if m in norms2 else float(ops.lowrank_sqnorm(sb, a))
+            proj.norms[m] = n2 ** 0.5
             b = bases[m]
             if b.kind == "separate":
                 q_fixed = None
@@ -548,7 +581,9 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 proj.coeffs[m] = {"sigma": torch.zeros(0, 0, dtype=p.dtype)}
                 proj.fidelity[m] = 0.0 if proj.norms[m] == 0 else 1.0
                 continue
-            proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype)
+            with _one_thread():
+                proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype,
+                                                                grams=grams[m], n2=n2)
         tasks[tid] = proj
     return bases, tasks
 
