@@ -26,6 +26,9 @@ _K = (
     Param("max_error", "float", None,
           f"choose per module the smallest k with every task's ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this "
           f"(default {DEFAULT_MAX_ERROR} when no other k rule is given)", minimum=0.0, maximum=0.999),
+    Param("mean_error", "float", None,
+          "choose per module the smallest k with the mean over tasks of ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this (with max_error: both)",
+          minimum=0.0, maximum=0.999),
     Param("dtype", "choice", "float16", "storage precision (errors measured after rounding)",
           choices=("float16", "bfloat16", "float32")),
     Param("streaming", "bool", False, "read adapters from paths one at a time (memory: one adapter + basis)"),
@@ -39,7 +42,7 @@ def _run(method: str, adapters: Sequence[Any], task_ids: Sequence[str] | None, p
     params = {k: v for k, v in params.items() if v is not None}
     if params.get("adaptive_k") is False:
         params.pop("adaptive_k")
-    if not params.keys() & {"num_components", "variance_threshold", "adaptive_k", "max_error"}:
+    if not params.keys() & {"num_components", "variance_threshold", "adaptive_k", "max_error", "mean_error"}:
         params["max_error"] = DEFAULT_MAX_ERROR
     streaming = bool(params.pop("streaming", False))
     build = SharedSubspace.from_adapters_streaming if streaming else SharedSubspace.from_adapters
@@ -52,7 +55,9 @@ def _run(method: str, adapters: Sequence[Any], task_ids: Sequence[str] | None, p
     "Ours: per module one column basis U and one row basis V shared by all tasks, ΔW_i ≈ U·Σ_i·Vᵀ; "
     "blind to LoRA's r×r rotation; with max_error, modules stored per task when that is smaller.",
     (*_K,
-     Param("refine", "int", 1, "alternating refinement rounds of U and V", minimum=0, maximum=10),
+     Param("refine", "int", 1, "alternating refinement rounds of U and V (inside the sketched spaces)", minimum=0, maximum=10),
+     Param("sketch_rank", "int", 256, "width of the column/row range sketch per module: the largest k "
+           "(exact while the summed ranks fit)", minimum=1, maximum=8192),
      Param("hybrid", "bool", True, "with max_error, store a module per task (truncated SVD) when smaller")),
 )
 def joint(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
@@ -66,7 +71,9 @@ def joint(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, pro
     "share",
     "Per-side column spaces (the Share paper's form): U from the stacked B_i, V from the stacked A_i; "
     "coefficients as in joint.",
-    (*_K, Param("hybrid", "bool", True, "with max_error, store a module per task when smaller")),
+    (*_K, Param("hybrid", "bool", True, "with max_error, store a module per task when smaller"),
+     Param("sketch_rank", "int", 256, "width of the column/row range sketch per module: the largest k", minimum=1,
+           maximum=8192)),
 )
 def share(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
           cancel: Any = None, **params: Any) -> Any:

@@ -1,0 +1,124 @@
+"""The joint build's randomized range sketch and the mean-error k rule, against independent computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.io import save_adapter
+from engine.subspace import SharedSubspace
+from engine.subspace.joint import encode_joint
+
+from test_subspace import MODS, R, dense_err, family
+
+
+def _dense_mean_err(sub: SharedSubspace, ads, m: str) -> float:
+    return sum(dense_err(a, sub.reconstruct(a.name), m) for a in ads) / len(ads)
+
+
+def test_sketch_narrower_than_the_ranks_still_exact_on_a_low_rank_collection():
+    # 30 adapters of rank 3: 90 columns per side, sketched in 8; the collection spans 4 dimensions
+    ads = family(30, k0=4, seed=11)
+    sub = SharedSubspace.from_adapters(ads, num_components=4, sketch_rank=8, dtype="float32")
+    assert sub.k_per_module == {m: 4 for m in MODS}
+    assert sub.compression_stats()["error"]["max"] < 1e-5
+    for a in ads[::7]:
+        for m in MODS:
+            assert dense_err(a, sub.reconstruct(a.name), m) < 1e-5
+
+
+def test_sketch_caps_k_and_errors_stay_measured():
+    ads = family(12, k0=4, noise=0.5, seed=12)  # noise fills every direction: Σr = 36 > 6
+    exact = SharedSubspace.from_adapters(ads, num_components=5, refine=0, dtype="float32")
+    sketched = SharedSubspace.from_adapters(ads, num_components=5, refine=0, sketch_rank=6, dtype="float32")
+    assert max(sketched.k_per_module.values()) <= 6
+    for a in ads:
+        for m in MODS:  # the recorded error is the true one, whatever the sketch found
+            assert sketched.tasks[a.name].fidelity[m] == pytest.approx(dense_err(a, sketched.reconstruct(a.name), m),
+                                                                        rel=1e-3, abs=1e-5)
+    e_exact = exact.compression_stats()["error"]["mean"]
+    e_sketch = sketched.compression_stats()["error"]["mean"]
+    assert e_exact <= e_sketch + 1e-6  # the exact top directions are optimal for the joint energy …
+    assert e_sketch <= e_exact * 1.25  # … and one power step gets close to them
+
+
+def test_exact_basis_matches_the_dense_eigenvectors():
+    # without truncation the column basis spans the top eigenvectors of Σ ΔW_i ΔW_iᵀ (formed densely here)
+    ads = family(6, k0=4, noise=0.3, seed=13)
+    sub = SharedSubspace.from_adapters(ads, num_components=3, refine=0, dtype="float32")
+    for m in MODS:
+        g = sum(a.delta_weight(m).double() @ a.delta_weight(m).double().T for a in ads)
+        w, e = torch.linalg.eigh(g)
+        top = e[:, -3:]
+        u = sub.modules[m].tensors["U"].double()
+        # same subspace: the projector difference vanishes
+        assert torch.linalg.matrix_norm(u @ u.T - top @ top.T, ord=2) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["joint", "pca"])
+def test_mean_error_rule_picks_the_smallest_k_meeting_the_mean(method):
+    ads = family(8, k0=5, noise=0.35, seed=14)
+    target = 0.2
+    sub = SharedSubspace.from_adapters(ads, method=method, mean_error=target, refine=0, hybrid=False, dtype="float32")
+    kmax = 7 if method == "pca" else 20
+    for m in MODS:
+        k = sub.k_per_module[m]
+        assert _dense_mean_err(sub, ads, m) <= target + 1e-4
+        # independently: the fixed-k builds' mean errors; k is the first meeting the target
+        means = {}
+        for kk in range(1, min(kmax, k) + 1):
+            fixed = SharedSubspace.from_adapters(ads, method=method, num_components=kk, refine=0, hybrid=False,
+                                                 dtype="float32")
+            means[kk] = _dense_mean_err(fixed, ads, m)
+        assert means[k] <= target + 1e-4
+        assert all(means[j] > target - 1e-4 for j in range(1, k)), (m, k, means)
+    # a mean target allows some tasks above it; max_error with the same number never does
+    by_max = SharedSubspace.from_adapters(ads, method=method, max_error=target, refine=0, hybrid=False, dtype="float32")
+    assert all(sub.k_per_module[m] <= by_max.k_per_module[m] for m in MODS)
+    assert by_max.compression_stats()["error"]["max"] <= target + 1e-4
+
+
+def test_mean_and_max_together_meet_both():
+    ads = family(8, k0=5, noise=0.35, seed=15)
+    sub = SharedSubspace.from_adapters(ads, mean_error=0.1, max_error=0.3, hybrid=False, dtype="float32")
+    st = sub.compression_stats()["error"]
+    assert st["mean"] <= 0.1 + 1e-4 and st["max"] <= 0.3 + 1e-4
+
+
+def test_mean_error_validated():
+    ads = family(3)
+    with pytest.raises(ValueError, match="mean_error"):
+        SharedSubspace.from_adapters(ads, mean_error=1.5)
+    with pytest.raises(ValueError, match="sketch_rank"):
+        SharedSubspace.from_adapters(ads, sketch_rank=0)
+
+
+def test_streaming_equals_in_memory_with_a_narrow_sketch(tmp_path):
+    ads = family(10, k0=4, noise=0.3, seed=16)
+    paths = [save_adapter(a, tmp_path / a.name, dtype=torch.float32) for a in ads]
+    mem = SharedSubspace.from_adapters(ads, mean_error=0.1, sketch_rank=5)
+    st = SharedSubspace.from_adapters_streaming(paths, mean_error=0.1, sketch_rank=5)
+    assert mem.k_per_module == st.k_per_module
+    for m in MODS:
+        for key, t in mem.modules[m].tensors.items():
+            assert torch.allclose(t.float(), st.modules[m].tensors[key].float(), atol=1e-3), (m, key)
+    for a in ads:
+        for m in MODS:
+            assert mem.tasks[a.name].fidelity[m] == pytest.approx(st.tasks[a.name].fidelity[m], rel=1e-3, abs=1e-5)
+
+
+def test_encode_joint_error_is_exact_for_a_rounded_non_orthonormal_basis():
+    g = torch.Generator().manual_seed(17)
+    u = torch.linalg.qr(torch.randn(40, 6, generator=g, dtype=torch.float64))[0].half()
+    v = torch.linalg.qr(torch.randn(30, 6, generator=g, dtype=torch.float64))[0].half()
+    sb, a = torch.randn(40, R, generator=g, dtype=torch.float64), torch.randn(R, 30, generator=g, dtype=torch.float64)
+    for dtype in (torch.float16, torch.float32):
+        coeffs, err = encode_joint(u, v, sb, a, R, dtype)
+        if "c" in coeffs:
+            core = coeffs["c"].double() @ coeffs["d"].double()
+        else:  # reconstruction keeps the rank-r truncation of Σ (the adapter's rank)
+            uu, ss, vh = torch.linalg.svd(coeffs["sigma"].double())
+            core = uu[:, :R] @ torch.diag(ss[:R]) @ vh[:R]
+        rec = u.double() @ core @ v.double().T
+        dense = float((sb @ a - rec).norm() / (sb @ a).norm())
+        assert err == pytest.approx(dense, rel=1e-6, abs=1e-9)
