@@ -110,8 +110,22 @@ def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
         for f in sorted([BASIS_FILE] + [t["file"] for t in manifest["tasks"]]):
             fp = tmp / f
             manifest["files"][f] = {"sha256": _sha256(fp), "bytes": fp.stat().st_size}
-        (tmp / SUBSPACE_MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
+        # compact: 7 significant digits (errors and norms are measured to about that), no indentation;
+        # on a small collection the manifest is otherwise a visible share of the bytes on disk
+        text = json.dumps(_rounded(manifest), separators=(",", ":"), sort_keys=True, default=_json_default)
+        (tmp / SUBSPACE_MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def _rounded(o: Any) -> Any:
+    """``o`` with every float rounded to 7 significant digits (non-finite ones kept)."""
+    if isinstance(o, float):
+        return float(f"{o:.7g}") if o == o and abs(o) != float("inf") else o
+    if isinstance(o, dict):
+        return {k: _rounded(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_rounded(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
