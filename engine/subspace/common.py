@@ -115,8 +115,9 @@ class ModuleBasis:
 
     @property
     def k(self) -> int:
+        """Components of the basis: for ``joint``, the larger of k_u (columns of U) and k_v (of V)."""
         if self.kind == "joint":
-            return int(self.tensors["U"].shape[1])
+            return max(int(self.tensors["U"].shape[1]), int(self.tensors["V"].shape[1]))
         if self.kind == "pca":
             return int(self.tensors["comp_a"].shape[0])
         return 0

@@ -486,8 +486,6 @@ class SharedSubspace:
                         base = t[key].double().T
                         t[key] = ops.gram_schmidt(base, torch.randn(num_expand, base.shape[1], generator=g, dtype=torch.float64)).T.to(self.dtype)
                         self.quantized.pop((m, key), None)
-                    kk = min(t["U"].shape[1], t["V"].shape[1])
-                    t["U"], t["V"] = t["U"][:, :kk], t["V"][:, :kk]
                 elif b.kind == "pca":
                     for side in ("a", "b"):
                         base = t[f"comp_{side}"].double()
@@ -498,9 +496,8 @@ class SharedSubspace:
         for m, b in self.modules.items():
             c = proj.coeffs[m]
             if b.kind == "joint":
-                k = b.k
                 sig = c["c"].float() @ c["d"].float() if "c" in c else c["sigma"].float()
-                full = torch.zeros(k, k)
+                full = torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1])
                 full[: sig.shape[0], : sig.shape[1]] = sig
                 params[f"{m}.sigma"] = full.requires_grad_(True)
             elif b.kind == "pca":

@@ -36,21 +36,19 @@ def _core(coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
     if "c" in coeffs:
         return coeffs["c"].double(), coeffs["d"].double()
     sigma = coeffs["sigma"].double()
-    kk = sigma.shape[0]
-    if kk == 0:
-        return sigma.new_zeros(0, 0), sigma.new_zeros(0, 0)
-    p, s, qh = torch.linalg.svd(sigma)
-    q = min(rank, kk, int((s > s[0] * 1e-12).sum()) if s[0] > 0 else 0)
+    if sigma.numel() == 0:
+        return sigma.new_zeros(sigma.shape[0], 0), sigma.new_zeros(0, sigma.shape[1])
+    p, s, qh = torch.linalg.svd(sigma, full_matrices=False)
+    q = min(rank, s.numel(), int((s > s[0] * 1e-12).sum()) if s[0] > 0 else 0)
     return p[:, :q] * s[:q], qh[:q]
 
 
 def joint_factors(u: Tensor, v: Tensor, coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
     """Effective factors ``(B_eff out×q, A q×in)`` of ``U Σ Vᵀ`` with ``q ≤ rank`` (float32 math in float64)."""
-    left, right = _core(coeffs, rank)
-    kk = left.shape[0]
-    if kk == 0:
+    left, right = _core(coeffs, rank)  # ku×q, q×kv: the core may be rectangular
+    if left.shape[1] == 0:
         return u.new_zeros(u.shape[0], 0, dtype=torch.float64), v.new_zeros(0, v.shape[0], dtype=torch.float64)
-    return u[:, :kk].double() @ left, right @ v[:, :kk].double().T
+    return u[:, : left.shape[0]].double() @ left, right @ v[:, : right.shape[1]].double().T
 
 
 def basis_grams(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,19 +66,19 @@ def encode_joint(u: Tensor, v: Tensor, sb: Tensor, a: Tensor, rank: int, dtype: 
     (``grams`` = :func:`basis_grams` and ``n2`` = ``‖ΔW‖²`` when known).
     """
     ud, vd = u.double(), v.double()
-    k = ud.shape[1]
+    ku, kv = ud.shape[1], vd.shape[1]
     sigma = (ud.T @ sb) @ (a @ vd)
     coeffs: dict[str, Tensor]
-    if k and 2 * k * min(rank, k) < k * k:
-        p, s, qh = torch.linalg.svd(sigma)
-        q = min(rank, k)
+    q = min(rank, ku, kv)
+    if ku and kv and q * (ku + kv) < ku * kv:  # rank-q factors are smaller than the ku×kv core
+        p, s, qh = torch.linalg.svd(sigma, full_matrices=False)
         coeffs = {"c": (p[:, :q] * s[:q]).to(dtype), "d": qh[:q].to(dtype)}
     else:
         coeffs = {"sigma": sigma.to(dtype)}
     if n2 is None:
         n2 = float(ops.lowrank_sqnorm(sb, a))
     left, right = _core(coeffs, rank)
-    if left.shape[0] == 0:
+    if left.shape[1] == 0:
         return coeffs, (0.0 if n2 <= 0 else 1.0)
     gu, gv = grams if grams is not None else basis_grams(u, v)
     core = left @ right
@@ -154,9 +152,9 @@ class _ModStats:
     norm2_sum: float = 0.0
     rank_sum: int = 0
     sep_rank_sum: int = 0
-    energy: Tensor | None = None  # Σ_i ‖U_kᵀ ΔW_i V_k‖² per k
-    max_err: Tensor | None = None  # worst task's error per k
-    sum_err: Tensor | None = None  # summed task errors per k
+    energy: Tensor | None = None  # Σ_i ‖U_kᵀ ΔW_i V_k‖² per k (square cores)
+    max_err: Tensor | None = None  # worst task's error per (k_u, k_v); with no error target, per k
+    sum_err: Tensor | None = None  # summed task errors, the same
     u: Tensor | None = None  # candidate bases (out×K, in×K) in order of importance
     v: Tensor | None = None
 
@@ -210,28 +208,41 @@ def _energies(p: Tensor, r: Tensor) -> Tensor:
     return torch.einsum("kij,kji->k", gp, gq)
 
 
-def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int) -> int:
-    kmax = st.u.shape[1] if st.u is not None else 0
-    if kmax == 0:
-        return 0
+def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """``(k_u, k_v)``: square by the k/variance rules; for error targets the pair storing fewest numbers."""
+    kmax = min(st.u.shape[1], st.v.shape[1]) if st.u is not None else 0
     if p.max_error is not None or p.mean_error is not None:
-        ok = torch.ones(kmax, dtype=torch.bool)
+        if st.max_err is None or st.max_err.numel() == 0:
+            return 0, 0
+        ok = torch.ones_like(st.max_err, dtype=torch.bool)
         if p.max_error is not None:
             ok &= st.max_err <= p.max_error + 1e-12
         if p.mean_error is not None:
             ok &= st.sum_err / max(n, 1) <= p.mean_error + 1e-12
-        idx = ok.nonzero()
-        return int(idx[0, 0]) + 1 if idx.numel() else kmax
+        if not bool(ok.any()):
+            return st.max_err.shape[0], st.max_err.shape[1]
+        o, i = shape
+        ku = torch.arange(1, st.max_err.shape[0] + 1, dtype=torch.float64)[:, None]
+        kv = torch.arange(1, st.max_err.shape[1] + 1, dtype=torch.float64)[None, :]
+        r = max(1, st.rank_sum // max(n, 1))
+        cost = ku * o + kv * i + n * torch.minimum(ku * kv, torch.minimum(ku, kv).clamp(max=r) * (ku + kv))
+        cost = torch.where(ok, cost + 1e-6 * (ku + kv), torch.full_like(cost, float("inf")))
+        flat = int(torch.argmin(cost))
+        return flat // cost.shape[1] + 1, flat % cost.shape[1] + 1
     if p.num_components is not None and not p.adaptive_k:
         if p.num_components > limit:
             raise ValueError(
                 f"num_components={p.num_components} is too large for module '{m}': at most {limit} "
                 "(min of out_features, in_features and the summed ranks)"
             )
-        return min(p.num_components, kmax)
+        k = min(p.num_components, kmax)
+        return k, k
+    if kmax == 0:
+        return 0, 0
     ev = st.energy / st.norm2_sum if st.norm2_sum > 0 else torch.ones(kmax, dtype=torch.float64)
-    ok = (ev >= p.variance_threshold - 1e-12).nonzero()
-    return int(ok[0, 0]) + 1 if ok.numel() else kmax
+    ok2 = (ev >= p.variance_threshold - 1e-12).nonzero()
+    k = int(ok2[0, 0]) + 1 if ok2.numel() else kmax
+    return k, k
 
 
 def one_k_for_all(p: JointParams) -> bool:
@@ -395,11 +406,11 @@ def _statistics(source: AdapterSource, modules: list[str], shapes: dict[str, tup
     # Rayleigh–Ritz in the sketched spaces, then each task's energy for every k
     with _one_thread():
         for m in modules:
-            _ritz(stats[m], delta)
+            _ritz(stats[m], delta, target is not None)
     return stats
 
 
-def _ritz(st: _ModStats, delta: bool) -> None:
+def _ritz(st: _ModStats, delta: bool, grid: bool) -> None:
     """Order the sketched directions (eigenvectors of the projected Gram sums) and tabulate the errors per k."""
     ku, kv = st.q_u.shape[1], st.q_v.shape[1]
     mu = torch.zeros(ku, ku, dtype=torch.float64)
@@ -412,36 +423,44 @@ def _ritz(st: _ModStats, delta: bool) -> None:
             mu.addmm_(pp, pp.T)
             mv.addmm_(rr.T, rr, alpha=float(gb.trace()) / max(float(ga.trace()), 1e-300))
     wu, wv = _top_eig(mu), _top_eig(mv)
-    kk = min(wu.shape[1], wv.shape[1])
-    wu, wv = wu[:, :kk], wv[:, :kk]
+    ku, kv = wu.shape[1], wv.shape[1]
     st.u, st.v = st.q_u @ wu, st.q_v @ wv
     st.q_u = st.q_v = None
     st.p = [wu.T @ pp for pp in st.p]
     st.r = [rr @ wv for rr in st.r]
+    kk = min(ku, kv)
     st.energy = torch.zeros(kk, dtype=torch.float64)
-    st.max_err = torch.zeros(kk, dtype=torch.float64)
-    st.sum_err = torch.zeros(kk, dtype=torch.float64)
+    shape = (ku, kv) if grid else (kk,)
+    st.max_err = torch.zeros(shape, dtype=torch.float64)
+    st.sum_err = torch.zeros(shape, dtype=torch.float64)
     if not kk:
         return
     for pp, rr, n2 in zip(st.p, st.r, st.n2):
-        e = _energies(pp, rr)
+        if grid:  # every (k_u, k_v): tr(Σ_{a<k_u} p_a p_aᵀ · Σ_{b<k_v} r_b r_bᵀ) as one matrix product
+            r_ = pp.shape[1]
+            gp = torch.cumsum(pp[:, :, None] * pp[:, None, :], 0).reshape(ku, r_ * r_)
+            gq = torch.cumsum(rr.T[:, :, None] * rr.T[:, None, :], 0).reshape(kv, r_ * r_)
+            e2 = gp @ gq.T  # gp, gq symmetric per k: tr(AB) = Σ A∘B
+            e = e2.diagonal()[:kk]
+        else:
+            e2 = e = _energies(pp[:kk], rr[:, :kk])
         st.energy += e
-        err = ((n2 - e).clamp_min(0) / n2).sqrt() if n2 > 0 else torch.zeros_like(e)
+        err = ((n2 - e2).clamp_min(0) / n2).sqrt() if n2 > 0 else torch.zeros_like(e2)
         st.max_err = torch.maximum(st.max_err, err)
         st.sum_err += err
 
 
 def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: dict[str, _ModStats], p: JointParams,
-                t: Any, n: int) -> dict[str, int]:
-    """Each module's own k (before :func:`one_k_for_all` raises them to one)."""
-    chosen: dict[str, int] = {}
+                t: Any, n: int) -> dict[str, tuple[int, int]]:
+    """Each module's own ``(k_u, k_v)`` (before :func:`one_k_for_all` raises them to one k)."""
+    chosen: dict[str, tuple[int, int]] = {}
     for m in modules:
         t(f"choosing k: {m}")
         if p.separate_only:
             continue
         o, i = shapes[m]
         st = stats[m]
-        chosen[m] = _choose_k(m, st, p, min(o, i, st.rank_sum), n)
+        chosen[m] = _choose_k(m, st, p, min(o, i, st.rank_sum), n, (o, i))
     return chosen
 
 
@@ -460,32 +479,33 @@ def joint_module_k(source: AdapterSource, shapes: dict[str, tuple[int, int]], p:
     """Each module's own k, from passes 1 and 2 alone: for a build in chunks where :func:`one_k_for_all` holds."""
     modules = sorted(shapes)
     t = _ticker(progress, cancel, joint_steps(p, len(source), len(modules), k_only=True))
-    return _choose_all(modules, shapes, _statistics(source, modules, shapes, p, t, rank_sums), p, t, len(source))
+    chosen = _choose_all(modules, shapes, _statistics(source, modules, shapes, p, t, rank_sums), p, t, len(source))
+    return {m: max(kp) for m, kp in chosen.items()}
 
 
-def _refine(st: _ModStats, k: int, rounds: int) -> tuple[Tensor, Tensor]:
-    """Alternating updates of the first ``k`` directions inside the candidate spaces, from the stored projections.
+def _refine(st: _ModStats, ku: int, kv: int, rounds: int) -> tuple[Tensor, Tensor]:
+    """Alternating updates of the first ``ku``/``kv`` directions inside the candidate spaces, from the stored projections.
 
-    ``U`` ← top-k of ``Σ_i ΔW_iV(ΔW_iV)ᵀ``, then ``V`` ← top-k of ``Σ_i ΔW_iᵀU(ΔW_iᵀU)ᵀ``
+    ``U`` ← top-k_u of ``Σ_i ΔW_iV(ΔW_iV)ᵀ``, then ``V`` ← top-k_v of ``Σ_i ΔW_iᵀU(ΔW_iᵀU)ᵀ``
     (Gabrielsson et al. 2024), restricted to the sketched spaces so that no pass
-    over the adapters is needed. Returns the new ``(U_c, V_c)`` as K×k coordinates.
+    over the adapters is needed. Returns the new ``(U_c, V_c)`` as K_u×k_u and K_v×k_v coordinates.
     """
-    kk = st.u.shape[1]
-    vc = torch.eye(kk, k, dtype=torch.float64)
-    uc = vc
+    nu, nv = st.u.shape[1], st.v.shape[1]
+    uc, vc = torch.eye(nu, ku, dtype=torch.float64), torch.eye(nv, kv, dtype=torch.float64)
     for _ in range(rounds):
-        mu = torch.zeros(kk, kk, dtype=torch.float64)
+        mu = torch.zeros(nu, nu, dtype=torch.float64)
         for pp, rr in zip(st.p, st.r):
-            tt = rr @ vc  # r×k: ΔW V in the task's own r coordinates
+            tt = rr @ vc  # r×k_v: ΔW V in the task's own r coordinates
             mu.addmm_(pp, (tt @ tt.T) @ pp.T)
-        uc = _top_eig(mu, k, rtol=0.0)
-        mv = torch.zeros(kk, kk, dtype=torch.float64)
+        new_u = _top_eig(mu, ku, rtol=0.0)
+        mv = torch.zeros(nv, nv, dtype=torch.float64)
         for pp, rr in zip(st.p, st.r):
-            tt = pp.T @ uc
+            tt = pp.T @ new_u
             mv.addmm_(rr.T, (tt @ tt.T) @ rr)
-        vc = _top_eig(mv, k, rtol=0.0)
-        if uc.shape[1] < k or vc.shape[1] < k:  # degenerate: keep the Ritz directions
-            return torch.eye(kk, k, dtype=torch.float64), torch.eye(kk, k, dtype=torch.float64)
+        new_v = _top_eig(mv, kv, rtol=0.0)
+        if new_u.shape[1] < ku or new_v.shape[1] < kv:  # degenerate: keep the Ritz directions
+            break
+        uc, vc = new_u, new_v
     return uc, vc
 
 
@@ -527,8 +547,8 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
     chosen = _choose_all(modules, shapes, stats, p, t, n)
     if one_k_for_all(p) and chosen:
         # one k for all modules (as the seed): the largest any module needs
-        kk = max(chosen.values()) if k_all is None else k_all
-        chosen = {m: min(kk, stats[m].u.shape[1]) for m in modules}
+        kk = max(max(kp) for kp in chosen.values()) if k_all is None else k_all
+        chosen = {m: (min(kk, stats[m].u.shape[1], stats[m].v.shape[1]),) * 2 for m in modules}
 
     target = p.target
     for m in modules:
@@ -537,18 +557,20 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
             bases[m] = ModuleBasis("separate", (o, i))
             continue
         st = stats[m]
-        k = chosen[m]
-        ev = (st.energy / st.norm2_sum).tolist() if st.norm2_sum > 0 else [1.0] * st.u.shape[1]
-        shared_est = k * (o + i) + n * min(k * k, 2 * k * max(1, st.rank_sum // max(n, 1)))
+        ku, kv = chosen[m]
+        ev = (st.energy / st.norm2_sum).tolist() if st.norm2_sum > 0 else [1.0] * st.energy.numel()
+        r_avg = max(1, st.rank_sum // max(n, 1))
+        shared_est = ku * o + kv * i + n * min(ku * kv, min(ku, kv, r_avg) * (ku + kv))
         if target is not None and p.hybrid and st.sep_rank_sum * (o + i) < shared_est:
             bases[m] = ModuleBasis("separate", (o, i), explained=ev)
             continue
-        u, v = st.u[:, :k], st.v[:, :k]
-        if p.basis == "delta" and p.refine > 0 and k > 0:
+        u, v = st.u[:, :ku], st.v[:, :kv]
+        if p.basis == "delta" and p.refine > 0 and ku > 0 and kv > 0:
             with _one_thread():
-                uc, vc = _refine(st, k, p.refine)
-                eye = torch.eye(st.u.shape[1], k, dtype=torch.float64)
-                better = _better(_errors_at(st, eye, eye), _errors_at(st, uc, vc), st.n2, p)
+                uc, vc = _refine(st, ku, kv, p.refine)
+                eu = torch.eye(st.u.shape[1], ku, dtype=torch.float64)
+                evv = torch.eye(st.v.shape[1], kv, dtype=torch.float64)
+                better = _better(_errors_at(st, eu, evv), _errors_at(st, uc, vc), st.n2, p)
             if better:
                 u, v = st.u @ uc, st.v @ vc
         bases[m] = ModuleBasis("joint", (o, i), {"U": u.to(p.dtype), "V": v.to(p.dtype)}, explained=ev)
@@ -578,7 +600,7 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, target, q_fixed, p.dtype)
                 continue
             if b.k == 0:
-                proj.coeffs[m] = {"sigma": torch.zeros(0, 0, dtype=p.dtype)}
+                proj.coeffs[m] = {"sigma": torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1], dtype=p.dtype)}
                 proj.fidelity[m] = 0.0 if proj.norms[m] == 0 else 1.0
                 continue
             with _one_thread():
@@ -617,8 +639,7 @@ def extend_for_task(u: Tensor, v: Tensor, sb: Tensor, a: Tensor, rank: int, targ
     for j in range(1, max(lu.shape[1], rvh.shape[0]) + 1):
         nu = ops.gram_schmidt(ud.T, lu[:, :j].T).T
         nv = ops.gram_schmidt(vd.T, rvh[:j]).T
-        kk = min(nu.shape[1], nv.shape[1])
-        nu, nv = nu[:, :kk].to(dtype), nv[:, :kk].to(dtype)
+        nu, nv = nu.to(dtype), nv.to(dtype)  # each side grows by what it needs (the core may be rectangular)
         c, e = encode_joint(nu, nv, sb, a, rank, dtype)
         best = (nu, nv, c, e)
         if e <= target:

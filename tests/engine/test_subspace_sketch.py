@@ -122,3 +122,43 @@ def test_encode_joint_error_is_exact_for_a_rounded_non_orthonormal_basis():
         rec = u.double() @ core @ v.double().T
         dense = float((sb @ a - rec).norm() / (sb @ a).norm())
         assert err == pytest.approx(dense, rel=1e-6, abs=1e-9)
+
+
+def test_error_target_picks_the_cheapest_feasible_k_pair_from_dense_bases():
+    # column spaces of 3 dims, row spaces of 6: the cheapest pair is rectangular (k_u < k_v)
+    g = torch.Generator().manual_seed(18)
+    ads = []
+    cols = {m: torch.linalg.qr(torch.randn(24, 3, generator=g, dtype=torch.float64))[0] for m in MODS}
+    rows = {m: torch.linalg.qr(torch.randn(20, 6, generator=g, dtype=torch.float64))[0] for m in MODS}
+    from test_subspace import lora
+
+    for i in range(6):
+        a = {m: (torch.randn(R, 6, generator=g, dtype=torch.float64) @ rows[m].T
+                 + 0.03 * torch.randn(R, 20, generator=g, dtype=torch.float64)).float() for m in MODS}
+        b = {m: (cols[m] @ torch.randn(3, R, generator=g, dtype=torch.float64)
+                 + 0.03 * torch.randn(24, R, generator=g, dtype=torch.float64)).float() for m in MODS}
+        ads.append(lora(a, b, f"t{i}"))
+    target = 0.1
+    sub = SharedSubspace.from_adapters(ads, mean_error=target, refine=0, hybrid=False, dtype="float32")
+    n = len(ads)
+    for m in MODS:
+        u, v = sub.modules[m].tensors["U"], sub.modules[m].tensors["V"]
+        ku, kv = u.shape[1], v.shape[1]
+        assert ku < kv  # rectangular where the data is
+        # independently: dense eigenvectors of Σ ΔWΔWᵀ and Σ ΔWᵀΔW, every pair's mean error, the cheapest feasible
+        dws = [a.delta_weight(m).double() for a in ads]
+        eu = torch.linalg.eigh(sum(d @ d.T for d in dws))[1].flip(1)
+        ev = torch.linalg.eigh(sum(d.T @ d for d in dws))[1].flip(1)
+        best = None
+        for i in range(1, 13):
+            for j in range(1, 13):
+                mean = sum(float((d - eu[:, :i] @ (eu[:, :i].T @ d @ ev[:, :j]) @ ev[:, :j].T).norm() / d.norm())
+                           for d in dws) / n
+                if mean <= target:
+                    cost = i * 24 + j * 20 + n * min(i * j, min(i, j, R) * (i + j))
+                    if best is None or cost < best[0]:
+                        best = (cost, i, j)
+        assert best is not None
+        mine = ku * 24 + kv * 20 + n * min(ku * kv, min(ku, kv, R) * (ku + kv))
+        assert mine == best[0], (m, (ku, kv), best)
+        assert _dense_mean_err(sub, ads, m) <= target + 1e-4
