@@ -307,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma list of demo, peft, peft-seeds, 7b-shared, 7b")
     ap.add_argument("--n", default=None, help="collection sizes, e.g. 8,32,100 (clipped to what a collection has)")
     ap.add_argument("--max-error", default="0.05", help="max-error target(s) for the lib and the baseline, comma list")
+    ap.add_argument("--no-int8-rows", dest="int8_rows", action="store_false", default=True,
+                    help="skip the joint rows whose bases are then quantised to int8 (SharedSubspace.quantize(bits=8))")
     ap.add_argument("--mean-error", default="0.05", help="mean-error target(s) for the lib methods, comma list ('' for none)")
     ap.add_argument("--methods", default="auto", help="SharedSubspace methods (default: all the library has)")
     ap.add_argument("--k", default=None, help="override the k sweep of the lib methods (comma list)")
@@ -467,6 +469,9 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
             go(m, f"err≤{t:g}", {"kind": "ours", "kwargs": {"method": m, "max_error": t}})
         for t in args.mean_targets:
             go(m, f"mean≤{t:g}", {"kind": "ours", "kwargs": {"method": m, "mean_error": t}})
+            if m == "joint" and args.int8_rows:  # the same build, its bases then quantised to int8 blocks
+                go(m, f"mean≤{t:g} +int8", {"kind": "ours", "kwargs": {"method": m, "mean_error": t},
+                                            "quantize": {"bits": 8}, "heldout": False})
     for t in targets:
         go("baseline (per-task SVD)", f"err≤{t:g}", {"kind": "baseline", "target": t})
     for name, peer in peers.items():

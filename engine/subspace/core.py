@@ -210,7 +210,7 @@ class SharedSubspace:
         """Build from adapter folders, holding one adapter in memory at a time (plus basis and statistics).
 
         Same arguments and result as :meth:`from_adapters`; the adapters are read
-        in a few passes (3 + 2·refine for joint) per chunk of modules, each reading only
+        in three passes (joint/share; pca: 2–3) per chunk of modules, each reading only
         that chunk's tensors, so time is O(N) and memory is one adapter plus one
         chunk's statistics (``memory_budget_mb``) plus the result.
         """
