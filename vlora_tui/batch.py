@@ -288,12 +288,13 @@ def _render_subspace_info(d: dict[str, Any]) -> list[Block]:
     st = d["stats"]
     kv = [("path", d["path"]), ("base model", d["base_model"]), ("format", d["format_version"]), *_stats_kv(st)]
     tasks = [[t["task_id"], t["rank"], t["mean_error"], t["max_error"], "bound" if t["error_is_bound"] else ""] for t in d["tasks"]]
-    mods = [[m["name"], m["kind"], m["k"], f"{m['out_features']}×{m['in_features']}",
+    mods = [[m["name"], m["kind"], m["k"] if m.get("k_u", m["k"]) == m.get("k_v", m["k"]) else f"{m['k_u']}×{m['k_v']}",
+             f"{m['out_features']}×{m['in_features']}",
              f"{m['explained_at_k']:.1%}" if m["explained_at_k"] is not None else "-", m["mean_error"], m["max_error"]]
             for m in d["modules"]]
     return [("kv", "Subspace", kv),
             ("table", "Tasks (relative ΔW error)", ["task", "rank", "mean", "max", ""], tasks),
-            ("table", "Modules", ["module", "kind", "k", "shape", "explained at k", "mean error", "max error"], mods)]
+            ("table", "Modules", ["module", "kind", "k (U×V)", "shape", "explained at k", "mean error", "max error"], mods)]
 
 
 def _render_compress(d: dict[str, Any]) -> list[Block]:

@@ -109,8 +109,8 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
       "dtype", "base_model", "quantization": {bits, method, double_quant, quantize_loadings,
       block_size}|None, "stats": compression_stats() (without fidelity), "tasks": [{"task_id",
       "mean_error", "max_error", "error_is_bound", "rank", "original_bytes"}], "modules":
-      [{"name", "kind", "k", "out_features", "in_features", "explained_at_k", "mean_error",
-      "max_error"}], "fidelity": {task: {module: error}}, "variance": {module: [cumulative
+      [{"name", "kind", "k", "k_u", "k_v", "out_features", "in_features", "explained_at_k",
+      "mean_error", "max_error"}] (``k_u``/``k_v``: columns of the joint U and V; ``k`` the larger), "fidelity": {task: {module: error}}, "variance": {module: [cumulative
       explained share for k = 1, 2, …]}}``.
     """
     from ..io.scan import is_adapter_dir, is_subspace_dir
@@ -301,6 +301,8 @@ def subspace_info(path: Path, *, progress: ProgressFn | None = None, cancel: Can
             "name": m,
             "kind": b.kind,
             "k": b.k,
+            "k_u": int(b.tensors["U"].shape[1]) if b.kind == "joint" else b.k,
+            "k_v": int(b.tensors["V"].shape[1]) if b.kind == "joint" else b.k,
             "out_features": b.shape[0],
             "in_features": b.shape[1],
             "explained_at_k": (variance[m][b.k - 1] if b.k and len(variance[m]) >= b.k else None),
