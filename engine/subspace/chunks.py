@@ -16,7 +16,7 @@ from typing import Any
 
 from ..progress import Progress
 from .common import AdapterSource, ModuleBasis, TaskProjection
-from .joint import JointParams, build_joint, joint_module_k, joint_steps, one_k_for_all, sketch_widths
+from .joint import BUFFER_COLUMNS, JointParams, build_joint, joint_module_k, joint_steps, one_k_for_all, sketch_widths
 from .pca import PCAParams, build_pca, pca_steps
 
 #: Default ``memory_budget_mb`` of the builds: the statistics of one chunk of modules stay under it.
@@ -31,8 +31,8 @@ def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int],
 
     joint/share: the larger of pass 1 (per side the range sketch and its Gaussian
     test matrix, ``dim × width``) and pass 2 (the orthonormal spaces, every task's
-    projections onto them, K×r and r×K, and its r×r Gram matrices), plus the
-    per-task coefficients at fp16. pca: per side, the components (one row per
+    projections onto them, K×r and r×K, and its r×r Gram matrices), each with the
+    buffer of factors multiplied at once, plus the per-task coefficients at fp16. pca: per side, the components (one row per
     adapter) and the mean, flattened. svd: one adapter's factors.
     """
     o, i = shape
@@ -42,8 +42,9 @@ def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int],
     if method == "svd":
         return 8 * r_max * (o + i)
     wu, wv = sketch_widths(shape, r_sum, sketch_rank)
-    first = 8 * 2 * (o * wu + i * wv)
-    second = 8 * (o * wu + i * wv) + 8 * 2 * n * (wu * r_max + r_max * wv + 2 * r_max * r_max)
+    buffered = 8 * 2 * (o + i) * min(BUFFER_COLUMNS + r_max, r_sum)  # the adapters' factors held for one product, and their concatenation
+    first = 8 * 2 * (o * wu + i * wv) + buffered
+    second = 8 * (o * wu + i * wv) + 8 * 2 * n * (wu * r_max + r_max * wv + 2 * r_max * r_max) + buffered
     k = min(wu, wv)
     return max(first, second) + 2 * n * min(k * k, 2 * k * r_max)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,7 @@ class SharedSubspace:
 
         if not paths:
             raise ValueError("from_adapters_streaming: no adapter paths given")
+        _return_freed_memory()
         ps = [Path(p) for p in paths]
         ids = _task_ids(len(ps), task_ids, [p.name for p in ps])
         # validate every file's header up front (cheap, no tensors), collecting the problems
@@ -719,6 +721,25 @@ class SharedSubspace:
 
 def _elem(t: Tensor, dtype: torch.dtype) -> int:
     return t.element_size() if not t.is_floating_point() else torch.empty(0, dtype=dtype).element_size()
+
+
+def _return_freed_memory() -> None:
+    """glibc: serve every allocation of 128 KiB or more by mmap, so that freed tensors go back to the OS.
+
+    glibc raises its mmap threshold each time a large block is freed, after which
+    the per-adapter temporaries of a streamed build come from the heap, which
+    fragments and keeps them: on N=100 7B-shaped adapters the peak RSS was
+    1.1–1.7 GB with the default and 0.6 GB with a fixed threshold
+    (``M_MMAP_THRESHOLD``; process-wide, set once, as ``MALLOC_MMAP_THRESHOLD_=131072`` does).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+        pass
 
 
 class _CheckedSource(AdapterSource):
