@@ -16,7 +16,15 @@ from typing import Any
 
 from ..progress import Progress
 from .common import AdapterSource, ModuleBasis, TaskProjection
-from .joint import BUFFER_COLUMNS, JointParams, build_joint, joint_module_k, joint_steps, one_k_for_all, sketch_widths
+from .joint import (
+    BUFFER_COLUMNS,
+    JointParams,
+    build_joint,
+    joint_module_k,
+    joint_steps,
+    one_k_for_all,
+    sketch_widths,
+)
 from .pca import PCAParams, build_pca, pca_steps
 
 #: Default ``memory_budget_mb`` of the builds: the statistics of one chunk of modules stay under it.

@@ -16,6 +16,7 @@ from ..errors import AdapterFormatError, IncompatibleAdaptersError, UnknownTaskE
 from ..io.scan import validate_task_id
 from ..progress import CancelLike, ProgressFn, tick
 from ..types import LoRAWeights
+from .chunks import DEFAULT_MEMORY_BUDGET_MB, build_in_chunks
 from .common import (
     DEFAULT_METHOD,
     METHODS,
@@ -31,8 +32,13 @@ from .common import (
     parse_dtype,
     vllm_rank,
 )
-from .chunks import DEFAULT_MEMORY_BUDGET_MB, build_in_chunks
-from .joint import JointParams, encode_joint, encode_separate, extend_for_task, joint_factors
+from .joint import (
+    JointParams,
+    encode_joint,
+    encode_separate,
+    extend_for_task,
+    joint_factors,
+)
 from .pca import PCAParams, encode_pca, pca_factors
 from .quant import QuantizedTensor, quantize_tensor
 
@@ -215,7 +221,12 @@ class SharedSubspace:
         that chunk's tensors, so time is O(N) and memory is one adapter plus one
         chunk's statistics (``memory_budget_mb``) plus the result.
         """
-        from ..io.header import read_config, read_safetensors_header, resolve_adapter_files, strip_prefix
+        from ..io.header import (
+            read_config,
+            read_safetensors_header,
+            resolve_adapter_files,
+            strip_prefix,
+        )
 
         if not paths:
             raise ValueError("from_adapters_streaming: no adapter paths given")

@@ -1,9 +1,9 @@
-"""Ours: one column basis U (out×k) and one row basis V (in×k) per module, shared by all tasks.
+"""Ours: one column basis U (out×k_u) and one row basis V (in×k_v) per module, shared by all tasks.
 
-Each task's update is ``ΔŴ_i = U Σ_i Vᵀ`` with ``Σ_i = Uᵀ ΔW_i V`` (k×k, stored as
-is or as rank-r factors when smaller). With orthonormal U and V,
-``‖ΔW_i − UΣ_iVᵀ‖² = ‖ΔW_i‖² − ‖Σ_i‖²``, so errors for every k come from r×r
-products. ``U`` spans the top eigenvectors of ``Σ_i ΔW_iΔW_iᵀ`` (``V``: of
+Each task's update is ``ΔŴ_i = U Σ_i Vᵀ`` with ``Σ_i = Uᵀ ΔW_i V`` (k_u×k_v, stored
+as is or as rank-r factors when smaller). With orthonormal U and V,
+``‖ΔW_i − UΣ_iVᵀ‖² = ‖ΔW_i‖² − ‖Σ_i‖²``, so errors for every (k_u, k_v) come from
+r×r products, and an error target picks the pair storing the fewest numbers. ``U`` spans the top eigenvectors of ``Σ_i ΔW_iΔW_iᵀ`` (``V``: of
 ``Σ_i ΔW_iᵀΔW_i``), found from the thin factors without forming d×d: a
 randomized range sketch (exact when the summed ranks fit in ``sketch_rank``),
 then a Rayleigh–Ritz step. The bases are blind to LoRA's r×r ambiguity
@@ -28,7 +28,13 @@ from torch import Tensor
 
 from .. import ops
 from ..progress import tick
-from .common import AdapterSource, ModuleBasis, TaskProjection, config_template, effective_factors
+from .common import (
+    AdapterSource,
+    ModuleBasis,
+    TaskProjection,
+    config_template,
+    effective_factors,
+)
 
 
 def _core(coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
@@ -519,8 +525,10 @@ def _errors_at(st: _ModStats, uc: Tensor, vc: Tensor) -> list[float]:
 
 def _better(base: list[float], new: list[float], n2: list[float], p: JointParams) -> bool:
     """Whether the refined basis lowers the residual energy without breaking an error target."""
-    res = lambda errs: sum(e * e * w for e, w in zip(errs, n2))  # noqa: E731
-    if not res(new) < res(base) * (1 - 1e-9):
+    def residual(errs: list[float]) -> float:
+        return sum(e * e * w for e, w in zip(errs, n2))
+
+    if not residual(new) < residual(base) * (1 - 1e-9):
         return False
     if p.max_error is not None and max(new, default=0.0) > max(p.max_error, max(base, default=0.0)):
         return False

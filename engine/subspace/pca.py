@@ -15,7 +15,13 @@ from torch import Tensor
 from .. import ops
 from ..errors import IncompatibleAdaptersError
 from ..progress import tick
-from .common import AdapterSource, ModuleBasis, TaskProjection, config_template, module_scale
+from .common import (
+    AdapterSource,
+    ModuleBasis,
+    TaskProjection,
+    config_template,
+    module_scale,
+)
 
 
 @dataclass

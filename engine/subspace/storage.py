@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
 def _rounded(o: Any) -> Any:
     """``o`` with every float rounded to 7 significant digits (non-finite ones kept)."""
     if isinstance(o, float):
-        return float(f"{o:.7g}") if o == o and abs(o) != float("inf") else o
+        return float(f"{o:.7g}") if math.isfinite(o) else o
     if isinstance(o, dict):
         return {k: _rounded(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
