@@ -447,13 +447,7 @@ class SharedSubspace:
         proj = self._task(task_id)
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for m, b in self.modules.items():
-            c = proj.coeffs[m]
-            if b.kind == "pca":
-                out[m] = pca_factors(b, c, proj.template, m)
-            elif b.kind == "separate":
-                out[m] = (c["b"].double(), c["a"].double())
-            else:
-                out[m] = joint_factors(b.tensors["U"], b.tensors["V"], c, proj.ranks.get(m, b.k))
+            out[m] = _module_factors(b, proj.coeffs[m], proj, m)
         return out
 
     def reconstruct(self, task_id: str, *, pad_to_vllm: bool = True, dtype: torch.dtype = torch.float32) -> LoRAWeights:
@@ -560,12 +554,13 @@ class SharedSubspace:
         originals: dict[str, LoRAWeights] = {}
         if adapters is not None:
             originals = dict(adapters) if isinstance(adapters, dict) else dict(zip(self.tasks, adapters))
-        before = {t: self.task_factors(t) for t in self.tasks}
         mods = sorted(self.modules)
         kw = dict(bits=bits, method=method, block_size=block_size, double_quant=double_quant)
         for j, m in enumerate(mods):
             tick(progress, cancel, j, len(mods), f"quantizing {m}")
             b = self.modules[m]
+            old = ModuleBasis(b.kind, b.shape, dict(b.tensors), rank=b.rank, explained=b.explained)
+            old_coeffs: dict[str, dict[str, Tensor]] = {}
             keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b", "mean_a", "mean_b")}.get(b.kind, ())
             for key in keys:
                 if b.tensors[key].numel():
@@ -574,28 +569,28 @@ class SharedSubspace:
                     b.tensors[key] = qt.dequantize(torch.float32)
             if quantize_loadings or b.kind == "separate":
                 for tid, proj in self.tasks.items():
-                    if b.kind != "separate" and not quantize_loadings:
-                        continue
+                    old_coeffs[tid] = dict(proj.coeffs[m])
                     for key, val in proj.coeffs[m].items():
                         if val.numel():
                             qt = quantize_tensor(val, **kw)
                             self.quantized[(tid, m, key)] = qt
                             proj.coeffs[m][key] = qt.dequantize(torch.float32)
-        for tid, proj in self.tasks.items():
-            after = self.task_factors(tid)
-            orig = originals.get(tid)
-            for m in self.modules:
+            # each task's new error in this module, one task at a time (memory O(1) in N)
+            for tid, proj in self.tasks.items():
+                after = _module_factors(b, proj.coeffs[m], proj, m)
+                orig = originals.get(tid)
                 if orig is not None:
                     sb, a = effective_factors(orig, m)
-                    proj.fidelity[m] = ops.lowrank_rel_error(sb, a, *after[m])
+                    proj.fidelity[m] = ops.lowrank_rel_error(sb, a, *after)
                     continue
-                b0, a0 = before[tid][m]
-                n2 = float(ops.lowrank_sqnorm(b0, a0)) ** 0.5
-                change = ops.lowrank_rel_error(b0, a0, *after[m]) * n2
+                b0, a0 = _module_factors(old, old_coeffs.get(tid, proj.coeffs[m]), proj, m)
+                n0 = float(ops.lowrank_sqnorm(b0, a0)) ** 0.5
+                change = ops.lowrank_rel_error(b0, a0, *after) * n0
                 norm = proj.norms.get(m, 0.0)
                 proj.fidelity[m] = proj.fidelity[m] + (change / norm if norm > 0 else 0.0)
                 proj.error_is_bound = True
-            if orig is not None:
+        for tid, proj in self.tasks.items():
+            if tid in originals:
                 proj.error_is_bound = False
         self.quantization = {"bits": bits, "method": method, "double_quant": double_quant,
                              "quantize_loadings": quantize_loadings, "block_size": block_size}
@@ -732,6 +727,15 @@ class SharedSubspace:
 
 def _elem(t: Tensor, dtype: torch.dtype) -> int:
     return t.element_size() if not t.is_floating_point() else torch.empty(0, dtype=dtype).element_size()
+
+
+def _module_factors(b: ModuleBasis, coeffs: dict[str, Tensor], proj: TaskProjection, m: str) -> tuple[Tensor, Tensor]:
+    """One task's effective factors ``(B_eff, A)`` in module ``m`` (float64)."""
+    if b.kind == "pca":
+        return pca_factors(b, coeffs, proj.template, m)
+    if b.kind == "separate":
+        return coeffs["b"].double(), coeffs["a"].double()
+    return joint_factors(b.tensors["U"], b.tensors["V"], coeffs, proj.ranks.get(m, b.k))
 
 
 def _return_freed_memory() -> None:
