@@ -163,6 +163,7 @@ class _ModStats:
     sum_err: Tensor | None = None  # summed task errors, the same
     u: Tensor | None = None  # candidate bases (out×K, in×K) in order of importance
     v: Tensor | None = None
+    feasible: bool = True  # an error target is met by some (k_u, k_v) within the sketch
 
 
 def _psd_sqrt(g: Tensor) -> Tensor:
@@ -225,7 +226,8 @@ def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int, shape: 
             ok &= st.max_err <= p.max_error + 1e-12
         if p.mean_error is not None:
             ok &= st.sum_err / max(n, 1) <= p.mean_error + 1e-12
-        if not bool(ok.any()):
+        if not bool(ok.any()):  # not within the sketched width: the best the basis can do
+            st.feasible = False
             return st.max_err.shape[0], st.max_err.shape[1]
         o, i = shape
         ku = torch.arange(1, st.max_err.shape[0] + 1, dtype=torch.float64)[:, None]
@@ -569,7 +571,8 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
         ev = (st.energy / st.norm2_sum).tolist() if st.norm2_sum > 0 else [1.0] * st.energy.numel()
         r_avg = max(1, st.rank_sum // max(n, 1))
         shared_est = ku * o + kv * i + n * min(ku * kv, min(ku, kv, r_avg) * (ku + kv))
-        if target is not None and p.hybrid and st.sep_rank_sum * (o + i) < shared_est:
+        # per-task storage when smaller, or when no shared basis within the sketch meets the target
+        if target is not None and p.hybrid and (st.sep_rank_sum * (o + i) < shared_est or not st.feasible):
             bases[m] = ModuleBasis("separate", (o, i), explained=ev)
             continue
         u, v = st.u[:, :ku], st.v[:, :kv]

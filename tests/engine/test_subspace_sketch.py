@@ -160,3 +160,14 @@ def test_error_target_picks_the_cheapest_feasible_k_pair_from_dense_bases():
         mine = ku * 24 + kv * 20 + n * min(ku * kv, min(ku, kv, R) * (ku + kv))
         assert mine == best[0], (m, (ku, kv), best)
         assert _dense_mean_err(sub, ads, m) <= target + 1e-4
+
+
+def test_target_beyond_the_sketch_falls_back_to_per_task_storage():
+    ads = family(12, k0=6, noise=0.6, seed=19)  # needs far more than 2 shared directions
+    sub = SharedSubspace.from_adapters(ads, mean_error=0.05, sketch_rank=2, dtype="float32")
+    assert set(sub.compression_stats()["module_kinds"].values()) == {"separate"}
+    assert sub.compression_stats()["error"]["mean"] <= 0.05 + 1e-6
+    # without hybrid the shared basis is kept at the sketch's width, and the error says so
+    best = SharedSubspace.from_adapters(ads, mean_error=0.05, sketch_rank=2, hybrid=False, dtype="float32")
+    assert max(best.k_per_module.values()) <= 2
+    assert best.compression_stats()["error"]["mean"] > 0.05
