@@ -189,7 +189,7 @@ def _omega(cache: dict[tuple[int, int], Tensor], dim: int, width: int) -> Tensor
     return cache[key]
 
 
-def _orth(z: Tensor, rtol: float = 1e-12) -> Tensor:
+def _orth(z: Tensor, rtol: float = 1e-14) -> Tensor:
     """Orthonormal basis of the numerical range of ``z`` (Householder QR, then an SVD of R)."""
     if z.shape[1] == 0:
         return z
@@ -243,6 +243,9 @@ def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int, shape: 
                 f"num_components={p.num_components} is too large for module '{m}': at most {limit} "
                 "(min of out_features, in_features and the summed ranks)"
             )
+        if p.num_components > min(st.width_u, st.width_v):
+            raise ValueError(f"num_components={p.num_components} is more than the sketch holds for module '{m}' "
+                             f"(sketch_rank={p.sketch_rank}); raise sketch_rank")
         k = min(p.num_components, kmax)
         return k, k
     if kmax == 0:
@@ -316,7 +319,7 @@ def _one_thread() -> Iterator[None]:
 
 def _sketch_flush(st: _ModStats, buf: _Buffer, ou: Tensor, ov: Tensor, delta: bool) -> None:
     """``Z_u += Σ ΔW_iΔW_iᵀΩ_u`` and ``Z_v += Σ ΔW_iᵀΔW_iΩ_v`` over the buffered adapters (``factors``: of sB_i, A_i)."""
-    if not buf.cols:
+    if not buf.a:  # (adapters of rank 0 here still leave the buffer: the task order must hold)
         return
     sbs, as_, sb, a = buf.take()
     tu, tv = sb.T @ ou, a @ ov  # c×K_u, c×K_v
@@ -338,7 +341,7 @@ def _sketch_flush(st: _ModStats, buf: _Buffer, ou: Tensor, ov: Tensor, delta: bo
 
 def _project_flush(st: _ModStats, buf: _Buffer) -> None:
     """Every buffered task's projections ``Q_uᵀ·sB_i`` and ``A_i·Q_v``."""
-    if not buf.cols:
+    if not buf.a:  # (adapters of rank 0 here still leave the buffer: the task order must hold)
         return
     _, as_, sb, a = buf.take()
     pu, rv = st.q_u.T @ sb, a @ st.q_v

@@ -171,3 +171,28 @@ def test_target_beyond_the_sketch_falls_back_to_per_task_storage():
     best = SharedSubspace.from_adapters(ads, mean_error=0.05, sketch_rank=2, hybrid=False, dtype="float32")
     assert max(best.k_per_module.values()) <= 2
     assert best.compression_stats()["error"]["mean"] > 0.05
+
+
+def test_rank_zero_module_after_a_full_buffer_keeps_task_order():
+    from engine.subspace.joint import BUFFER_COLUMNS
+    from test_subspace import lora
+
+    n_full = BUFFER_COLUMNS // R + 1  # the buffer fills exactly, then one adapter of rank 0 in one module
+    ads = family(n_full, k0=4, noise=0.1, seed=20)
+    z = ads[0]
+    a = {m: z.lora_a[m].clone() for m in MODS}
+    b = {m: z.lora_b[m].clone() for m in MODS}
+    a[MODS[0]], b[MODS[0]] = torch.zeros(0, a[MODS[0]].shape[1]), torch.zeros(b[MODS[0]].shape[0], 0)
+    ads.append(lora(a, b, "zero-rank"))
+    sub = SharedSubspace.from_adapters(ads, max_error=0.3, hybrid=False, dtype="float32")
+    for x in ads[::10]:
+        for m in MODS:
+            if x.lora_a[m].shape[0]:
+                assert sub.tasks[x.name].fidelity[m] == pytest.approx(dense_err(x, sub.reconstruct(x.name), m),
+                                                                      rel=1e-3, abs=1e-5)
+
+
+def test_num_components_beyond_the_sketch_is_refused():
+    ads = family(10, k0=4, noise=0.3, seed=21)
+    with pytest.raises(ValueError, match="sketch_rank"):
+        SharedSubspace.from_adapters(ads, num_components=8, sketch_rank=4)
