@@ -33,8 +33,7 @@ DEFAULT_MEMORY_BUDGET_MB = 512.0
 Built = tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]
 
 
-def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int], sketch_rank: int,
-                      refine: int = 0) -> int:
+def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int], sketch_rank: int) -> int:
     """Estimated bytes a build holds for one module over adapters of these ``ranks`` (float64 statistics).
 
     joint/share: the larger of pass 1 (per side the range sketch and its Gaussian
@@ -136,8 +135,8 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
         checked: ``(source, shapes, check)`` → the source to build from; with ``check`` it
             validates shapes and finiteness of the modules it yields (each chunk is checked once).
     """
-    sketch_rank, refine = (params.sketch_rank, params.refine) if isinstance(params, JointParams) else (0, 0)
-    sizes = {m: max(1, module_stat_bytes(method, shapes[m], ranks.get(m, ()), sketch_rank, refine)) for m in shapes}
+    sketch_rank = params.sketch_rank if isinstance(params, JointParams) else 0
+    sizes = {m: max(1, module_stat_bytes(method, shapes[m], ranks.get(m, ()), sketch_rank)) for m in shapes}
     chunks = plan_chunks(sizes, None if memory_budget_mb is None else memory_budget_mb * 2**20)
     n = len(source)
     rank_sums = {m: int(sum(ranks.get(m, ()))) for m in shapes}
