@@ -36,6 +36,7 @@ from .joint import (
     JointParams,
     encode_joint,
     encode_separate,
+    error_target,
     extend_for_task,
     joint_factors,
 )
@@ -321,8 +322,7 @@ class SharedSubspace:
 
     def _target(self) -> float | None:
         """The build's per-task error target: the stricter of ``max_error`` and ``mean_error`` (``None``: no target)."""
-        ts = [t for t in (self.params.get("max_error"), self.params.get("mean_error")) if t is not None]
-        return min(ts) if ts else None
+        return error_target(self.params.get("max_error"), self.params.get("mean_error"))
 
     def _encode(self, m: str, adapter: LoRAWeights, template: LoRAWeights) -> tuple[dict[str, Tensor], float]:
         b = self.modules[m]

@@ -136,8 +136,13 @@ class JointParams:
     @property
     def target(self) -> float | None:
         """The per-task error a module stored alone must meet (the stricter of the two rules)."""
-        ts = [t for t in (self.max_error, self.mean_error) if t is not None]
-        return min(ts) if ts else None
+        return error_target(self.max_error, self.mean_error)
+
+
+def error_target(max_error: float | None, mean_error: float | None) -> float | None:
+    """The stricter of the two error rules (``None`` when neither is set)."""
+    ts = [t for t in (max_error, mean_error) if t is not None]
+    return min(ts) if ts else None
 
 
 @dataclass
@@ -208,11 +213,14 @@ def _top_eig(m: Tensor, k: int | None = None, rtol: float = 1e-18) -> Tensor:
     return e[:, : keep if k is None else min(k, keep)]
 
 
+def _cum_grams(x: Tensor) -> Tensor:
+    """``Σ_{j≤k} x_j x_jᵀ`` for every row index k of ``x`` (K×r → K×r×r)."""
+    return torch.cumsum(x[:, :, None] * x[:, None, :], 0)
+
+
 def _energies(p: Tensor, r: Tensor) -> Tensor:
     """``‖P[:k]·R[:, :k]‖²`` for k = 1…K, through cumulative r×r Gram matrices."""
-    gp = torch.cumsum(p[:, :, None] * p[:, None, :], 0)  # K×r×r: Σ_{j<k} p_j p_jᵀ
-    gq = torch.cumsum(r.T[:, :, None] * r.T[:, None, :], 0)
-    return torch.einsum("kij,kji->k", gp, gq)
+    return torch.einsum("kij,kji->k", _cum_grams(p), _cum_grams(r.T))
 
 
 def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int, shape: tuple[int, int]) -> tuple[int, int]:
@@ -448,10 +456,7 @@ def _ritz(st: _ModStats, delta: bool, grid: bool) -> None:
         return
     for pp, rr, n2 in zip(st.p, st.r, st.n2):
         if grid:  # every (k_u, k_v): tr(Σ_{a<k_u} p_a p_aᵀ · Σ_{b<k_v} r_b r_bᵀ) as one matrix product
-            r_ = pp.shape[1]
-            gp = torch.cumsum(pp[:, :, None] * pp[:, None, :], 0).reshape(ku, r_ * r_)
-            gq = torch.cumsum(rr.T[:, :, None] * rr.T[:, None, :], 0).reshape(kv, r_ * r_)
-            e2 = gp @ gq.T  # gp, gq symmetric per k: tr(AB) = Σ A∘B
+            e2 = _cum_grams(pp).reshape(ku, -1) @ _cum_grams(rr.T).reshape(kv, -1).T  # symmetric: tr(AB) = Σ A∘B
             e = e2.diagonal()[:kk]
         else:
             e2 = e = _energies(pp[:kk], rr[:, :kk])
