@@ -17,6 +17,13 @@ from .progress import CancelLike, ProgressFn, tick
 #: Base model the demo adapters claim; :func:`demo_base_config` builds it.
 DEMO_BASE_MODEL = "vlora-demo/tiny-llama-256"
 
+#: Bumped whenever the generator's output changes: a cached demo of another version is rebuilt,
+#: so the app never shows figures from an older generator.
+DEMO_VERSION = 2
+
+#: The stamp file written beside the demo adapters (JSON: version, seed).
+DEMO_STAMP = ".vlora-demo.json"
+
 #: family -> tasks. The last family members are the outliers.
 DEMO_FAMILIES: dict[str, list[str]] = {
     "summarize": ["summarize-news", "summarize-legal", "summarize-medical", "summarize-code"],
@@ -152,12 +159,30 @@ def make_demo_collection(
         tick(progress, cancel, n, len(adapters), f"writing {w.name}")
         out.append(save_adapter(w, root / str(w.name), force=force))
     tick(progress, cancel, len(adapters), len(adapters), "done")
+    import json
+
+    (root / DEMO_STAMP).write_text(json.dumps({"version": DEMO_VERSION, "seed": seed}) + "\n", encoding="utf-8")
     (root / "README.txt").write_text(
         "vlora-tui demo collection: families summarize-*, sql-*, math-* share structure; "
         "pirate-speak and emoji-only are outliers.\n",
         encoding="utf-8",
     )
     return out
+
+
+def demo_is_current(path: str | Path, *, seed: int = 0) -> bool:
+    """Whether ``path`` holds a complete demo collection written by this version of the generator."""
+    import json
+
+    root = Path(path)
+    try:
+        stamp = json.loads((root / DEMO_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stamp, dict) or stamp.get("version") != DEMO_VERSION or stamp.get("seed") != seed:
+        return False
+    tasks = [t for ts in DEMO_FAMILIES.values() for t in ts]
+    return all((root / t / "adapter_model.safetensors").is_file() for t in tasks)
 
 
 def default_demo_dir() -> Path:

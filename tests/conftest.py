@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# A fresh machine, whatever this one holds: HOME and every cache derived from it point at a
+# temp dir made for this test session (removed at its end), so no test reads a stale demo
+# from ~/.cache or leaves anything behind.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="vlora-tui-test-home-"))
+os.environ["HOME"] = str(_SESSION_HOME)
+os.environ["XDG_CACHE_HOME"] = str(_SESSION_HOME / ".cache")
+os.environ["HF_HOME"] = str(_SESSION_HOME / ".cache" / "huggingface")
+for _var in ("VLORA_TUI_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "XDG_CONFIG_HOME"):
+    os.environ.pop(_var, None)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Small tensor ops spin-wait across OpenMP threads on a busy 2-core machine (10x slower);
@@ -59,3 +70,16 @@ def demo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "demo"
     make_demo_collection(root)
     return root
+
+
+def pytest_configure(config) -> None:
+    """A failed snapshot's HTML report goes to the temp dir, not the repository."""
+    if hasattr(config.option, "snapshot_report"):
+        config.option.snapshot_report = os.path.join(
+            tempfile.gettempdir(), f"vlora-tui-snapshot-report-{os.getpid()}.html"
+        )
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Remove the session's HOME (demo cache, outputs): the suite leaves nothing behind."""
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)

@@ -25,7 +25,7 @@ from textual.signal import Signal
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from .commands import VloraCommands
-from .config import AppConfig
+from .config import AppConfig, tildify
 from .messages import AddToCollection, JobProgress
 
 #: Topics published on ``state_signal``.
@@ -184,16 +184,12 @@ class VloraApp(App[int]):
 
     def open_demo(self) -> None:
         """Build (or reuse) the demo collection in a worker and open it."""
-        from engine.demo import default_demo_dir
-
-        from engine.demo import DEMO_FAMILIES
+        from engine.demo import default_demo_dir, demo_is_current
         from engine.io.scan import scan_local_adapters
 
         root = Path(self.config.demo_dir or default_demo_dir())
-        expected = sum(len(tasks) for tasks in DEMO_FAMILIES.values())
-        cached = scan_local_adapters(root, max_depth=1) if root.is_dir() else []
-        if len(cached) >= expected:  # built before: open it without a job
-            self._demo_ready([str(p) for p in cached])
+        if demo_is_current(root):  # built before by this version: open it without a job
+            self._demo_ready([str(p) for p in scan_local_adapters(root, max_depth=1)])
             return
         self.notify(f"Building the demo collection in {root}", title="Demo")
         self.submit_job("demo", {"output": str(root), "force": True}, title="demo collection", open_result=True)
@@ -265,6 +261,10 @@ class VloraApp(App[int]):
 
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen(self.screen))
+
+    def notify(self, message: str, *, title: str = "", **kw: Any) -> None:
+        """Every toast writes paths under the home folder as ``~/…``."""
+        super().notify(tildify(str(message)), title=tildify(title), **kw)
 
     def action_screenshot(self) -> None:
         """Save an SVG of the current screen under the output folder."""
@@ -421,7 +421,7 @@ class VloraApp(App[int]):
             self.notify(str(exc), title=f"Cannot start {kind}", severity="error")
             return None
         record = JobRecord(request=JobRequest(kind, coerced, job_id=f"job{len(self.jobs) + 1}"), title=title or kind, open_result=open_result)
-        record.log.append(f"queued: {record.title}")
+        record.log.append(tildify(f"queued: {record.title}"))
         self.jobs.append(record)
         self.state_signal.publish("jobs")
         self._start_next()
@@ -461,7 +461,7 @@ class VloraApp(App[int]):
             text = str(p.message)
             if text and text != last[0]:  # the log gets every step, even when redraws are collapsed
                 last[0] = text
-                job.log.append(f"[{p.step}/{p.total}] {text}" if p.total else text)
+                job.log.append(tildify(f"[{p.step}/{p.total}] {text}" if p.total else text))
             self.post_message(JobProgress(job.job_id, int(p.step), int(p.total), text))
 
         worker = get_current_worker()
@@ -527,14 +527,14 @@ class VloraApp(App[int]):
         job.seconds = time.monotonic() - job.started if job.started is not None else 0.0
         if status == "done":
             summary = getattr(job.result, "summary", "") or "done"
-            job.log.append(f"done: {summary}")
+            job.log.append(tildify(f"done: {summary}"))
             if job.open_result:
                 self.notify(summary, title=f"{job.title} finished")
         elif status == "cancelled":
-            job.log.append(f"cancelled: {error}")
+            job.log.append(tildify(f"cancelled: {error}"))
             self.notify(f"{job.title}: {error}", title="Job cancelled", severity="warning")
         else:
-            job.log.append(f"{error_title}: {error}")
+            job.log.append(tildify(f"{error_title}: {error}"))
             self.notify(error or "failed", title=f"{error_title or 'Job failed'} ({job.title})", severity="error", timeout=8)
         self.state_signal.publish("jobs")
         self._start_next()

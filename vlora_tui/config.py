@@ -22,6 +22,21 @@ def default_home() -> Path:
     return Path(base)
 
 
+def tildify(text: str) -> str:
+    """``text`` with the user's home folder written as ``~`` (shorter, and the same on every machine)."""
+    home = os.path.expanduser("~").rstrip(os.sep)
+    if not home or home == os.sep:
+        return text
+    return text.replace(home + os.sep, "~" + os.sep)
+
+
+def expand_tilde(text: str) -> str:
+    """Undo :func:`tildify` in a form field: each word that starts with ``~`` becomes a full path."""
+    if "~" not in text:
+        return text
+    return " ".join(os.path.expanduser(w) if w.startswith("~") else w for w in text.split())
+
+
 @dataclass
 class AppConfig:
     """How one run of the app is set up.

@@ -157,3 +157,24 @@ def test_batch_info_bad_adapter_exit_code(tmp_path):
     )
     assert proc.returncode not in (0, None)
     assert str(tmp_path / "empty") in proc.stdout + proc.stderr
+
+
+def test_a_cached_demo_from_another_generator_version_is_not_reused(tmp_path: Path) -> None:
+    """Wave 1 snapshots passed only beside a stale ~/.cache demo: the stamp makes such a cache stale."""
+    import json
+
+    from engine.demo import DEMO_STAMP, DEMO_VERSION, demo_is_current
+
+    root = tmp_path / "demo"
+    assert not demo_is_current(root)
+    make_demo_collection(root)
+    assert demo_is_current(root)
+    assert not demo_is_current(root, seed=1)
+    (root / DEMO_STAMP).write_text(json.dumps({"version": DEMO_VERSION - 1, "seed": 0}))
+    assert not demo_is_current(root)  # an older generator's collection
+    (root / DEMO_STAMP).unlink()
+    assert not demo_is_current(root)  # no stamp at all (written before stamps existed)
+    make_demo_collection(root, force=True)
+    assert demo_is_current(root)
+    (root / "sql-duckdb" / "adapter_model.safetensors").unlink()
+    assert not demo_is_current(root)  # incomplete

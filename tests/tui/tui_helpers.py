@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +9,16 @@ from vlora_tui.app import VloraApp
 from vlora_tui.config import AppConfig
 
 SIZE = (120, 36)
-#: A fixed place for the demo collection, so snapshots show the same paths on every run.
-FIXED_ROOT = Path(tempfile.gettempdir()) / "vlora-tui-tests"
+#: A fixed place for the demo collection under the session's temp HOME (tests/conftest.py), so
+#: snapshots show the same ``~/…`` paths on every run and no test reads a cache from an earlier one.
+FIXED_ROOT = Path.home() / "fixtures"
 
 
 def ensure_demo(root: Path) -> Path:
     """Build the (deterministic) demo collection at ``root`` unless it is there."""
-    from engine.demo import DEMO_FAMILIES, make_demo_collection
-    from engine.io.scan import scan_local_adapters
+    from engine.demo import demo_is_current, make_demo_collection
 
-    expected = sum(len(t) for t in DEMO_FAMILIES.values())
-    if not root.is_dir() or len(scan_local_adapters(root, max_depth=1)) < expected:
+    if not demo_is_current(root):
         make_demo_collection(root, force=True)
     return root
 

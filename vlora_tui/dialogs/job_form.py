@@ -11,14 +11,16 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
+from ..config import expand_tilde, tildify
+
 
 def to_text(value: Any) -> str:
     """A parameter value as the form's input shows it."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
-        return " ".join(str(v) for v in value)
-    return str(value)
+        return tildify(" ".join(str(v) for v in value))
+    return tildify(str(value))
 
 
 class JobFormScreen(ModalScreen[dict | None]):
@@ -82,7 +84,7 @@ class JobFormScreen(ModalScreen[dict | None]):
             elif isinstance(widget, Select):
                 out[p.name] = None if widget.value is Select.NULL else widget.value
             elif isinstance(widget, Input):
-                text = widget.value.strip()
+                text = expand_tilde(widget.value.strip())
                 out[p.name] = text if text else None
         return out
 

@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
+from ..config import tildify
 from ..widgets.plots import DataPlot
 
 
@@ -201,7 +202,7 @@ def stats_table(info: dict[str, Any], path: str | None) -> Table:
     t.add_column()
     st = info.get("stats") or {}
     ks = sorted(set((st.get("k") or {}).values()))
-    t.add_row("subspace", str(path or info.get("path") or "—"))
+    t.add_row("subspace", tildify(str(path or info.get("path") or "—")))
     t.add_row("method", f"{info.get('method', st.get('method', '—'))}  ({st.get('dtype', info.get('dtype', '—'))})")
     t.add_row("base model", str(info.get("base_model") or "—"))
     t.add_row("tasks / modules", f"{st.get('num_tasks', len(info.get('tasks') or []))} / {st.get('num_modules', '—')}")
