@@ -2,10 +2,12 @@
 
     python scripts/make_screenshots.py [--out screenshots]
 
-Builds (or reuses) the demo collection, opens it as ``vlora-tui --demo`` does,
-and drives the app by keyboard: the collection after ``analyze`` with a diff,
-the adapter detail with norms, the browser, the subspace after ``compress``
-(k=24), the export form, the jobs panel and the help screen.
+Runs the app as a new user gets it: in a fresh, temporary HOME (so paths read
+``~/.cache/vlora-tui/…`` and nothing from this machine's cache shows), ``vlora-tui
+--demo`` builds the demo collection and opens it, and the script drives it by
+keyboard: the collection after ``analyze`` with a diff, the adapter detail with
+norms, the browser, the compress form and the subspace it gives with its
+defaults, the export form, the jobs panel and the help screen.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing.resource_tracker as resource_tracker
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,8 +40,8 @@ async def wait_jobs(app: VloraApp, pilot) -> None:
     await pilot.pause(0.2)
 
 
-async def shoot(out: Path, demo_dir: Path | None, work: Path) -> list[Path]:
-    cfg = AppConfig(demo=True, demo_dir=demo_dir, output_dir=work, hub_search=False, auto_inspect=False)
+async def shoot(out: Path, demo_dir: Path | None) -> list[Path]:
+    cfg = AppConfig(demo=True, demo_dir=demo_dir, hub_search=False, auto_inspect=False)
     app = VloraApp(cfg)
     written: list[Path] = []
 
@@ -64,7 +67,6 @@ async def shoot(out: Path, demo_dir: Path | None, work: Path) -> list[Path]:
         save("browser")
         await pilot.press("3", "c")
         await pilot.pause()
-        app.screen.query_one("#param-num_components").value = "24"
         save("compress-form")
         await pilot.press("ctrl+s")
         await wait_jobs(app, pilot)
@@ -86,13 +88,16 @@ async def shoot(out: Path, demo_dir: Path | None, work: Path) -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="screenshots", help="folder for the SVGs")
-    ap.add_argument("--demo-dir", default=None, help="demo collection folder (default: the app's cache)")
+    ap.add_argument("--demo-dir", default=None, help="demo collection folder (default: the app's cache in the fresh HOME)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     resource_tracker.ensure_running()  # as cli.run_app does, before Textual swaps stderr
-    with tempfile.TemporaryDirectory(prefix="vlora-shots-") as work:
-        for p in asyncio.run(shoot(out, Path(args.demo_dir) if args.demo_dir else None, Path(work))):
+    with tempfile.TemporaryDirectory(prefix="vlora-shots-home-") as home:
+        os.environ["HOME"] = home
+        for var in ("XDG_CACHE_HOME", "VLORA_TUI_HOME"):
+            os.environ.pop(var, None)
+        for p in asyncio.run(shoot(out, Path(args.demo_dir) if args.demo_dir else None)):
             print(p)
 
 
