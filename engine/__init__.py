@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "HubError": ".errors",
     "OutputExistsError": ".errors",
     "JobCancelled": ".errors",
+    "ErrorTargetError": ".errors",
     "JobFailed": ".errors",
     # I/O
     "load_adapter": ".io.local",

@@ -74,6 +74,12 @@ class OutputExistsError(VloraError):
     title = "Output exists"
 
 
+class ErrorTargetError(VloraError):
+    """A change to a subspace would break the error target it was built with (refused unless allowed)."""
+
+    title = "Error target broken"
+
+
 class JobCancelled(VloraError):
     """A long operation stopped because its ``cancel`` event was set."""
 
@@ -93,6 +99,7 @@ __all__ = [
     "AdapterFormatError",
     "HubError",
     "IncompatibleAdaptersError",
+    "ErrorTargetError",
     "JobCancelled",
     "JobFailed",
     "OutputExistsError",

@@ -21,7 +21,11 @@ Exit codes:
     * 130 — interrupted (Ctrl-C / SIGINT); outputs are written through a temporary
       folder and renamed at the end, so nothing half-written is left.
 
-``add`` updates the subspace in place (atomically) unless ``-o`` names another folder.
+``add`` updates the subspace in place (atomically, and only with ``--force``) unless
+``-o`` names another folder; it reports every task's error before → after and refuses
+(exit 1, nothing written) a result that breaks the subspace's error target unless
+``--allow-worse``. Warnings a job returns (``add`` accepting a break, ``quantize``
+breaking the target) go to stderr, one line each.
 """
 
 from __future__ import annotations
@@ -303,11 +307,36 @@ def _render_compress(d: dict[str, Any]) -> list[Block]:
             ("table", "Tasks (relative ΔW error)", ["task", "mean", "max"], _task_rows(st["error"]["per_task"]))]
 
 
+def _target_text(rule: dict[str, Any] | None) -> str:
+    if not rule:
+        return "-"
+    parts = [f"{k} {rule[k]:g}" for k in ("max_error", "mean_error") if rule.get(k) is not None]
+    if not parts:
+        parts = [f"k = {rule['num_components']} (no error target)" if rule["rule"] == "num_components"
+                 else f"variance {rule.get('variance_threshold') or 0.6:g} (no error target)"]
+    return ", ".join(parts) + (" (inferred)" if rule.get("inferred") else "")
+
+
+def _before_after(b: Any, a: Any) -> str:
+    return f"{_fmt(b)} → {_fmt(a)}" if b is not None else f"(new) {_fmt(a)}"
+
+
 def _render_add(d: dict[str, Any]) -> list[Block]:
     t = d["task"]
-    kv = [("path", d["path"]), ("task", d["task_id"]), ("mode", d["mode"]), ("ΔW error mean", t["mean_error"]),
-          ("ΔW error max", t["max_error"]), ("tasks now", d["stats"]["num_tasks"]), ("ratio", f"{d['stats']['ratio']:.2f}x")]
-    return [("kv", "Task added", kv)]
+    kv = [("path", d["path"]), ("task", d["task_id"]), ("mode", d["mode"]), ("target", _target_text(d.get("target"))),
+          ("ΔW error mean", t["mean_error"]), ("ΔW error max", t["max_error"])]
+    if "before" in d:
+        kv += [("stored tasks mean", _before_after(d["before"]["mean"], d["stored_after"]["mean"])),
+               ("stored tasks max", _before_after(d["before"]["max"], d["stored_after"]["max"]))]
+    kv += [("tasks now", d["stats"]["num_tasks"]), ("ratio", f"{d['stats']['ratio']:.2f}x")]
+    blocks: list[Block] = [("kv", "Task added", kv)]
+    if d.get("tasks"):
+        rows = [[r["task_id"], _before_after(r["before"]["mean"] if r["before"] else None, r["after"]["mean"]),
+                 _before_after(r["before"]["max"] if r["before"] else None, r["after"]["max"]),
+                 ("BREAKS TARGET " if r["breaks_target"] else "") + ("bound" if r["error_is_bound"] else "")]
+                for r in d["tasks"]]
+        blocks.append(("table", "Tasks (relative ΔW error, before → after)", ["task", "mean", "max", ""], rows))
+    return blocks
 
 
 def _render_export(d: dict[str, Any]) -> list[Block]:
@@ -323,7 +352,8 @@ def _render_quantize(d: dict[str, Any]) -> list[Block]:
     rows = [["stored bytes", b["stored_bytes"], a["stored_bytes"]], ["ratio", f"{b['ratio']:.2f}x", f"{a['ratio']:.2f}x"],
             ["ΔW error mean", b["mean_error"], a["mean_error"]], ["ΔW error max", b["max_error"], a["max_error"]]]
     return [("kv", "Quantized subspace", [("path", d["path"]), ("bits", q["bits"]), ("method", q["method"]),
-                                          ("double quant", q["double_quant"]), ("loadings quantized", q["quantize_loadings"])]),
+                                          ("double quant", q["double_quant"]), ("loadings quantized", q["quantize_loadings"]),
+                                          ("target", _target_text(d.get("target")))]),
             ("table", "Before / after", ["", "before", "after"], rows)]
 
 
@@ -403,6 +433,9 @@ def _render_diff(d: dict[str, Any]) -> list[Block]:
         blocks.append(("kv", "Not shared", [("only in a", d["only_in_a"]), ("only in b", d["only_in_b"])]))
     return blocks
 
+
+#: Kinds whose ``data["warnings"]`` are printed on stderr (one line each) after a success.
+_WARNING_KINDS = ("add", "quantize")
 
 _RENDERERS: dict[str, Any] = {
     "compress": _render_compress,
@@ -541,6 +574,9 @@ def main(argv: list[str]) -> int:
     except BrokenPipeError:  # stdout closed early (``| head``): not an error of the job
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+    if result.ok and result.kind in _WARNING_KINDS:
+        for w in result.data.get("warnings") or []:
+            sys.stderr.write(f"warning: {w}\n")
     if not result.ok:
         if code == EXIT_INTERRUPTED:
             sys.stderr.write("interrupted: nothing was written\n" if not result.outputs else "interrupted\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..errors import AdapterFormatError, IncompatibleAdaptersError, UnknownTaskError
+from ..errors import AdapterFormatError, ErrorTargetError, IncompatibleAdaptersError, UnknownTaskError
 from ..io.scan import validate_task_id
 from ..progress import CancelLike, ProgressFn, tick
 from ..types import LoRAWeights
@@ -42,6 +43,7 @@ from .joint import (
 )
 from .pca import PCAParams, encode_pca, pca_factors
 from .quant import QuantizedTensor, quantize_tensor
+from .rule import RuleBreak, breaks_message, complete_params, k_rule, rule_breaks, tolerance
 
 
 def _task_ids(n: int, task_ids: Sequence[str] | None, names: Sequence[str | None]) -> list[str]:
@@ -88,7 +90,8 @@ class SharedSubspace:
         self.method = method
         self.modules = modules
         self.tasks = tasks
-        self.params = params
+        self.params = complete_params(params, {t: p.fidelity for t, p in tasks.items()},
+                                      max((b.k for b in modules.values()), default=0))
         self.dtype = dtype
         self.quantized: dict[tuple[str, ...], QuantizedTensor] = {}
         self.quantization: dict[str, Any] | None = None
@@ -147,6 +150,7 @@ class SharedSubspace:
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
+        _prior: dict[str, dict[str, tuple[float, float]]] | None = None,
     ) -> SharedSubspace:
         """Build a subspace from adapters in memory.
 
@@ -193,7 +197,7 @@ class SharedSubspace:
         source = AdapterSource(ids, adapters=adapters)
         return cls._build(source, report.shapes, method, num_components, variance_threshold, adaptive_k, max_error,
                           mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=report.ranks,
-                          memory_budget_mb=memory_budget_mb)
+                          memory_budget_mb=memory_budget_mb, prior=_prior)
 
     @classmethod
     def from_adapters_streaming(
@@ -278,7 +282,8 @@ class SharedSubspace:
     def _build(cls, source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
                num_components: int | None, variance_threshold: float, adaptive_k: bool, max_error: float | None,
                mean_error: float | None, refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any, *,
-               ranks: dict[str, list[int]], memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB) -> SharedSubspace:
+               ranks: dict[str, list[int]], memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+               prior: dict[str, dict[str, tuple[float, float]]] | None = None) -> SharedSubspace:
         if method not in METHODS:
             raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
         if num_components is not None and num_components < 1:
@@ -300,12 +305,12 @@ class SharedSubspace:
                   "max_error": max_error, "mean_error": mean_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank}
         bp: JointParams | PCAParams
         if method == "pca":
-            bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt, mean_error)
+            bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt, mean_error, prior=prior)
         else:
             bp = JointParams(basis="factors" if method == "share" else "delta", num_components=num_components,
                              variance_threshold=variance_threshold, adaptive_k=adaptive_k, max_error=max_error,
                              mean_error=mean_error, refine=refine if method == "joint" else 0, hybrid=hybrid and method != "svd",
-                             sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd")
+                             sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd", prior=prior)
         bases, tasks = build_in_chunks(source, shapes, method, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
                                        checked=_CheckedSource, progress=progress, cancel=cancel)
         return cls(method, bases, tasks, params, dt)
@@ -364,16 +369,24 @@ class SharedSubspace:
             raise ValueError(f"projection {projection.task_id!r} lacks module '{missing[0]}'")
         self.tasks[projection.task_id] = projection
 
-    def absorb(self, adapter: LoRAWeights, new_task_id: str, *, progress: ProgressFn | None = None,
-               cancel: CancelLike | None = None) -> None:
+    def absorb(self, adapter: LoRAWeights, new_task_id: str, *, allow_worse: bool = False,
+               progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> None:
         """Add a task and recompute the bases from the stored tasks' reconstructions plus the new adapter.
 
         The originals of the stored tasks are not read (their files may be gone): they
         enter as their reconstructions, so their reported errors become upper bounds
-        (old error + change of reconstruction).
+        (old error + change of reconstruction). The subspace's own k rule
+        (:attr:`k_rule`) holds for every task, old and new: with an error target, k is
+        chosen so that these bounds meet it (a stored task already at the target keeps
+        its directions). A result that still breaks the target (see
+        :func:`~engine.subspace.rule.rule_breaks`) is refused, the subspace unchanged.
+
+        Raises:
+            ErrorTargetError: the result breaks the error target and not ``allow_worse``.
         """
         validate_task_id(new_task_id)
         self._check_adapter(adapter, f"adapter {new_task_id!r}")
+        before = self.fidelity()
         olds = {t: self.reconstruct(t, pad_to_vllm=False) for t in self.tasks if t != new_task_id}
         adapters = list(olds.values()) + [adapter]
         ids = list(olds) + [new_task_id]
@@ -381,7 +394,7 @@ class SharedSubspace:
         new = SharedSubspace.from_adapters(
             adapters, ids, p["num_components"], p["variance_threshold"], p["adaptive_k"], p["max_error"], self.method,
             mean_error=p.get("mean_error"), refine=p["refine"], hybrid=p["hybrid"], dtype=self.dtype, sketch_rank=p["sketch_rank"],
-            progress=progress, cancel=cancel)
+            progress=progress, cancel=cancel, _prior=self._absorb_prior(olds))
         for tid, old_w in olds.items():
             prev = self.tasks[tid]
             proj = new.tasks[tid]
@@ -391,17 +404,71 @@ class SharedSubspace:
                 proj.norms[m] = prev.norms[m]
             proj.ranks, proj.template, proj.original_bytes = prev.ranks, prev.template, prev.original_bytes
             proj.error_is_bound = True
+        self._refuse_breaks(f"absorbing {new_task_id!r}", before, new.fidelity(), allow_worse)
         self.modules, self.tasks = new.modules, new.tasks
         self.quantized, self.quantization = {}, None
 
-    def absorb_incremental(self, adapter: LoRAWeights, task_id: str, *, progress: ProgressFn | None = None,
-                           cancel: CancelLike | None = None) -> TaskProjection:
+    def _absorb_prior(self, olds: dict[str, LoRAWeights]) -> dict[str, dict[str, tuple[float, float]]] | None:
+        """Each stored task's ``(offset, scale)`` per module for a rebuild from reconstructions (``None``: no error target).
+
+        offset: the task's stored error (at most ``max_error``; unknown: 0), less half the
+        storage epsilon, so that a task at the target may still move by rounding;
+        scale: ‖reconstruction‖/‖original‖, which turns an error relative to the
+        reconstruction into one relative to the original.
+        """
+        if self._target() is None:
+            return None
+        mx = self.params.get("max_error")
+        allow = float(torch.finfo(self.dtype).eps) / 2
+        prior: dict[str, dict[str, tuple[float, float]]] = {}
+        for tid, w in olds.items():
+            prev = self.tasks[tid]
+            pm: dict[str, tuple[float, float]] = {}
+            for m in self.modules:
+                e = prev.fidelity.get(m, math.nan)
+                e = e if math.isfinite(e) else 0.0
+                if mx is not None:
+                    e = min(e, mx)
+                norig = prev.norms.get(m, 0.0)
+                sb, a = effective_factors(w, m)
+                nrec = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
+                pm[m] = (max(0.0, e - allow), nrec / norig if norig > 0 else 1.0)
+            prior[tid] = pm
+        return prior
+
+    def _refuse_breaks(self, what: str, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                       allow_worse: bool) -> list[RuleBreak]:
+        """The places where ``after`` breaks the error target; ``ErrorTargetError`` unless ``allow_worse``."""
+        rule = self.k_rule
+        breaks = rule_breaks(rule, before, after, tolerance(self.dtype))
+        if breaks and not allow_worse:
+            raise ErrorTargetError(breaks_message(what, rule, breaks, before, after)
+                                   + "; nothing was changed (allow_worse=True / --allow-worse accepts it)")
+        return breaks
+
+    def target_breaks(self, before: dict[str, dict[str, float]],
+                      after: dict[str, dict[str, float]] | None = None) -> list[RuleBreak]:
+        """Where ``after`` (default: the current :meth:`fidelity`) breaks the k rule's error target that ``before`` met."""
+        return rule_breaks(self.k_rule, before, self.fidelity() if after is None else after, tolerance(self.dtype))
+
+    @property
+    def k_rule(self) -> dict[str, Any]:
+        """The k rule the subspace was built with: ``{"rule", "max_error", "mean_error", "num_components",
+        "variance_threshold", "inferred"}`` (see :mod:`engine.subspace.rule`)."""
+        return k_rule(self.params)
+
+    def absorb_incremental(self, adapter: LoRAWeights, task_id: str, *, allow_worse: bool = False,
+                           progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> TaskProjection:
         """Add a task in O(1) of N: stored tasks are not touched; bases grow by the few directions it needs.
 
         The target is the build's ``max_error``/``mean_error`` (the stricter), else the worst error already stored in that module.
+        A new task that breaks the error target is refused (the subspace unchanged) unless ``allow_worse``.
 
         Returns:
             The new task's projection (its errors measured).
+
+        Raises:
+            ErrorTargetError: the new task breaks the error target and not ``allow_worse``.
         """
         validate_task_id(task_id)
         label = f"adapter {task_id!r}"
@@ -409,6 +476,7 @@ class SharedSubspace:
         tmpl = config_template(adapter, task_id)
         proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
                               original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in self.modules))
+        pending: dict[str, dict[str, Tensor]] = {}  # module → its grown tensors, applied once the task is accepted
         mods = sorted(self.modules)
         for j, m in enumerate(mods):
             tick(progress, cancel, j, len(mods), f"absorbing {m}")
@@ -420,24 +488,32 @@ class SharedSubspace:
                 target = max((t.fidelity.get(m, 0.0) for t in self.tasks.values() if t.task_id != task_id), default=0.0)
             if b.kind == "joint":
                 u, v, c, e = extend_for_task(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), target, self.dtype)
-                b.tensors["U"], b.tensors["V"] = u, v
-                for key in (("U",), ("V",)):
-                    self.quantized.pop((m, *key), None)
+                if u is not b.tensors["U"] or v is not b.tensors["V"]:
+                    pending[m] = {"U": u, "V": v}
                 proj.coeffs[m], proj.fidelity[m] = c, e
             elif b.kind == "pca":
                 c, e = encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, tmpl, m, self.dtype)
                 if e > target:
-                    t = b.tensors
+                    t = dict(b.tensors)
                     for side, x in (("a", adapter.lora_a[m]), ("b", adapter.lora_b[m])):
                         resid = x.double().reshape(1, -1) - t[f"mean_{side}"].double()
                         t[f"comp_{side}"] = ops.gram_schmidt(t[f"comp_{side}"].double(), resid).to(self.dtype)
                         t[f"sv_{side}"] = torch.cat([t[f"sv_{side}"], t[f"sv_{side}"].new_zeros(
                             t[f"comp_{side}"].shape[0] - t[f"sv_{side}"].shape[0])])
-                        self.quantized.pop((m, f"comp_{side}"), None)
-                    c, e = encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, tmpl, m, self.dtype)
+                    grown = ModuleBasis(b.kind, b.shape, t, rank=b.rank, explained=b.explained)
+                    c, e = encode_pca(grown, adapter.lora_a[m], adapter.lora_b[m], sb, tmpl, m, self.dtype)
+                    pending[m] = {f"comp_{side}": t[f"comp_{side}"] for side in ("a", "b")}
+                    pending[m].update({f"sv_{side}": t[f"sv_{side}"] for side in ("a", "b")})
                 proj.coeffs[m], proj.fidelity[m] = c, e
             else:
                 proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, target, None, self.dtype)
+        before = self.fidelity()
+        after = {**before, task_id: dict(proj.fidelity)}
+        self._refuse_breaks(f"adding {task_id!r}", before, after, allow_worse)
+        for m, grown_tensors in pending.items():
+            self.modules[m].tensors.update(grown_tensors)
+            for key in grown_tensors:
+                self.quantized.pop((m, key), None)
         self.tasks[task_id] = proj
         return proj
 

@@ -132,11 +132,28 @@ class JointParams:
     sketch_rank: int = 256
     dtype: torch.dtype = torch.float16
     separate_only: bool = False  # the "svd" baseline: every module stored alone
+    #: task → module → ``(offset, scale)``: a task's error counts as ``offset + scale·error`` against the
+    #: target (``absorb``: a stored task enters as its reconstruction, whose own error is ``offset``, and
+    #: ``scale`` = ‖reconstruction‖/‖original‖ turns an error relative to it into one relative to the original)
+    prior: dict[str, dict[str, tuple[float, float]]] | None = None
+
+    def prior_of(self, task_id: str, module: str) -> tuple[float, float]:
+        """``(offset, scale)`` of a task's errors in a module (``(0, 1)``: a task of its own)."""
+        if not self.prior:
+            return 0.0, 1.0
+        return self.prior.get(task_id, {}).get(module, (0.0, 1.0))
 
     @property
     def target(self) -> float | None:
         """The per-task error a module stored alone must meet (the stricter of the two rules)."""
         return error_target(self.max_error, self.mean_error)
+
+
+def task_target(target: float | None, offset: float, scale: float) -> float | None:
+    """The error a task of prior ``(offset, scale)`` may have so that ``offset + scale·error`` meets ``target``."""
+    if target is None or (offset == 0.0 and scale == 1.0):
+        return target
+    return max(0.0, target - offset) / scale if scale > 0 else target
 
 
 def error_target(max_error: float | None, mean_error: float | None) -> float | None:
@@ -160,6 +177,7 @@ class _ModStats:
     ga: list[Tensor] = field(default_factory=list)  # per task A·Aᵀ
     gb: list[Tensor] = field(default_factory=list)  # per task (sB)ᵀ·sB
     n2: list[float] = field(default_factory=list)  # per task ‖ΔW‖²
+    prior: list[tuple[float, float]] = field(default_factory=list)  # per task (offset, scale): JointParams.prior
     norm2_sum: float = 0.0
     rank_sum: int = 0
     sep_rank_sum: int = 0
@@ -413,9 +431,11 @@ def _statistics(source: AdapterSource, modules: list[str], shapes: dict[str, tup
             st.gb.append(gb)
             st.n2.append(n2)
             st.norm2_sum += n2
+            off, sc = p.prior_of(tid, m)
+            st.prior.append((off, sc))
             if target is not None and p.hybrid:
                 with _one_thread():
-                    st.sep_rank_sum += rank_for_error(_singular_values(ga, gb), target)
+                    st.sep_rank_sum += rank_for_error(_singular_values(ga, gb), task_target(target, off, sc))
             if bufs[m].add(sb, a):
                 _project_flush(st, bufs[m])
     for m in modules:
@@ -454,7 +474,7 @@ def _ritz(st: _ModStats, delta: bool, grid: bool) -> None:
     st.sum_err = torch.zeros(shape, dtype=torch.float64)
     if not kk:
         return
-    for pp, rr, n2 in zip(st.p, st.r, st.n2):
+    for pp, rr, n2, (off, sc) in zip(st.p, st.r, st.n2, st.prior):
         if grid:  # every (k_u, k_v): tr(Σ_{a<k_u} p_a p_aᵀ · Σ_{b<k_v} r_b r_bᵀ) as one matrix product
             e2 = _cum_grams(pp).reshape(ku, -1) @ _cum_grams(rr.T).reshape(kv, -1).T  # symmetric: tr(AB) = Σ A∘B
             e = e2.diagonal()[:kk]
@@ -462,6 +482,7 @@ def _ritz(st: _ModStats, delta: bool, grid: bool) -> None:
             e2 = e = _energies(pp[:kk], rr[:, :kk])
         st.energy += e
         err = ((n2 - e2).clamp_min(0) / n2).sqrt() if n2 > 0 else torch.zeros_like(e2)
+        err = off + sc * err if grid else err
         st.max_err = torch.maximum(st.max_err, err)
         st.sum_err += err
 
@@ -533,13 +554,17 @@ def _errors_at(st: _ModStats, uc: Tensor, vc: Tensor) -> list[float]:
     return errs
 
 
-def _better(base: list[float], new: list[float], n2: list[float], p: JointParams) -> bool:
+def _better(base: list[float], new: list[float], n2: list[float], p: JointParams,
+            prior: list[tuple[float, float]] | None = None) -> bool:
     """Whether the refined basis lowers the residual energy without breaking an error target."""
     def residual(errs: list[float]) -> float:
         return sum(e * e * w for e, w in zip(errs, n2))
 
     if not residual(new) < residual(base) * (1 - 1e-9):
         return False
+    if prior:  # the target is on the errors as counted (offset + scale·error)
+        base = [o + s * e for e, (o, s) in zip(base, prior)]
+        new = [o + s * e for e, (o, s) in zip(new, prior)]
     if p.max_error is not None and max(new, default=0.0) > max(p.max_error, max(base, default=0.0)):
         return False
     n = max(len(new), 1)
@@ -589,7 +614,7 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 uc, vc = _refine(st, ku, kv, p.refine)
                 eu = torch.eye(st.u.shape[1], ku, dtype=torch.float64)
                 evv = torch.eye(st.v.shape[1], kv, dtype=torch.float64)
-                better = _better(_errors_at(st, eu, evv), _errors_at(st, uc, vc), st.n2, p)
+                better = _better(_errors_at(st, eu, evv), _errors_at(st, uc, vc), st.n2, p, st.prior)
             if better:
                 u, v = st.u @ uc, st.v @ vc
         bases[m] = ModuleBasis("joint", (o, i), {"U": u.to(p.dtype), "V": v.to(p.dtype)}, explained=ev)
@@ -616,7 +641,8 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 if target is None:
                     _, s, _ = ops.lowrank_svd(sb, a)
                     q_fixed = _separate_rank(s, p, r)
-                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, target, q_fixed, p.dtype)
+                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, task_target(target, *p.prior_of(tid, m)),
+                                                                   q_fixed, p.dtype)
                 continue
             if b.k == 0:
                 proj.coeffs[m] = {"sigma": torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1], dtype=p.dtype)}

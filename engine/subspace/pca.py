@@ -34,6 +34,8 @@ class PCAParams:
     max_error: float | None = None
     dtype: torch.dtype = torch.float16
     mean_error: float | None = None
+    #: task → module → ``(offset, scale)``: see :attr:`JointParams.prior <engine.subspace.joint.JointParams.prior>`
+    prior: dict[str, dict[str, tuple[float, float]]] | None = None
 
     @property
     def by_error(self) -> bool:
@@ -131,6 +133,9 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
                 for k in range(worst[m].numel()):
                     sub = _truncated(b, k)
                     _, e = encode_pca(sub, ad.lora_a[m], ad.lora_b[m], sb, tmpl, m, torch.float64)
+                    if p.prior:
+                        off, sc = p.prior.get(tid, {}).get(m, (0.0, 1.0))
+                        e = off + sc * e
                     worst[m][k] = max(float(worst[m][k]), e)
                     summed[m][k] += e
                     if p.mean_error is None and e <= p.max_error:  # type: ignore[operator]

@@ -2,7 +2,8 @@
 
 Layout::
 
-    subspace.json              manifest: format version, method, dtype, k and kind per module,
+    subspace.json              manifest: format version, method, dtype, build params and the k rule
+                               (error target) they set, k and kind per module,
                                tasks (config, ranks, fidelity), quantisation, sha256 and size per file
     basis.safetensors          "<module>::<tensor>" (U, V or comp_a, comp_b, mean_a, mean_b, sv_a, sv_b)
     tasks/<task_id>.safetensors "<module>::<coeff>" plus "extra::<key>" (the adapter's extra tensors)
@@ -78,6 +79,7 @@ def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
         "method": sub.method,
         "dtype": dtype_name(sub.dtype),
         "params": sub.params,
+        "k_rule": sub.k_rule,  # the rule k was chosen by (from params): what absorb and quantize are held to
         "quantization": sub.quantization,
         "base_model": sub.base_model,
         "modules": {m: {"kind": b.kind, "shape": list(b.shape), "k": b.k, "rank": b.rank, "explained": b.explained}

@@ -78,18 +78,18 @@ def test_add_modes_and_bad_input(tmp_path, subspace, peft_family_dirs):
 
     sub = tmp_path / "sub"
     shutil.copytree(subspace, sub)
-    r = run_batch("add", sub, peft_family_dirs[5], "--task-id", "new_task", "--incremental", "--json")
+    r = run_batch("add", sub, peft_family_dirs[5], "--task-id", "new_task", "--incremental", "--force", "--json")
     assert r.rc == 0, r.stderr
     d = r.json()["data"]
     assert d["mode"] == "incremental" and d["stats"]["num_tasks"] == 6 and d["task"]["max_error"] <= 0.0011
-    again = run_batch("add", sub, peft_family_dirs[5], "--task-id", "new_task")
+    again = run_batch("add", sub, peft_family_dirs[5], "--task-id", "new_task", "-o", tmp_path / "again")
     assert again.rc == 2 and "already in" in again.stderr
 
     other = tmp_path / "absorbed"
     r2 = run_batch("add", sub, peft_family_dirs[0], "--task-id", "again", "-o", other)
     assert r2.rc == 0, r2.stderr
     assert "absorb" in r2.stdout
-    r3 = run_batch("add", other, peft_family_dirs[1], "--task-id", "proj", "--project", "--json")
+    r3 = run_batch("add", other, peft_family_dirs[1], "--task-id", "proj", "--project", "--force", "--allow-worse", "--json")
     assert r3.rc == 0 and r3.json()["data"]["mode"] == "project"
     info = run_batch("info", other, "--json").json()["data"]
     assert {t["task_id"] for t in info["tasks"]} >= {"new_task", "again", "proj"}

@@ -266,7 +266,8 @@ def test_compress_add_export_inline(tmp_path, peft_family_dirs):
     assert res.ok and res.data["tasks"] == ["a", "b", "c", "d"] and res.data["stats"]["error"]["max"] <= 0.0011
     with pytest.raises(ValueError, match="task_ids"):
         run_job(JobRequest("compress", {"adapters": peft_family_dirs[:2], "output": tmp_path / "x", "task_ids": ["a"]}))
-    add = run_job(JobRequest("add", {"subspace": sub, "adapter": peft_family_dirs[4], "task_id": "e", "project": True}))
+    add = run_job(JobRequest("add", {"subspace": sub, "adapter": peft_family_dirs[4], "task_id": "e", "project": True,
+                                      "force": True, "allow_worse": True}))
     assert add.data["mode"] == "project" and add.outputs == [str(sub)]
     exp = run_job(JobRequest("export", {"subspace": sub, "task_id": "b", "output": tmp_path / "b", "exact_rank": True,
                                         "base_model": "other/base", "target_modules": ["q_proj", "v_proj"]}))
