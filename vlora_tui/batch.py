@@ -271,8 +271,9 @@ def _disk_kv(disk: dict[str, Any] | None) -> list[tuple[str, Any]]:
     """The engine's one ratio (engine.subspace.size.size_on_disk), as it gives it."""
     if not disk:
         return [("ratio", "n/a")]
-    return [("inputs on disk", _bytes(disk["input_bytes"]) if disk["input_bytes"] is not None else "not recorded"),
-            ("size on disk", _bytes(disk["bytes"])), ("ratio", disk["text"])]
+    kv = [("inputs on disk", _bytes(disk["input_bytes"]) if disk["input_bytes"] is not None else "not recorded"),
+          ("size on disk", _bytes(disk["bytes"])), ("ratio", disk["text"])]
+    return kv + ([("note", disk["note"])] if disk.get("note") else [])
 
 
 def _stats_kv(st: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -127,8 +127,9 @@ def disk_figures(size: int, input_bytes: list[int | None], input_bytes_fp16: lis
                            "ratio": None, "ratio_vs_fp16": None, "note": None, "text": "n/a"}
     missing = sum(1 for b in input_bytes if b is None)
     if not input_bytes or missing:
-        out["note"] = (f"the inputs' size is not recorded for {missing} of {len(input_bytes)} task(s) "
-                       "(saved by an older version, or built from adapters in memory): no ratio")
+        which = f" for {missing} of {len(input_bytes)} task(s)" if input_bytes else ""
+        out["note"] = (f"the inputs' size is not recorded{which} (saved by an older version, or built from "
+                       "adapters in memory): no ratio")
         return out
     ib = sum(int(b) for b in input_bytes if b is not None)
     ib16 = sum(int(b if b is not None else a) for a, b in zip(input_bytes, input_bytes_fp16) if a is not None)

@@ -59,3 +59,19 @@ def test_benchmark_on_mixed_ranks_keeps_rows_and_notes_pca(tmp_path):
     plain = run_batch("benchmark", *dirs, "--k-values", "1", "--methods", "pca", "svd", "-q")
     assert plain.rc == 0, plain.stderr
     assert "Skipped" in plain.stdout and "- pca:" in plain.stdout and re.search(r"^\s*svd\s+1\s", plain.stdout, re.M)
+
+
+def test_ratio_counts_hub_inputs_from_the_cache(tmp_path, peft_family_dirs):
+    hubserver = pytest.importorskip("hubserver")
+    files = {n: (peft_family_dirs[0] / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+    with hubserver.FakeHub() as hub:
+        hub.add_repo("org/lora-a", files)
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+               "HF_HUB_OFFLINE": "0"}
+        out = tmp_path / "s"
+        comp = run_batch("compress", "hf://org/lora-a", *peft_family_dirs[1:3], "-o", out, "-k", "2", "--streaming", "--json",
+                         env=env)
+    assert comp.rc == 0, comp.stderr
+    disk = comp.json()["data"]["stats"]["disk"]
+    assert disk["input_bytes"] == input_size(peft_family_dirs[:3])  # the Hub copy has the same bytes as the first
+    assert disk["ratio"] == pytest.approx(input_size(peft_family_dirs[:3]) / folder_size(out))

@@ -148,3 +148,17 @@ def test_benchmark_on_mixed_ranks_skips_pca_and_keeps_rows(tmp_path, mixed_rank_
     row = next(r for r in d["rows"] if (r["method"], r["k"]) == ("joint", 2))
     assert row["stored_bytes"] == folder_size(out)
     assert row["ratio"] == pytest.approx(inputs / folder_size(out))
+
+
+def test_folder_without_recorded_inputs_says_so(tmp_path, peft_family_dirs):
+    out = tmp_path / "sub"
+    run_job(JobRequest("compress", {"adapters": [str(p) for p in peft_family_dirs[:2]], "output": str(out), "num_components": 2}))
+    man = json.loads((out / "subspace.json").read_text())
+    for t in man["tasks"]:  # as an older version wrote it
+        t.pop("input_bytes")
+        t.pop("input_bytes_fp16")
+    (out / "subspace.json").write_text(json.dumps(man))
+    info = run_job(JobRequest("info", {"path": str(out)}))
+    disk = info.data["stats"]["disk"]
+    assert disk["bytes"] == folder_size(out) and disk["ratio"] is None and "not recorded" in disk["note"]
+    assert "n/a on disk" in info.summary and "not recorded" in info.summary
