@@ -271,12 +271,19 @@ def _render_info(d: dict[str, Any]) -> list[Block]:
     return _render_adapter_info(d)
 
 
+def _disk_kv(disk: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The engine's one ratio (engine.subspace.size.size_on_disk), as it gives it."""
+    if not disk:
+        return [("ratio", "n/a")]
+    kv = [("inputs on disk", _bytes(disk["input_bytes"]) if disk["input_bytes"] is not None else "not recorded"),
+          ("size on disk", _bytes(disk["bytes"])), ("ratio", disk["text"])]
+    return kv + ([("note", disk["note"])] if disk.get("note") else [])
+
+
 def _stats_kv(st: dict[str, Any]) -> list[tuple[str, Any]]:
     err = st["error"]
     kv = [("method", st["method"]), ("tasks", st["num_tasks"]), ("modules", st["num_modules"]), ("dtype", st["dtype"]),
-          ("original size", _bytes(st["original_bytes"])), ("stored size", _bytes(st["stored_bytes"])),
-          ("ratio", f"{st['ratio']:.2f}x"), ("ratio vs fp16", f"{st['ratio_vs_fp16']:.2f}x"),
-          ("ΔW error mean", err["mean"]), ("ΔW error max", err["max"])]
+          *_disk_kv(st.get("disk")), ("ΔW error mean", err["mean"]), ("ΔW error max", err["max"])]
     if err.get("is_bound"):
         kv.append(("errors are", "upper bounds"))
     q = st.get("quantization")
@@ -288,23 +295,32 @@ def _task_rows(per_task: dict[str, Any]) -> list[list[Any]]:
     return [[t, e["mean"], e["max"]] for t, e in per_task.items()]
 
 
+def _module_table(modules: list[dict[str, Any]]) -> Block:
+    rows = [[m["name"], m["stored"], f"{m['out_features']}×{m['in_features']}",
+             f"{m['explained_at_k']:.1%}" if m["explained_at_k"] is not None else "-", m["mean_error"], m["max_error"]]
+            for m in modules]
+    return ("table", "Modules (shared k_u×k_v, or stored per task at a rank)",
+            ["module", "stored", "shape", "explained at k", "mean error", "max error"], rows)
+
+
+def _storage_lines(st: dict[str, Any]) -> Block:
+    return ("lines", None, [st["storage"]["summary"]])
+
+
 def _render_subspace_info(d: dict[str, Any]) -> list[Block]:
     st = d["stats"]
     kv = [("path", d["path"]), ("base model", d["base_model"]), ("format", d["format_version"]), *_stats_kv(st)]
     tasks = [[t["task_id"], t["rank"], t["mean_error"], t["max_error"], "bound" if t["error_is_bound"] else ""] for t in d["tasks"]]
-    mods = [[m["name"], m["kind"], m["k"] if m.get("k_u", m["k"]) == m.get("k_v", m["k"]) else f"{m['k_u']}×{m['k_v']}",
-             f"{m['out_features']}×{m['in_features']}",
-             f"{m['explained_at_k']:.1%}" if m["explained_at_k"] is not None else "-", m["mean_error"], m["max_error"]]
-            for m in d["modules"]]
     return [("kv", "Subspace", kv),
             ("table", "Tasks (relative ΔW error)", ["task", "rank", "mean", "max", ""], tasks),
-            ("table", "Modules", ["module", "kind", "k (U×V)", "shape", "explained at k", "mean error", "max error"], mods)]
+            _module_table(d["modules"]), _storage_lines(st)]
 
 
 def _render_compress(d: dict[str, Any]) -> list[Block]:
     st = d["stats"]
     return [("kv", "Subspace written", [("path", d["path"]), *_stats_kv(st)]),
-            ("table", "Tasks (relative ΔW error)", ["task", "mean", "max"], _task_rows(st["error"]["per_task"]))]
+            ("table", "Tasks (relative ΔW error)", ["task", "mean", "max"], _task_rows(st["error"]["per_task"])),
+            _module_table(d["modules"]), _storage_lines(st)]
 
 
 def _target_text(rule: dict[str, Any] | None) -> str:
@@ -328,7 +344,7 @@ def _render_add(d: dict[str, Any]) -> list[Block]:
     if "before" in d:
         kv += [("stored tasks mean", _before_after(d["before"]["mean"], d["stored_after"]["mean"])),
                ("stored tasks max", _before_after(d["before"]["max"], d["stored_after"]["max"]))]
-    kv += [("tasks now", d["stats"]["num_tasks"]), ("ratio", f"{d['stats']['ratio']:.2f}x")]
+    kv += [("tasks now", d["stats"]["num_tasks"]), *_disk_kv(d["stats"].get("disk"))]
     blocks: list[Block] = [("kv", "Task added", kv)]
     if d.get("tasks"):
         rows = [[r["task_id"], _before_after(r["before"]["mean"] if r["before"] else None, r["after"]["mean"]),
@@ -336,6 +352,7 @@ def _render_add(d: dict[str, Any]) -> list[Block]:
                  ("BREAKS TARGET " if r["breaks_target"] else "") + ("bound" if r["error_is_bound"] else "")]
                 for r in d["tasks"]]
         blocks.append(("table", "Tasks (relative ΔW error, before → after)", ["task", "mean", "max", ""], rows))
+    blocks.append(_storage_lines(d["stats"]))
     return blocks
 
 
@@ -349,7 +366,8 @@ def _render_export(d: dict[str, Any]) -> list[Block]:
 def _render_quantize(d: dict[str, Any]) -> list[Block]:
     q = d["quantization"]
     b, a = d["before"], d["after"]
-    rows = [["stored bytes", b["stored_bytes"], a["stored_bytes"]], ["ratio", f"{b['ratio']:.2f}x", f"{a['ratio']:.2f}x"],
+    rows = [["size on disk", _bytes(b.get("disk_bytes")), _bytes(a.get("disk_bytes"))],
+            ["ratio", _ratio(b["ratio"]), _ratio(a["ratio"])],
             ["ΔW error mean", b["mean_error"], a["mean_error"]], ["ΔW error max", b["max_error"], a["max_error"]]]
     return [("kv", "Quantized subspace", [("path", d["path"]), ("bits", q["bits"]), ("method", q["method"]),
                                           ("double quant", q["double_quant"]), ("loadings quantized", q["quantize_loadings"]),
@@ -357,13 +375,25 @@ def _render_quantize(d: dict[str, Any]) -> list[Block]:
             ("table", "Before / after", ["", "before", "after"], rows)]
 
 
+def _ratio(v: Any) -> str:
+    return f"{v:.2f}x" if isinstance(v, (int, float)) else "-"
+
+
 def _render_benchmark(d: dict[str, Any]) -> list[Block]:
-    rows = [[r["method"], r["k"], _bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-",
-             f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", r["mean_error"], r["max_error"],
+    fp32 = d.get("input_bytes_fp16") is not None and d["input_bytes_fp16"] != d.get("input_bytes")
+    rows = [[r["method"], r["k"], _bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-", _ratio(r["ratio"]),
+             *([_ratio(r.get("ratio_vs_fp16"))] if fp32 else []), r["mean_error"], r["max_error"],
              f"{r['seconds']:.2f}" if r["seconds"] is not None else "-", (r["error"] or "")[:60]] for r in d["rows"]]
-    return [("kv", "Benchmark", [("adapters", len(d["tasks"])), ("original size", _bytes(d["original_bytes"]))]),
-            ("table", "Fidelity and size over k (relative ΔW error; svd = each task alone, the baseline)",
-             ["method", "k", "stored", "ratio", "mean error", "max error", "s", "note"], rows)]
+    kv = [("adapters", len(d["tasks"])),
+          ("inputs on disk", _bytes(d["input_bytes"]) if d.get("input_bytes") is not None else "not recorded")]
+    blocks: list[Block] = [
+        ("kv", "Benchmark", kv),
+        ("table", "Fidelity and size over k (bytes on disk; relative ΔW error; svd = each task alone, the baseline)",
+         ["method", "k", "on disk", "ratio", *(["vs fp16 inputs"] if fp32 else []), "mean error", "max error", "s", "note"],
+         rows)]
+    if d.get("skipped"):
+        blocks.append(("lines", "Skipped", [f"- {s['method']}: {s['reason']}" for s in d["skipped"]]))
+    return blocks
 
 
 def _render_inspect(d: dict[str, Any]) -> list[Block]:

@@ -107,11 +107,13 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
       name/ok/error], "base_models", "ranks", "total_params", "total_bytes", "problems"}``.
     - ``"subspace"`` (loads it, so torch is imported): ``{"path", "format_version", "method",
       "dtype", "base_model", "quantization": {bits, method, double_quant, quantize_loadings,
-      block_size}|None, "stats": compression_stats() (without fidelity), "tasks": [{"task_id",
-      "mean_error", "max_error", "error_is_bound", "rank", "original_bytes"}], "modules":
-      [{"name", "kind", "k", "k_u", "k_v", "out_features", "in_features", "explained_at_k",
-      "mean_error", "max_error"}] (``k_u``/``k_v``: columns of the joint U and V; ``k`` the larger), "fidelity": {task: {module: error}}, "variance": {module: [cumulative
-      explained share for k = 1, 2, …]}}``.
+      block_size}|None, "stats": compression_stats() (without fidelity; ``stats.disk`` holds the
+      ratio on disk, ``stats.storage.summary`` the line saying how much is shared), "tasks": [{"task_id",
+      "mean_error", "max_error", "error_is_bound", "rank", "original_bytes", "input_bytes"}], "modules":
+      [{"name", "kind", "k", "k_u", "k_v", "shared", "stored", "out_features", "in_features", "explained_at_k",
+      "mean_error", "max_error"}] (``k_u``/``k_v``: columns of the joint U and V; ``k`` the larger;
+      ``shared``: False for a module stored per task, ``stored``: ``"shared 3×4"`` or ``"per task, rank 4"``),
+      "fidelity": {task: {module: error}}, "variance": {module: [cumulative explained share for k = 1, 2, …]}}``.
     """
     from ..io.scan import is_adapter_dir, is_subspace_dir
 
@@ -129,8 +131,10 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
     p = Path(spec)
     if is_subspace_dir(p):
         data = subspace_info(p, progress=progress, cancel=cancel)
+        st = data["stats"]
         return JobOutput(summary=f"{p}: subspace ({data['method']}), {len(data['tasks'])} tasks, "
-                                 f"{data['stats']['ratio']:.1f}x, max ΔW error {data['stats']['error']['max']:.3g}", data=data)
+                                 f"{_ratio_words(st['disk'])}, max ΔW error {st['error']['max']:.3g}; "
+                                 f"{st['storage']['summary']}", data=data)
     if p.is_dir() and not is_adapter_dir(p) and p.exists():
         data = _collection_info(p, progress, cancel)
         return JobOutput(summary=f"{p}: {data['count']} adapters, {data['total_bytes']} bytes", data=data)
@@ -138,6 +142,14 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
 
     summary = read_adapter_summary(p).to_dict()
     return JobOutput(summary=_adapter_line(summary), data={"type": "adapter", **summary})
+
+
+def _ratio_words(disk: dict[str, Any] | None) -> str:
+    """The one ratio (:func:`engine.subspace.size.size_on_disk`) as job summaries print it."""
+    if not disk:
+        return "ratio n/a"
+    return f"{disk['text']} on disk ({disk['bytes']} bytes" + (
+        f" from {disk['input_bytes']})" if disk.get("input_bytes") is not None else "; the inputs' size is not recorded)")
 
 
 def _adapter_line(s: dict[str, Any]) -> str:
@@ -291,24 +303,10 @@ def subspace_info(path: Path, *, progress: ProgressFn | None = None, cancel: Can
             "error_is_bound": proj.error_is_bound,
             "rank": max(proj.ranks.values(), default=0),
             "original_bytes": proj.original_bytes,
+            "input_bytes": proj.input_bytes,
         })
-    modules = []
     variance = sub.explained_variance()
-    for m in sub.layer_names:
-        b = sub.modules[m]
-        errs = [f[m] for f in fidelity.values() if m in f]
-        modules.append({
-            "name": m,
-            "kind": b.kind,
-            "k": b.k,
-            "k_u": int(b.tensors["U"].shape[1]) if b.kind == "joint" else b.k,
-            "k_v": int(b.tensors["V"].shape[1]) if b.kind == "joint" else b.k,
-            "out_features": b.shape[0],
-            "in_features": b.shape[1],
-            "explained_at_k": (variance[m][b.k - 1] if b.k and len(variance[m]) >= b.k else None),
-            "mean_error": sum(errs) / len(errs) if errs else 0.0,
-            "max_error": max(errs) if errs else 0.0,
-        })
+    modules = _module_rows(sub, stats["storage"], fidelity, variance)
     tick(progress, cancel, 2, 2, "done")
     return {
         "type": "subspace",
@@ -326,6 +324,31 @@ def subspace_info(path: Path, *, progress: ProgressFn | None = None, cancel: Can
     }
 
 
+def _module_rows(sub: Any, storage: dict[str, Any], fidelity: dict[str, dict[str, float]],
+                 variance: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Per module: how it is stored (shared k_u×k_v, or per task at a rank), shape, variance and errors."""
+    modules = []
+    for m in sub.layer_names:
+        b = sub.modules[m]
+        how = storage["modules"][m]
+        errs = [f[m] for f in fidelity.values() if m in f]
+        modules.append({
+            "name": m,
+            "kind": b.kind,
+            "k": b.k,
+            "k_u": how["k_u"] if how["shared"] else 0,
+            "k_v": how["k_v"] if how["shared"] else 0,
+            "shared": how["shared"],
+            "stored": how["form"],
+            "out_features": b.shape[0],
+            "in_features": b.shape[1],
+            "explained_at_k": (variance[m][b.k - 1] if b.k and len(variance[m]) >= b.k else None),
+            "mean_error": sum(errs) / len(errs) if errs else 0.0,
+            "max_error": max(errs) if errs else 0.0,
+        })
+    return modules
+
+
 def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
     """Build a shared subspace from adapters with a registered method and save it (temp folder, then rename).
 
@@ -334,8 +357,11 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     method does not take is refused.
 
     data: ``{"path", "tasks": [task id…], "method", "streaming": bool,
-    "stats": SharedSubspace.compression_stats()}`` — ``stats`` holds ``original_bytes``,
-    ``stored_bytes``, ``ratio``, ``ratio_vs_fp16``, ``k`` {module: k}, ``module_kinds``,
+    "stats": SharedSubspace.compression_stats(), "modules": [as in ``info``]}`` — ``stats`` holds
+    ``disk`` (the ratio printed: the inputs' files on disk / every file of the saved folder,
+    :func:`engine.subspace.size.size_on_disk`), ``storage`` (shared or per task, per module, and
+    its ``summary`` line), ``original_bytes``, ``stored_bytes``, ``ratio``, ``ratio_vs_fp16``
+    (tensors in memory, seed-compatible), ``k`` {module: k}, ``module_kinds``,
     ``dtype``, ``quantization``, ``error`` {``mean``, ``max``, ``per_task`` {task: {mean, max}},
     ``per_module`` {module: {mean, max}}, ``is_bound``} and ``fidelity`` {task: {module: error}}
     (errors are relative ‖ΔW−ΔŴ‖/‖ΔW‖, measured after rounding to the storage dtype).
@@ -369,11 +395,13 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     stages.done()
     stats = sub.compression_stats()
     err = stats["error"]
+    modules = _module_rows(sub, stats["storage"], stats["fidelity"], sub.explained_variance())
     return JobOutput(
-        summary=(f"compressed {len(sub.tasks)} adapters into {out} ({stats['method']}): {stats['ratio']:.1f}x, "
-                 f"ΔW error mean {err['mean']:.3g} max {err['max']:.3g}"),
+        summary=(f"compressed {len(sub.tasks)} adapters into {out} ({stats['method']}): {_ratio_words(stats['disk'])}, "
+                 f"ΔW error mean {err['mean']:.3g} max {err['max']:.3g}; {stats['storage']['summary']}"),
         outputs=[str(out)],
-        data={"path": str(out), "tasks": sub.task_ids, "method": sub.method, "streaming": streaming, "stats": stats},
+        data={"path": str(out), "tasks": sub.task_ids, "method": sub.method, "streaming": streaming, "stats": stats,
+              "modules": modules},
     )
 
 
@@ -524,9 +552,11 @@ def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     not read). ``nf4`` is 4-bit by definition (and double-quantizes its scales unless told not to).
 
     data: ``{"path", "quantization": {"bits", "method", "double_quant", "quantize_loadings",
-    "block_size"}, "before": {"stored_bytes", "ratio", "mean_error", "max_error"},
+    "block_size"}, "before": {"stored_bytes", "disk_bytes", "ratio", "mean_error", "max_error"},
     "after": {same}, "target": the subspace's k rule (see ``add``), "warnings": [str] (one
     line when the rounding breaks the error target), "stats": compression_stats() after}``
+    (``ratio``: the ratio on disk, of the input folder before and of the written one after;
+    ``stored_bytes``: tensors in memory)
     """
     from ..registry import get_method
     from ..subspace import SharedSubspace
@@ -544,8 +574,9 @@ def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, 
 
     def figures() -> dict[str, Any]:
         st = sub.compression_stats()
-        return {"stored_bytes": st["stored_bytes"], "ratio": st["ratio"], "mean_error": st["error"]["mean"],
-                "max_error": st["error"]["max"]}
+        disk = st["disk"] or {}
+        return {"stored_bytes": st["stored_bytes"], "disk_bytes": disk.get("bytes"), "ratio": disk.get("ratio"),
+                "mean_error": st["error"]["mean"], "max_error": st["error"]["max"]}
 
     before = figures()
     fid_before = sub.fidelity()
@@ -576,19 +607,25 @@ def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, 
 
 
 def run_benchmark(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
-    """Fidelity against size over k for each compression method, in memory (nothing is written).
+    """Fidelity against size over k for each compression method (nothing is kept on disk).
 
-    For each method and k the subspace is built with ``num_components=k`` and its
-    stored bytes, ratio and ΔW errors (after rounding to the storage dtype) are measured.
-    The ``svd`` method is the honest baseline (each task alone, truncated SVD per module).
+    For each method and k the subspace is built with ``num_components=k``, saved to a
+    temporary folder (deleted at once) and measured as ``compress`` measures it: bytes of
+    every file on disk and the ratio of :func:`engine.subspace.size.size_on_disk`, and its
+    ΔW errors (after rounding to the storage dtype). The ``svd`` method is the honest
+    baseline (each task alone, truncated SVD per module). A method that does not apply to
+    these adapters (``pca`` on mixed ranks) is skipped with a note; every finished row is kept.
 
-    data: ``{"tasks": [task id…], "original_bytes", "ks": [k…], "methods": [name…],
-    "rows": [{"method", "k", "stored_bytes", "ratio", "mean_error", "max_error", "seconds",
-    "error": str|None}]}`` (a cell that cannot be built, e.g. k above what a method allows,
-    has ``error`` set and null figures).
+    data: ``{"tasks": [task id…], "input_bytes", "input_bytes_fp16", "ks": [k…], "methods": [name…],
+    "rows": [{"method", "k", "stored_bytes" (on disk), "ratio", "ratio_vs_fp16", "mean_error", "max_error",
+    "seconds", "error": str|None}], "skipped": [{"method", "reason"}]}`` (a cell that cannot be
+    built, e.g. k above what a method allows, has ``error`` set and null figures).
     """
+    import shutil
+    import tempfile
     import time
 
+    from ..errors import IncompatibleAdaptersError, JobCancelled
     from ..registry import get_method
     from .common import load_adapters
 
@@ -611,34 +648,50 @@ def run_benchmark(params: dict[str, Any], *, progress: ProgressFn | None = None,
         raise ValueError(f"methods: unknown compression method {unknown[0]!r}")
     bench = stages.stage("bench")
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     total = len(ks) * len(meths)
-    orig = 0
-    for i, (meth, k) in enumerate((m, k) for m in meths for k in ks):
-        tick(bench, cancel, i, total, f"{meth} k={k}")
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"method": meth, "k": k, "stored_bytes": None, "ratio": None, "mean_error": None,
-                               "max_error": None, "seconds": None, "error": None}
-        try:
-            build = get_method("compress", meth).func
-            assert build is not None
-            sub = build(adapters, num_components=k, dtype=params["dtype"], cancel=cancel)
-        except ValueError as exc:
-            row["error"] = str(exc)
+    disk: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="vlora-benchmark-") as tmp:
+        for i, (meth, k) in enumerate((m, k) for m in meths for k in ks):
+            tick(bench, cancel, i, total, f"{meth} k={k}")
+            if any(s["method"] == meth for s in skipped):
+                continue
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"method": meth, "k": k, "stored_bytes": None, "ratio": None, "ratio_vs_fp16": None,
+                                   "mean_error": None, "max_error": None, "seconds": None, "error": None}
+            try:
+                build = get_method("compress", meth).func
+                assert build is not None
+                sub = build(adapters, num_components=k, dtype=params["dtype"], cancel=cancel)
+                seconds = time.perf_counter() - t0
+                folder = sub.save(Path(tmp) / f"{meth}-k{k}")
+            except JobCancelled:
+                raise
+            except IncompatibleAdaptersError as exc:  # the method does not apply to these adapters: no k will do
+                skipped.append({"method": meth, "reason": str(exc)})
+                continue
+            except Exception as exc:  # one cell failed: note it, keep the finished rows
+                row["error"] = str(exc) or exc.__class__.__name__
+                rows.append(row)
+                continue
+            st = sub.compression_stats()
+            shutil.rmtree(folder)
+            disk = st["disk"]
+            row.update(stored_bytes=disk["bytes"], ratio=disk["ratio"], ratio_vs_fp16=disk["ratio_vs_fp16"],
+                       mean_error=st["error"]["mean"], max_error=st["error"]["max"], seconds=seconds)
             rows.append(row)
-            continue
-        st = sub.compression_stats()
-        orig = st["original_bytes"]
-        row.update(stored_bytes=st["stored_bytes"], ratio=st["ratio"], mean_error=st["error"]["mean"],
-                   max_error=st["error"]["max"], seconds=time.perf_counter() - t0)
-        rows.append(row)
     stages.done()
     ok = [r for r in rows if r["error"] is None]
-    best = min(ok, key=lambda r: (r["max_error"], -r["ratio"])) if ok else None
+    best = min(ok, key=lambda r: (r["max_error"], -(r["ratio"] or 0.0))) if ok else None
     summary = f"benchmarked {len(meths)} method(s) × {len(ks)} k value(s) on {len(adapters)} adapters"
     if best:
-        summary += f"; lowest max error {best['max_error']:.3g} ({best['method']}, k={best['k']}, {best['ratio']:.1f}x)"
-    return JobOutput(summary=summary, data={"tasks": [a.name for a in adapters], "original_bytes": orig, "ks": ks,
-                                            "methods": meths, "rows": rows})
+        ratio = f"{best['ratio']:.2f}x" if best["ratio"] is not None else "ratio n/a"
+        summary += f"; lowest max error {best['max_error']:.3g} ({best['method']}, k={best['k']}, {ratio} on disk)"
+    for sk in skipped:
+        summary += f"; {sk['method']} skipped: {sk['reason']}"
+    return JobOutput(summary=summary, data={"tasks": [a.name for a in adapters], "input_bytes": disk.get("input_bytes"),
+                                            "input_bytes_fp16": disk.get("input_bytes_fp16"), "ks": ks,
+                                            "methods": meths, "rows": rows, "skipped": skipped})
 
 
 # -- analyze / diff ---------------------------------------------------------------

@@ -59,6 +59,9 @@ class TaskProjection:
         error_is_bound: ``fidelity`` is an upper bound (triangle inequality), not exact:
             after ``absorb`` or ``quantize`` without the original adapters.
         original_bytes: Bytes of the original LoRA factors at their stored dtype.
+        input_bytes: Bytes of the input adapter's files on disk (``adapter_model.safetensors`` +
+            ``adapter_config.json``), measured at build time; ``None`` for an adapter without files.
+        input_bytes_fp16: The same with its fp32 tensors counted at fp16.
     """
 
     task_id: str
@@ -69,6 +72,8 @@ class TaskProjection:
     template: LoRAWeights | None = None
     error_is_bound: bool = False
     original_bytes: int = 0
+    input_bytes: int | None = None
+    input_bytes_fp16: int | None = None
 
     @property
     def loadings_a(self) -> dict[str, Tensor]:

@@ -97,6 +97,9 @@ class SharedSubspace:
         self.quantization: dict[str, Any] | None = None
         self.base_model: str | None = next((t.template.base_model_name_or_path for t in tasks.values()
                                             if t.template is not None and t.template.base_model_name_or_path), None)
+        #: The folder this subspace was last saved to or loaded from, while unchanged since
+        #: (``None`` after any change in memory): :meth:`compression_stats` reports its size on disk.
+        self.saved_path: Path | None = None
 
     # -- facts --------------------------------------------------------------
     @property
@@ -313,6 +316,10 @@ class SharedSubspace:
                              sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd", prior=prior)
         bases, tasks = build_in_chunks(source, shapes, method, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
                                        checked=_CheckedSource, progress=progress, cancel=cancel)
+        srcs: list[Any] = list(source.paths) if source.paths is not None else [a.source for a in source.adapters or []]
+        for tid, src in zip(source.task_ids, srcs):
+            if tid in tasks:
+                _record_input(tasks[tid], src)
         return cls(method, bases, tasks, params, dt)
 
     # -- tasks ----------------------------------------------------------------
@@ -353,6 +360,7 @@ class SharedSubspace:
         tmpl = config_template(adapter, task_id)
         proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
                               original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in self.modules))
+        _record_input(proj, adapter.source)
         mods = sorted(self.modules)
         for j, m in enumerate(mods):
             tick(progress, cancel, j, len(mods), f"projecting {m}")
@@ -368,6 +376,7 @@ class SharedSubspace:
         if missing:
             raise ValueError(f"projection {projection.task_id!r} lacks module '{missing[0]}'")
         self.tasks[projection.task_id] = projection
+        self.saved_path = None
 
     def absorb(self, adapter: LoRAWeights, new_task_id: str, *, allow_worse: bool = False,
                progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> None:
@@ -403,10 +412,12 @@ class SharedSubspace:
                 proj.fidelity[m] = prev.fidelity[m] + drift
                 proj.norms[m] = prev.norms[m]
             proj.ranks, proj.template, proj.original_bytes = prev.ranks, prev.template, prev.original_bytes
+            proj.input_bytes, proj.input_bytes_fp16 = prev.input_bytes, prev.input_bytes_fp16
             proj.error_is_bound = True
         self._refuse_breaks(f"absorbing {new_task_id!r}", before, new.fidelity(), allow_worse)
         self.modules, self.tasks = new.modules, new.tasks
         self.quantized, self.quantization = {}, None
+        self.saved_path = None
 
     def _absorb_prior(self, olds: dict[str, LoRAWeights]) -> dict[str, dict[str, tuple[float, float]]] | None:
         """Each stored task's ``(offset, scale)`` per module for a rebuild from reconstructions (``None``: no error target).
@@ -476,6 +487,7 @@ class SharedSubspace:
         tmpl = config_template(adapter, task_id)
         proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
                               original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in self.modules))
+        _record_input(proj, adapter.source)
         pending: dict[str, dict[str, Tensor]] = {}  # module → its grown tensors, applied once the task is accepted
         mods = sorted(self.modules)
         for j, m in enumerate(mods):
@@ -515,6 +527,7 @@ class SharedSubspace:
             for key in grown_tensors:
                 self.quantized.pop((m, key), None)
         self.tasks[task_id] = proj
+        self.saved_path = None
         return proj
 
     # -- reconstruction -------------------------------------------------------------
@@ -562,6 +575,7 @@ class SharedSubspace:
             raise ValueError(f"num_expand must be >= 0, got {num_expand}")
         g = torch.Generator().manual_seed(len(self.tasks) * 7919 + num_expand)
         if num_expand:
+            self.saved_path = None
             for m, b in self.modules.items():
                 t = b.tensors
                 if b.kind == "joint":
@@ -598,6 +612,7 @@ class SharedSubspace:
         """Write coefficients from :meth:`get_trainable_params` back into the task (errors become unknown: NaN)."""
         proj = self._task(task_id)
         names = {"sigma": ("sigma",), "loadings_a": ("la",), "loadings_b": ("lb",), "lora_B": ("b",), "lora_A": ("a",)}
+        self.saved_path = None
         for key, value in params.items():
             m, _, part = key.rpartition(".")
             if m not in self.modules or part not in names:
@@ -670,6 +685,7 @@ class SharedSubspace:
                 proj.error_is_bound = False
         self.quantization = {"bits": bits, "method": method, "double_quant": double_quant,
                              "quantize_loadings": quantize_loadings, "block_size": block_size}
+        self.saved_path = None
         return self
 
     # -- accounting -------------------------------------------------------------------
@@ -699,13 +715,65 @@ class SharedSubspace:
         """Task → module → relative ΔW error."""
         return {t: dict(p.fidelity) for t, p in self.tasks.items()}
 
+    def storage(self) -> dict[str, Any]:
+        """How each module is stored: shared by the tasks, or per task (nothing shared), with a one-line summary.
+
+        Returns:
+            ``{"modules": {module: {"shared": bool, "kind", "k_u", "k_v", "rank": [lo, hi] of the
+            per-task factors (modules stored per task) or None, "form": "shared 3×4" | "per task, rank 4"}},
+            "shared": n, "per_task": n, "total": n, "summary": str}``.
+        """
+        mods: dict[str, dict[str, Any]] = {}
+        for m, b in sorted(self.modules.items()):
+            if b.kind == "separate":
+                rs = [int(p.coeffs[m]["b"].shape[1]) for p in self.tasks.values() if "b" in p.coeffs.get(m, {})]
+                lo, hi = (min(rs), max(rs)) if rs else (0, 0)
+                mods[m] = {"shared": False, "kind": b.kind, "k_u": 0, "k_v": 0, "rank": [lo, hi],
+                           "form": f"per task, rank {lo}" if lo == hi else f"per task, rank {lo}–{hi}"}
+                continue
+            ku = int(b.tensors["U"].shape[1]) if b.kind == "joint" else b.k
+            kv = int(b.tensors["V"].shape[1]) if b.kind == "joint" else b.k
+            mods[m] = {"shared": True, "kind": b.kind, "k_u": ku, "k_v": kv, "rank": None,
+                       "form": f"shared {ku}×{kv}" if b.kind == "joint" else f"shared k={b.k}"}
+        total = len(mods)
+        sep = sum(1 for v in mods.values() if not v["shared"])
+        if total and sep == total:
+            if self.method == "svd":
+                summary = f"{sep} of {total} modules stored per task (method svd: each task alone, the baseline)"
+            else:
+                target = self._target_text()
+                summary = (f"{sep} of {total} modules stored per task, nothing shared: these adapters share too little"
+                           f"{' at ' + target if target else ''} to gain from a shared basis; a looser target "
+                           "(--max-error, --mean-error) or quantize stores less")
+        elif sep:
+            summary = (f"{total - sep} of {total} modules shared, {sep} stored per task "
+                       "(there a shared basis would be larger)")
+        else:
+            summary = f"{total} of {total} modules shared"
+        return {"modules": mods, "shared": total - sep, "per_task": sep, "total": total, "summary": summary}
+
+    def _target_text(self) -> str:
+        """The build's error target in words (``a 5 % max ΔW error``), or ``""``."""
+        parts = [f"{float(self.params[k]) * 100:g} % {w}" for k, w in (("max_error", "max"), ("mean_error", "mean"))
+                 if self.params.get(k) is not None]
+        return f"a {' and '.join(parts)} ΔW error" if parts else ""
+
     def compression_stats(self) -> dict[str, Any]:
         """Bytes, ratio and fidelity.
 
-        ``ratio`` = bytes of the original adapters' LoRA factors (at their dtype) / bytes
-        stored (at storage precision, or quantised); ``ratio_vs_fp16`` compares with the
-        originals at fp16. Errors are relative ‖ΔW−ΔŴ‖_F/‖ΔW‖_F.
+        ``disk`` holds the honest figures every front end prints: while the subspace is
+        unchanged since it was saved or loaded (:attr:`saved_path`), the bytes of every file of
+        its folder and ``ratio`` = the inputs' files on disk / those bytes (see
+        :func:`engine.subspace.size.size_on_disk`); otherwise ``None``. The seed-compatible
+        ``ratio`` (= ``compression_ratio``) counts tensors in memory only: bytes of the original
+        adapters' LoRA factors (at their dtype) / bytes of bases and coefficients (at storage
+        precision, or quantised), without file headers, manifest or the inputs' configs;
+        ``ratio_vs_fp16`` compares with the originals at fp16. ``storage`` says per module
+        whether it is shared or stored per task (:meth:`storage`). Errors are relative
+        ‖ΔW−ΔŴ‖_F/‖ΔW‖_F.
         """
+        from .size import size_on_disk
+
         stored, stored_params = self._tensor_bytes()
         orig = sum(p.original_bytes for p in self.tasks.values())
         orig_params = sum(sum(p.ranks.get(m, 0) * (b.shape[0] + b.shape[1]) for m, b in self.modules.items())
@@ -733,6 +801,8 @@ class SharedSubspace:
             "ratio_vs_fp16": 2 * orig_params / stored if stored else 0.0,
             "original_params": int(orig_params),
             "stored_params": int(stored_params),
+            "disk": size_on_disk(self.saved_path) if self.saved_path is not None and Path(self.saved_path).is_dir() else None,
+            "storage": self.storage(),
             "error": {
                 "mean": float(sum(allv) / len(allv)) if allv else 0.0,
                 "max": float(max(allv)) if allv else 0.0,
@@ -772,6 +842,7 @@ class SharedSubspace:
             p.coeffs = {m: {k: mv(v) for k, v in c.items()} for m, c in p.coeffs.items()}
         if dt is not None:
             self.dtype = dt
+            self.saved_path = None
         return self
 
     def copy(self) -> SharedSubspace:
@@ -783,7 +854,9 @@ class SharedSubspace:
         """Write the subspace folder (see :mod:`engine.subspace.storage`); quantised tensors are written as codes."""
         from .storage import save_subspace
 
-        return save_subspace(self, Path(path), force=force)
+        out = save_subspace(self, Path(path), force=force)
+        self.saved_path = out
+        return out
 
     def save_quantized(self, path: str | Path, force: bool = False, *, bits: int = 4, method: str = "nf4",
                        double_quant: bool = True) -> Path:
@@ -799,6 +872,14 @@ class SharedSubspace:
         from .storage import load_subspace
 
         return load_subspace(Path(path))
+
+
+def _record_input(proj: TaskProjection, source: Any) -> None:
+    """Measure the input adapter's files on disk into ``proj`` (``None`` when it has none)."""
+    from .size import adapter_input_bytes
+
+    got = adapter_input_bytes(source)
+    proj.input_bytes, proj.input_bytes_fp16 = got if got is not None else (None, None)
 
 
 def _elem(t: Tensor, dtype: torch.dtype) -> int:

@@ -3,8 +3,9 @@
 Layout::
 
     subspace.json              manifest: format version, method, dtype, build params and the k rule
-                               (error target) they set, k and kind per module,
-                               tasks (config, ranks, fidelity), quantisation, sha256 and size per file
+                               (error target) they set, k and kind per module, tasks (config, ranks,
+                               fidelity, bytes of the input adapter's files), quantisation, sha256 and
+                               size per file
     basis.safetensors          "<module>::<tensor>" (U, V or comp_a, comp_b, mean_a, mean_b, sv_a, sv_b)
     tasks/<task_id>.safetensors "<module>::<coeff>" plus "extra::<key>" (the adapter's extra tensors)
 
@@ -107,7 +108,8 @@ def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
             manifest["quantized"][rel] = tq
             manifest["tasks"].append({
                 "id": tid, "file": rel, "fidelity": p.fidelity, "norms": p.norms, "ranks": p.ranks,
-                "error_is_bound": p.error_is_bound, "original_bytes": p.original_bytes, "config": _template_json(p.template),
+                "error_is_bound": p.error_is_bound, "original_bytes": p.original_bytes,
+                "input_bytes": p.input_bytes, "input_bytes_fp16": p.input_bytes_fp16, "config": _template_json(p.template),
                 "extra_tensors": sorted(extras),
             })
         for f in sorted([BASIS_FILE] + [t["file"] for t in manifest["tasks"]]):
@@ -129,6 +131,10 @@ def _rounded(o: Any) -> Any:
     if isinstance(o, (list, tuple)):
         return [_rounded(v) for v in o]
     return o
+
+
+def _opt_int(v: Any) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _json_default(o: Any) -> Any:
@@ -245,10 +251,12 @@ def load_subspace(path: Path) -> Any:
         tasks[tid] = TaskProjection(tid, coeffs, fidelity={k: float(v) for k, v in t.get("fidelity", {}).items()},
                                     norms={k: float(v) for k, v in t.get("norms", {}).items()},
                                     ranks={k: int(v) for k, v in t.get("ranks", {}).items()}, template=template,
-                                    error_is_bound=bool(t.get("error_is_bound", False)), original_bytes=int(t.get("original_bytes", 0)))
+                                    error_is_bound=bool(t.get("error_is_bound", False)), original_bytes=int(t.get("original_bytes", 0)),
+                                    input_bytes=_opt_int(t.get("input_bytes")), input_bytes_fp16=_opt_int(t.get("input_bytes_fp16")))
     sub = SharedSubspace(man["method"], modules, tasks, man.get("params", {}), dtype)
     sub.quantized = quantized
     sub.quantization = man.get("quantization")
+    sub.saved_path = path
     return sub
 
 

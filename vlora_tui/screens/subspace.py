@@ -207,10 +207,15 @@ def stats_table(info: dict[str, Any], path: str | None) -> Table:
     t.add_row("base model", str(info.get("base_model") or "—"))
     t.add_row("tasks / modules", f"{st.get('num_tasks', len(info.get('tasks') or []))} / {st.get('num_modules', '—')}")
     t.add_row("k per module", ", ".join(map(str, ks)) if ks else "—")
-    if "original_bytes" in st:
-        t.add_row("size", f"{st['original_bytes'] / 1024:,.0f} KiB → {st.get('stored_bytes', 0) / 1024:,.0f} KiB")
-    if st.get("ratio") is not None:
-        t.add_row("compression", f"{st['ratio']:.1f}× (vs fp16 {st.get('ratio_vs_fp16', 0):.1f}×)")
+    disk = st.get("disk")
+    if disk:
+        # the engine's one ratio (engine.subspace.size.size_on_disk), shown as the engine words it
+        inputs = f"{disk['input_bytes']:,} B" if disk.get("input_bytes") is not None else "not recorded"
+        t.add_row("on disk", f"{inputs} → {disk['bytes']:,} B")
+        t.add_row("compression", str(disk.get("text") or "n/a"))
+    storage = st.get("storage") or {}
+    if storage.get("summary"):
+        t.add_row("stored", str(storage["summary"]))
     tasks = info.get("tasks") or []
     err = st.get("error") or {}
     if tasks and err:
