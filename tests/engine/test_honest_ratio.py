@@ -89,7 +89,7 @@ def test_add_and_quantize_keep_the_ratio_honest(tmp_path, peft_family_dirs):
     first, extra = peft_family_dirs[:3], peft_family_dirs[3]
     out = tmp_path / "sub"
     run_job(JobRequest("compress", {"adapters": [str(p) for p in first], "output": str(out)}))
-    add = run_job(JobRequest("add", {"subspace": str(out), "adapter": str(extra), "task_id": "extra", "incremental": True}))
+    add = run_job(JobRequest("add", {"subspace": str(out), "adapter": str(extra), "task_id": "extra", "incremental": True, "force": True}))
     disk = add.data["stats"]["disk"]
     assert disk["input_bytes"] == input_size([*first, extra])
     assert disk["ratio"] == pytest.approx(input_size([*first, extra]) / folder_size(out))
