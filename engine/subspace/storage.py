@@ -45,9 +45,8 @@ FORMAT_VERSION = 1
 BASIS_FILE = "basis.safetensors"
 SEP = "::"
 TASKS_DIR = "tasks"
-KINDS = ("joint", "pca")
-#: Tensor names per module kind in ``basis.safetensors``.
-BASIS_KEYS = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b", "mean_a", "mean_b", "sv_a", "sv_b")}
+#: Tensor names per module kind in ``basis.safetensors`` (``separate``: each task alone, no basis).
+BASIS_KEYS = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b", "mean_a", "mean_b", "sv_a", "sv_b"), "separate": ()}
 
 
 def task_file(task_id: str) -> str:
@@ -299,7 +298,7 @@ def _manifest_problems(man: dict[str, Any]) -> list[str]:
             if not _is_dict(info):
                 c.add(key, f"must be an object, got {_describe(info)}")
                 continue
-            c.check(info, "kind", f"{key}.kind", lambda v: v in KINDS, "'joint' or 'pca'", required=True)
+            c.check(info, "kind", f"{key}.kind", lambda v: v in BASIS_KEYS, "'joint', 'pca' or 'separate'", required=True)
             c.check(info, "shape", f"{key}.shape", lambda v: isinstance(v, list) and len(v) == 2
                     and all(_is_int(d) and d >= 0 for d in v), "a list of two integers ≥ 0", required=True)
             c.check(info, "rank", f"{key}.rank", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")

@@ -233,7 +233,7 @@ DEFECTS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "task not a dict": (lambda m: m["tasks"].__setitem__(0, "task_0"), r"'tasks\[0\]'.*must be an object.*str"),
     "modules not a dict": (_set(lambda m: m, "modules", []), r"'modules'.*must be an object.*list"),
     "module not a dict": (lambda m: m["modules"].__setitem__(sorted(m["modules"])[0], 3), r"'modules\[.*\]'.*must be an object"),
-    "unknown kind": (_set(_first_module, "kind", "svd"), r"'modules\[.*\]\.kind'.*'joint' or 'pca'"),
+    "unknown kind": (_set(_first_module, "kind", "svd"), r"'modules\[.*\]\.kind'.*'joint', 'pca' or 'separate'"),
     "shape not two ints": (_set(_first_module, "shape", "12x10"), r"'modules\[.*\]\.shape'.*two integers"),
     "rank a string": (_set(_first_module, "rank", "4"), r"'modules\[.*\]\.rank'.*integer"),
     "explained not numbers": (_set(_first_module, "explained", ["a"]), r"'modules\[.*\]\.explained'.*numbers"),
@@ -323,3 +323,12 @@ def test_seed_task_file_name_outside_the_folder_is_refused(tmp_path, adapters):
     (seed / "subspace_meta.json").write_text(json.dumps(meta))
     with pytest.raises(SubspaceFormatError, match=r"subspace_meta\.json.*task_filenames.*'x/\.\./\.\./outside'"):
         SharedSubspace.load(seed)
+
+
+@pytest.mark.parametrize("method", ["joint", "share", "pca", "svd"])
+def test_every_method_round_trips_with_its_metadata(tmp_path, adapters, method):
+    sub = SharedSubspace.from_adapters(adapters[:3], num_components=2, method=method, dtype=torch.float32)
+    back = SharedSubspace.load(sub.save(tmp_path / "s"))
+    assert back.task_ids == sub.task_ids and {m: b.kind for m, b in back.modules.items()} == {m: b.kind for m, b in sub.modules.items()}
+    with safe_open(str(tmp_path / "s" / "tasks" / f"{sub.task_ids[1]}.safetensors"), "pt") as fh:
+        assert fh.metadata()["vlora_task_id"] == sub.task_ids[1]
