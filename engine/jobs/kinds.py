@@ -876,7 +876,7 @@ def _build_kinds() -> list[JobKind]:
                 Param("task_ids", "strs", None, "one task id per adapter (default: folder or repo names)"),
                 EXCLUDE,
                 Param("group_by", "choice", "none", "compat: one subspace per set of adapters with the same target "
-                      "modules and shapes, written as OUTPUT/<set name> (default: refuse a mixed folder)", ("none", "compat")),
+                      "modules and shapes, written as OUTPUT/<set name>; none: refuse adapters that differ", ("none", "compat")),
                 FORCE,
             ),
             writes=("output",), func=run_compress,

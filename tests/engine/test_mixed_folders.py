@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from engine.errors import AdapterFormatError, IncompatibleAdaptersError
-from engine.io.local import common_modules, load_adapter, partition_compatible
+from engine.io.local import load_adapter
 from engine.io.scan import expand_adapter_specs, is_subspace_dir
 from engine.jobs import InlineRunner, JobRequest, run_job
 from engine.merge import merge_adapters
@@ -79,6 +79,8 @@ def test_exclude_lets_a_mixed_folder_compress(mixed, tmp_path):
 
 
 def test_partition_compatible_from_weights_and_from_headers(mixed):
+    from engine.io.local import partition_compatible
+
     paths = [mixed / n for n in ("qv_a", "qkvo_a", "qv_b", "qkvo_b")]
     loaded = [load_adapter(p) for p in paths]
     for sets in (partition_compatible(loaded), partition_compatible(paths)):
@@ -128,6 +130,8 @@ def test_analyze_with_nothing_in_common_lists_the_sets(tmp_path):
 
 
 def test_common_modules_reports_left_out(mixed):
+    from engine.io.local import common_modules
+
     a, b = load_adapter(mixed / "qv_a"), load_adapter(mixed / "qkvo_a")
     ov = common_modules([a, b])
     assert ov.modules == a.layer_names and list(ov.left_out) == ["qkvo_a"] and len(ov.left_out["qkvo_a"]) == 4
