@@ -369,9 +369,10 @@ class CompatibleSet:
         """The modules' last name parts (``q_proj``, ``v_proj``…), sorted."""
         return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
 
-    def describe(self) -> str:
-        """One line: ``[q_proj+v_proj] 4 modules: a, b``."""
-        return f"[{self.name}] {len(self.modules)} modules ({', '.join(self.target_modules)}): {', '.join(self.members)}"
+    def describe(self, *, base_model: bool = False) -> str:
+        """One line: ``[q_proj+v_proj] 4 modules (q_proj, v_proj): a, b`` (``base_model``: with the base model)."""
+        base = f", base model {self.base_model or '(not named)'}" if base_model else ""
+        return f"[{self.name}] {len(self.modules)} modules ({', '.join(self.target_modules)}){base}: {', '.join(self.members)}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: name, members, indices, target_modules, num_modules, modules {name: [out, in]}, base_model."""
@@ -453,8 +454,12 @@ def partition_compatible(adapters: Sequence[Any], names: Sequence[str] | None = 
 
 
 def describe_sets(sets: Sequence[CompatibleSet]) -> str:
-    """The sets on one line: ``2 sets: [q_proj+v_proj] 4 modules (…): a, b; [k_proj+…] …``."""
-    return f"{len(sets)} sets: " + "; ".join(s.describe() for s in sets)
+    """The sets on one line: ``2 sets: [q_proj+v_proj] 4 modules (…): a, b; [k_proj+…] …``.
+
+    Base models are named when the sets do not all have the same one.
+    """
+    bases = len({s.base_model for s in sets}) > 1
+    return f"{len(sets)} sets: " + "; ".join(s.describe(base_model=bases) for s in sets)
 
 
 @dataclass(frozen=True)

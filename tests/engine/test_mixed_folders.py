@@ -221,3 +221,27 @@ def test_merge_head_from_one_adapter_only(heads, mixed):
     res = merge_adapters([load_adapter(heads["cls_a"]), load_adapter(mixed / "qv_a")], "cat")
     assert res.heads == {"lm_head": "from cls_a"} and not res.warnings
     assert res.weights.metadata["modules_to_save"] == ["lm_head"]
+
+
+def _with_base(src: Path, dst: Path, base: str | None) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / ADAPTER_CONFIG_NAME).read_text())
+    cfg["base_model_name_or_path"] = base
+    (dst / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
+    return dst
+
+
+def test_partition_splits_by_base_model_and_says_so(mixed, tmp_path):
+    from engine.io.local import describe_sets, partition_compatible
+
+    m1a = _with_base(mixed / "qv_a", tmp_path / "m1a", "model-1")
+    m1b = _with_base(mixed / "qv_b", tmp_path / "m1b", "model-1")
+    m2 = _with_base(mixed / "qv_b", tmp_path / "m2", "model-2")
+    unnamed = _with_base(mixed / "qv_a", tmp_path / "unnamed", None)
+    sets = partition_compatible([m1a, m2, m1b])
+    assert [(s.name, s.members, s.base_model) for s in sets] == [
+        ("q_proj+v_proj", ["m1a", "m1b"], "model-1"), ("q_proj+v_proj-2", ["m2"], "model-2")]
+    assert "base model model-2: m2" in describe_sets(sets)
+    # an adapter naming no base model joins the one set of the same modules that names one
+    assert [s.members for s in partition_compatible([m1a, unnamed])] == [["m1a", "unnamed"]]
+    assert [s.members for s in partition_compatible([m1a, unnamed, m2])] == [["m1a"], ["unnamed"], ["m2"]]
