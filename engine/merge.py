@@ -66,6 +66,8 @@ class MergeResult:
             ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F`` (0.0 when exact).
         norms: Module → ``‖ΔW‖_F`` of the untruncated merged update.
         warnings: Things the caller should know (e.g. dropped extra tensors).
+        heads: Extra-tensor module (``modules_to_save`` head…) → ``identical``,
+            ``from NAME`` or ``dropped`` (see ``head_from`` of :func:`merge_adapters`).
     """
 
     weights: LoRAWeights
@@ -74,6 +76,7 @@ class MergeResult:
     errors: dict[str, float]
     norms: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    heads: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_error(self) -> float:
@@ -116,6 +119,7 @@ class MergeResult:
             "errors": dict(self.errors),
             "norms": dict(self.norms),
             "warnings": list(self.warnings),
+            "heads": dict(self.heads),
         }
 
 
@@ -173,20 +177,84 @@ def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> flo
     return v
 
 
-def _merge_extras(adapters: Sequence[LoRAWeights], warnings: list[str]) -> tuple[dict[str, Tensor], Any]:
-    """Extra tensors (``modules_to_save`` heads, …) cannot be averaged meaningfully.
+def _head_name(key: str) -> str:
+    """The module an extra tensor belongs to: ``base_model.model.score.weight`` → ``score``."""
+    from .io.header import strip_prefix
 
-    Like PEFT's ``add_weighted_adapter``, one adapter's extras are kept; when
-    several adapters carry them they are dropped with a warning.
+    return strip_prefix(key).rsplit(".", 1)[0]
+
+
+def _bitwise_equal(x: dict[str, Tensor], y: dict[str, Tensor]) -> bool:
+    """Same keys, dtypes, shapes and bytes (NaN payloads and ``-0.0`` included)."""
+    if x.keys() != y.keys():
+        return False
+    for k, t in x.items():
+        u = y[k]
+        if t.dtype != u.dtype or t.shape != u.shape:
+            return False
+        if not torch.equal(t.detach().contiguous().reshape(-1).view(torch.uint8),
+                           u.detach().contiguous().reshape(-1).view(torch.uint8)):
+            return False
+    return True
+
+
+def _merge_extras(
+    adapters: Sequence[LoRAWeights], warnings: list[str], head_from: str | None = None
+) -> tuple[dict[str, Tensor], list[str] | None, dict[str, str]]:
+    """Extra tensors (``modules_to_save`` heads, LoRA biases, …) cannot be averaged meaningfully.
+
+    Per head (the module an extra tensor belongs to): kept when every input that
+    has it holds it bitwise equal; otherwise taken from the adapter named
+    ``head_from`` (an input's name), or dropped. Each head taken from one of
+    several different inputs, or dropped, adds a warning naming the adapters.
+
+    Returns:
+        ``(extra tensors, modules_to_save for the config or None, {head: what happened}}``,
+        what happened being ``identical``, ``from NAME`` or ``dropped``.
+
+    Raises:
+        ValueError: ``head_from`` names no input.
     """
-    carriers = [a for a in adapters if a.extra_tensors]
-    if not carriers:
-        return {}, None
-    if len(carriers) == 1:
-        return dict(carriers[0].extra_tensors), carriers[0].metadata.get("modules_to_save")
-    names = ", ".join(a.name or "?" for a in carriers)
-    warnings.append(f"extra tensors (modules_to_save) of {len(carriers)} adapters ({names}) cannot be merged; dropped")
-    return {}, None
+    from .io.header import strip_prefix
+
+    names = [a.name or f"adapter #{i}" for i, a in enumerate(adapters)]
+    src: int | None = None
+    if head_from is not None:
+        if head_from not in names:
+            raise ValueError(f"head_from: {head_from!r} is not one of the merged adapters ({', '.join(names)})")
+        src = names.index(head_from)
+    heads: dict[str, dict[int, dict[str, Tensor]]] = {}
+    for i, a in enumerate(adapters):
+        for k, t in a.extra_tensors.items():
+            heads.setdefault(_head_name(k), {}).setdefault(i, {})[k] = t
+    kept: dict[str, Tensor] = {}
+    report: dict[str, str] = {}
+    for head in sorted(heads):
+        by = heads[head]
+        owners = list(by)
+        first = by[owners[0]]
+        if all(_bitwise_equal(first, by[j]) for j in owners[1:]):
+            kept.update(first)
+            report[head] = "identical" if len(owners) > 1 else f"from {names[owners[0]]}"
+            continue
+        holders = ", ".join(names[j] for j in owners)
+        if src is not None and src in by:
+            kept.update(by[src])
+            report[head] = f"from {names[src]}"
+            dropped = [names[j] for j in owners if j != src and not _bitwise_equal(by[src], by[j])]
+            warnings.append(f"head '{head}' (modules_to_save) differs between {holders}: kept {names[src]}'s "
+                            f"(--head-from), dropped {', '.join(dropped)}'s")
+        else:
+            report[head] = "dropped"
+            hint = f"{names[src]} has no '{head}'" if src is not None else "keep one with --head-from NAME"
+            warnings.append(f"head '{head}' (modules_to_save) differs between {holders}: dropped ({hint})")
+    mts: list[str] = []
+    kept_parts = [strip_prefix(k).split(".") for k in kept]
+    for a in adapters:
+        for n in a.metadata.get("modules_to_save") or []:
+            if n not in mts and any(n in parts for parts in kept_parts):
+                mts.append(n)
+    return kept, (mts or None), report
 
 
 # -- low-rank math ---------------------------------------------------------------
@@ -415,6 +483,7 @@ def merge_adapters(
     seed: int | None = None,
     elect_sign: bool = False,
     name: str | None = None,
+    head_from: str | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelLike | None = None,
 ) -> MergeResult:
@@ -436,6 +505,10 @@ def merge_adapters(
         elect_sign: DARE: combine with TIES' sign election and disjoint mean
             (DARE-TIES) instead of a weighted sum (DARE-linear).
         name: Name of the merged adapter; defaults to ``merged-<method>``.
+        head_from: Name of the input whose extra tensors (``modules_to_save``
+            heads such as a classifier) to keep where the inputs' differ. Heads
+            that are bitwise equal across the inputs holding them are kept
+            anyway; a differing head without ``head_from`` is dropped, with a warning.
         progress: Called once per module.
         cancel: Checked once per module; raises :class:`~engine.errors.JobCancelled`.
 
@@ -466,6 +539,7 @@ def merge_adapters(
         params["elect_sign"] = bool(elect_sign)
     report = check_compatible(adapters)
     warnings = list(report.warnings)
+    extras, mts, heads = _merge_extras(adapters, warnings, head_from)  # before the work: a bad head_from fails fast
     modules = report.modules
     if rk == "auto":
         rk = max(a.module_rank(m) for a in adapters for m in modules)
@@ -497,7 +571,6 @@ def merge_adapters(
     tick(progress, cancel, total, total, f"{method}: done")
 
     out_dtype = adapters[0].lora_a[modules[0]].dtype if modules else _COMPUTE_DTYPE
-    extras, mts = _merge_extras(adapters, warnings)
     merged = adapters[0].replace_factors(
         factors,
         rank=int(rk) if rk != "exact" else None,
@@ -507,7 +580,8 @@ def merge_adapters(
     merged.extra_tensors = extras
     merged.metadata["modules_to_save"] = mts
     merged.source = None
-    return MergeResult(weights=merged, method=method, params=params, errors=errors, norms=norms, warnings=warnings)
+    return MergeResult(weights=merged, method=method, params=params, errors=errors, norms=norms, warnings=warnings,
+                       heads=heads)
 
 
 # -- vlora-style functions ----------------------------------------------------------

@@ -55,6 +55,9 @@ POSITIONALS: dict[str, tuple[str, ...]] = {
 }
 #: Short flags kept from the seed CLI.
 SHORT_FLAGS: dict[str, str] = {"output": "-o", "num_components": "-k"}
+#: List parameters given one value per flag, repeated (``--exclude a --exclude b``), so they
+#: cannot swallow a positional argument that follows them.
+REPEATABLE: dict[str, str] = {"exclude": "PATTERN"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -91,6 +94,9 @@ def _add_param(sub: argparse.ArgumentParser, p: Any, positional: bool) -> None:
         sub.add_argument(p.name, **kw)
         return
     flags = [_flag(p.name)]
+    if p.name in REPEATABLE:
+        sub.add_argument(*flags, dest=p.name, action="append", default=None, metavar=REPEATABLE[p.name], help=help_text)
+        return
     if p.name in SHORT_FLAGS:
         flags.insert(0, SHORT_FLAGS[p.name])
     if p.type == "bool":
@@ -317,6 +323,12 @@ def _render_subspace_info(d: dict[str, Any]) -> list[Block]:
 
 
 def _render_compress(d: dict[str, Any]) -> list[Block]:
+    if d.get("grouped"):
+        rows = [[s["name"], s["path"], len(s["tasks"]), s["num_modules"], ", ".join(s["tasks"]),
+                 f"{s['stats']['ratio']:.2f}x", s["stats"]["error"]["mean"], s["stats"]["error"]["max"]] for s in d["sets"]]
+        return [("kv", "Subspaces written (one per compatible set, OUTPUT/<set name>)",
+                 [("path", d["path"]), ("method", d["method"]), ("sets", len(d["sets"])), ("tasks", len(d["tasks"]))]),
+                ("table", "Sets (relative ΔW error)", ["set", "path", "tasks", "modules", "members", "ratio", "mean", "max"], rows)]
     st = d["stats"]
     return [("kv", "Subspace written", [("path", d["path"]), *_stats_kv(st)]),
             ("table", "Tasks (relative ΔW error)", ["task", "mean", "max"], _task_rows(st["error"]["per_task"])),
@@ -427,9 +439,20 @@ def _render_merge(d: dict[str, Any]) -> list[Block]:
     if not all(e == 0 for e in d["errors"].values()):
         rows = [[m, d["ranks"].get(m), d["norms"].get(m), e] for m, e in d["errors"].items()]
         blocks.append(("table", "Per-module truncation error", ["module", "rank", "‖ΔW‖", "rel. error"], rows))
+    if d.get("heads"):
+        blocks.append(("table", "Heads (modules_to_save, extra tensors)", ["head", "kept"],
+                       [[h, v] for h, v in d["heads"].items()]))
     if d["warnings"]:
         blocks.append(("lines", "Warnings", [f"- {w}" for w in d["warnings"]]))
     return blocks
+
+
+def _left_out_lines(left_out: dict[str, list[str]]) -> list[str]:
+    lines = []
+    for name, mods in left_out.items():
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in mods})
+        lines.append(f"- {name}: {len(mods)} module(s) ({', '.join(kinds)})")
+    return lines
 
 
 def _render_analyze(d: dict[str, Any]) -> list[Block]:
@@ -447,6 +470,9 @@ def _render_analyze(d: dict[str, Any]) -> list[Block]:
         ("table", "Shared structure: energy of all ΔW captured by the top-k shared column directions (mean over modules)",
          ["k", *var.keys()], [["share", *[f"{v:.1%}" for v in var.values()]]]),
     ]
+    if d.get("left_out"):
+        blocks.append(("lines", f"Compared on the {len(d['compared_modules'])} modules every adapter has; left out:",
+                       _left_out_lines(d["left_out"])))
     return blocks
 
 

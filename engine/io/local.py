@@ -340,3 +340,172 @@ def check_compatible(adapters: Sequence[LoRAWeights], *, allow_mixed_ranks: bool
             raise IncompatibleAdaptersError(msg + "; this operation needs one rank")
         report.warnings.append(msg)
     return report
+
+
+# -- mixed folders: which adapters go together ------------------------------------
+
+
+@dataclass(frozen=True)
+class CompatibleSet:
+    """Adapters that can share a basis: same base model (or none named), modules and shapes.
+
+    Attributes:
+        name: A folder-safe name from the modules' suffixes, e.g. ``q_proj+v_proj``
+            (``-2``, ``-3``… when two sets target the same suffixes).
+        members: The adapters' names, in input order.
+        indices: Their positions in the input.
+        modules: Module → ``(out_features, in_features)``.
+        base_model: The base model the members name, if any.
+    """
+
+    name: str
+    members: list[str]
+    indices: list[int]
+    modules: dict[str, tuple[int, int]]
+    base_model: str | None = None
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The modules' last name parts (``q_proj``, ``v_proj``…), sorted."""
+        return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+
+    def describe(self, *, base_model: bool = False) -> str:
+        """One line: ``[q_proj+v_proj] 4 modules (q_proj, v_proj): a, b`` (``base_model``: with the base model)."""
+        base = f", base model {self.base_model or '(not named)'}" if base_model else ""
+        return f"[{self.name}] {len(self.modules)} modules ({', '.join(self.target_modules)}){base}: {', '.join(self.members)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: name, members, indices, target_modules, num_modules, modules {name: [out, in]}, base_model."""
+        return {"name": self.name, "members": list(self.members), "indices": list(self.indices),
+                "target_modules": self.target_modules, "num_modules": len(self.modules),
+                "modules": {m: list(s) for m, s in self.modules.items()}, "base_model": self.base_model}
+
+
+def _module_shapes(item: Any) -> tuple[str, str | None, dict[str, tuple[int, int]]]:
+    """``(name, base model, {module: (out, in)})`` of a LoRAWeights, an AdapterSummary or a path."""
+    from ..types import AdapterSummary
+    from .header import read_adapter_summary
+
+    if isinstance(item, (str, Path)):
+        item = read_adapter_summary(item)
+    if isinstance(item, AdapterSummary):
+        return (Path(item.path).name, item.base_model,
+                {m.name: (int(m.out_features), int(m.in_features)) for m in item.modules})
+    if isinstance(item, LoRAWeights):
+        return item.name or item.source or "adapter", item.base_model_name_or_path, {m: item.shapes(m) for m in item.layer_names}
+    raise TypeError(f"partition_compatible: expected LoRAWeights, AdapterSummary or a path, got {type(item).__name__}")
+
+
+def _set_name(suffixes: list[str], taken: set[str]) -> str:
+    raw = "+".join(suffixes) or "set"
+    base = "".join(c if c.isalnum() or c in "._+-" else "_" for c in raw).strip("._") or "set"
+    if len(base) > 100:
+        base = "set"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}-{k}"
+    taken.add(name)
+    return name
+
+
+def partition_compatible(adapters: Sequence[Any], names: Sequence[str] | None = None) -> list[CompatibleSet]:
+    """Split adapters into sets that :func:`check_compatible` accepts together.
+
+    Two adapters go together when they have the same modules with the same shapes
+    and do not name different base models (ranks may differ). An adapter naming
+    no base model joins the set of the same modules whose members name one, when
+    there is exactly one such set. Torch-free when given summaries or paths.
+
+    Args:
+        adapters: :class:`~engine.types.LoRAWeights`, :class:`~engine.types.AdapterSummary`
+            (from :func:`engine.io.header.read_adapter_summary`, header only) or adapter paths.
+        names: Display names, one per adapter (default: each adapter's name or folder name).
+
+    Returns:
+        The sets, largest first (ties: by first member's position); one set when
+        everything is compatible.
+
+    Raises:
+        ValueError: ``names`` of the wrong length. AdapterFormatError: an unreadable path.
+    """
+    facts = [_module_shapes(a) for a in adapters]
+    if names is not None:
+        if len(names) != len(facts):
+            raise ValueError(f"names: got {len(names)} name(s) for {len(facts)} adapter(s)")
+        facts = [(str(n), b, m) for n, (_, b, m) in zip(names, facts)]
+    groups: dict[tuple[Any, str | None], list[int]] = {}
+    for i, (_, base, mods) in enumerate(facts):
+        groups.setdefault((tuple(sorted(mods.items())), base or None), []).append(i)
+    # unnamed base model: joins the one named set with the same modules, if exactly one
+    for key in [k for k in groups if k[1] is None]:
+        named = [k for k in groups if k[0] == key[0] and k[1] is not None]
+        if len(named) == 1:
+            groups[named[0]] = sorted(groups[named[0]] + groups.pop(key))
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))
+    taken: set[str] = set()
+    out = []
+    for (mods, base), idx in ordered:
+        shapes = dict(mods)
+        suffixes = sorted({m.rsplit(".", 1)[-1] for m in shapes})
+        out.append(CompatibleSet(name=_set_name(suffixes, taken), members=[facts[i][0] for i in idx], indices=list(idx),
+                                 modules=shapes, base_model=base))
+    return out
+
+
+def describe_sets(sets: Sequence[CompatibleSet]) -> str:
+    """The sets on one line: ``2 sets: [q_proj+v_proj] 4 modules (…): a, b; [k_proj+…] …``.
+
+    Base models are named when the sets do not all have the same one.
+    """
+    bases = len({s.base_model for s in sets}) > 1
+    return f"{len(sets)} sets: " + "; ".join(s.describe(base_model=bases) for s in sets)
+
+
+@dataclass(frozen=True)
+class ModuleOverlap:
+    """The modules every adapter has (same shape), and what each adapter has beyond them.
+
+    Attributes:
+        modules: Modules in every adapter with one shape, sorted.
+        left_out: Adapter name → its modules not in ``modules`` (only adapters with some).
+    """
+
+    modules: list[str]
+    left_out: dict[str, list[str]]
+
+    @property
+    def complete(self) -> bool:
+        """True when no adapter has a module the others lack."""
+        return not self.left_out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``compared_modules`` and ``left_out`` {adapter: [module…]}."""
+        return {"compared_modules": list(self.modules), "left_out": {k: list(v) for k, v in self.left_out.items()}}
+
+
+def common_modules(adapters: Sequence[LoRAWeights]) -> ModuleOverlap:
+    """Modules that every adapter has with the same shape, for comparing mixed adapters on what they share.
+
+    Use :func:`engine.subspace.common.restrict_modules` to cut adapters down to
+    ``modules``; ``left_out`` says what that leaves out, per adapter.
+
+    Raises:
+        IncompatibleAdaptersError: no module is shared by all adapters (the
+            message lists the compatible sets). ValueError: no adapters.
+    """
+    if not adapters:
+        raise ValueError("no adapters given")
+    shared: dict[str, tuple[int, int]] | None = None
+    for a in adapters:
+        mine = {m: a.shapes(m) for m in a.layer_names}
+        shared = mine if shared is None else {m: s for m, s in shared.items() if mine.get(m) == s}
+    assert shared is not None
+    modules = sorted(shared)
+    if not modules:
+        raise IncompatibleAdaptersError(
+            "no module is in every adapter with the same shape; " + describe_sets(partition_compatible(adapters))
+            + "; choose adapters with --exclude PATTERN"
+        )
+    left = {_label(a, i): [m for m in a.layer_names if m not in shared] for i, a in enumerate(adapters)}
+    return ModuleOverlap(modules=modules, left_out={k: v for k, v in left.items() if v})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,26 +119,68 @@ def parse_hub_spec(spec: str) -> AdapterSpec:
     return AdapterSpec(repo_id=repo, revision=rev or None)
 
 
-def expand_adapter_specs(specs: list[str]) -> list[AdapterSpec]:
+def spec_excluded(spec: AdapterSpec, patterns: Sequence[str], root: str | Path | None = None) -> bool:
+    """True if ``spec`` matches one of the glob ``patterns`` (:func:`fnmatch.fnmatch`).
+
+    A local adapter is matched by its folder name, its path as given and, when it
+    was found under ``root``, its path relative to ``root``; a Hub adapter by its
+    repo name, ``org/name`` and ``hf://org/name[@rev]``. A trailing ``/`` in a
+    pattern is ignored, so shell completion of a folder works.
+    """
+    if not patterns:
+        return False
+    if spec.repo_id:
+        cands = {spec.name, spec.repo_id, spec.repo_id.split("/")[-1], spec.label}
+    else:
+        assert spec.path is not None
+        p = spec.path
+        cands = {spec.name, p.name, str(p), p.as_posix()}
+        if root is not None:
+            try:
+                cands.add(p.relative_to(root).as_posix())
+            except ValueError:
+                pass
+    pats = [pat.rstrip("/") or pat for pat in patterns]
+    return any(fnmatch.fnmatch(c, pat) for pat in pats for c in cands if c)
+
+
+def expand_adapter_specs(specs: list[str], exclude: Sequence[str] | None = None) -> list[AdapterSpec]:
     """Expand CLI adapter arguments: folders, parent folders of adapters, ``hf://`` ids.
 
+    Args:
+        specs: Adapter folders, ``.safetensors`` files, parent folders (scanned),
+            ``hf://org/repo[@rev]`` ids.
+        exclude: Glob patterns; adapters matching one are left out
+            (see :func:`spec_excluded`).
+
     Raises:
-        AdapterFormatError: a path that is neither an adapter nor holds any.
+        AdapterFormatError: a path that is neither an adapter nor holds any, or
+            ``exclude`` leaves no adapter at all.
         ValueError: a malformed ``hf://`` id.
     """
+    patterns = [str(x) for x in (exclude or ()) if str(x)]
     out: list[AdapterSpec] = []
+    dropped = 0
     for s in specs:
         if s.startswith("hf://"):
-            out.append(parse_hub_spec(s))
-            continue
-        p = Path(s)
-        if not p.exists():
-            raise AdapterFormatError(f"{p}: no such file or directory")
-        if p.is_file() or is_adapter_dir(p):
-            out.append(AdapterSpec(path=p))
-            continue
-        found = scan_local_adapters(p)
-        if not found:
-            raise AdapterFormatError(f"{p}: no adapter folders (adapter_config.json + adapter_model.safetensors) found")
-        out.extend(AdapterSpec(path=f) for f in found)
+            found_specs, root = [parse_hub_spec(s)], None
+        else:
+            p = Path(s)
+            if not p.exists():
+                raise AdapterFormatError(f"{p}: no such file or directory")
+            if p.is_file() or is_adapter_dir(p):
+                found_specs, root = [AdapterSpec(path=p)], None
+            else:
+                found = scan_local_adapters(p)
+                if not found:
+                    raise AdapterFormatError(f"{p}: no adapter folders (adapter_config.json + adapter_model.safetensors) found")
+                found_specs, root = [AdapterSpec(path=f) for f in found], p
+        for spec in found_specs:
+            if spec_excluded(spec, patterns, root):
+                dropped += 1
+            else:
+                out.append(spec)
+    if dropped and not out:
+        shown = " ".join(f"--exclude {pat!r}" for pat in patterns)
+        raise AdapterFormatError(f"{', '.join(specs)}: all {dropped} adapter(s) match {shown}; nothing left")
     return out

@@ -13,8 +13,11 @@ from typing import Any
 from ..progress import CancelLike, ProgressFn, tick
 
 
-def resolve_local_paths(specs: list[str], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> list[tuple[str, Path]]:
+def resolve_local_paths(specs: list[str], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None,
+                        exclude: list[str] | None = None) -> list[tuple[str, Path]]:
     """Expand adapter specs into ``(name, local folder)``; ``hf://`` specs are downloaded to the cache.
+
+    ``exclude``: glob patterns of adapters to leave out (:func:`engine.io.scan.spec_excluded`).
 
     Raises:
         AdapterFormatError: a path that is neither an adapter nor holds any.
@@ -22,7 +25,7 @@ def resolve_local_paths(specs: list[str], *, progress: ProgressFn | None = None,
     """
     from ..io.scan import expand_adapter_specs
 
-    expanded = expand_adapter_specs(list(specs))
+    expanded = expand_adapter_specs(list(specs), exclude)
     out: list[tuple[str, Path]] = []
     names = unique_names([s.name for s in expanded])
     for i, (spec, name) in enumerate(zip(expanded, names)):
@@ -37,15 +40,17 @@ def resolve_local_paths(specs: list[str], *, progress: ProgressFn | None = None,
     return out
 
 
-def load_adapters(specs: list[str], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> list[Any]:
+def load_adapters(specs: list[str], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None,
+                  exclude: list[str] | None = None) -> list[Any]:
     """Load every adapter named by ``specs`` (folders, parent folders, ``hf://`` ids).
 
     Each adapter's ``name`` is a unique task id derived from its folder or repo name.
+    ``exclude``: glob patterns of adapters to leave out (:func:`engine.io.scan.spec_excluded`).
     """
     from ..io.local import load_adapter
     from ..io.scan import expand_adapter_specs
 
-    expanded = expand_adapter_specs(list(specs))
+    expanded = expand_adapter_specs(list(specs), exclude)
     names = unique_names([s.name for s in expanded])
     adapters = []
     for i, (spec, name) in enumerate(zip(expanded, names)):

@@ -18,6 +18,7 @@ from .base import JobKind, JobOutput, StagedProgress, register_kind
 
 ADAPTERS = Param("adapters", "paths", required=True, help="adapter folders, parent folders of adapters, or hf://org/repo[@rev]")
 FORCE = Param("force", "bool", default=False, help="overwrite an existing output")
+EXCLUDE = Param("exclude", "strs", None, "leave out adapters whose folder name or path matches this glob pattern (repeatable)")
 
 
 def _output(help: str, required: bool = True) -> Param:
@@ -228,7 +229,7 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     from ..io.scan import expand_adapter_specs
     from .common import adapter_warnings, module_figures, unique_names
 
-    specs = expand_adapter_specs(list(params["adapters"]))
+    specs = expand_adapter_specs(list(params["adapters"]), params.get("exclude"))
     names = unique_names([s.name for s in specs])
     rows: list[dict[str, Any]] = []
     loaded = []
@@ -274,7 +275,7 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
 # -- subspace jobs -------------------------------------------------------------------
 
 _STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-_COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force")
+_COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force", "exclude", "group_by")
 _QUANT_FIXED = ("subspace", "output", "method", "bits", "force")
 
 
@@ -374,20 +375,33 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
 
         for t in params["task_ids"]:
             validate_task_id(t)
+    from ..errors import IncompatibleAdaptersError
+    from ..io.local import describe_sets, partition_compatible
+
     method = params["method"]
     info = get_method("compress", method)
     kwargs = _method_kwargs("compress", method, params, _COMPRESS_FIXED)
     streaming = bool(kwargs.get("streaming"))
+    grouped = params.get("group_by") == "compat"
     stages = StagedProgress(progress, {"load": 1, "build": 4, "save": 1})
     inputs: list[Any]
+    exclude = params.get("exclude")
     if streaming:
-        pairs = resolve_local_paths(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+        pairs = resolve_local_paths(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
         names, inputs = [n for n, _ in pairs], [p for _, p in pairs]
     else:
-        inputs = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+        inputs = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
         names = [a.name for a in inputs]
     ids = params["task_ids"] or names
     _check_ids(ids, len(inputs))
+    sets = partition_compatible(inputs, names=ids)  # headers only when streaming
+    if grouped:
+        return _compress_groups(params, info, kwargs, inputs, ids, sets, stages, streaming, cancel)
+    if len(sets) > 1:
+        raise IncompatibleAdaptersError(
+            f"adapters: one subspace needs adapters with the same target modules and shapes, these form {describe_sets(sets)}. "
+            "Compress one set with --exclude PATTERN, or each set into its own subspace with --group-by compat"
+        )
     assert info.func is not None
     sub = info.func(inputs, task_ids=ids, progress=stages.stage("build"), cancel=cancel, **kwargs)
     tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
@@ -402,6 +416,35 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
         outputs=[str(out)],
         data={"path": str(out), "tasks": sub.task_ids, "method": sub.method, "streaming": streaming, "stats": stats,
               "modules": modules},
+    )
+
+
+def _compress_groups(params: dict[str, Any], info: Any, kwargs: dict[str, Any], inputs: list[Any], ids: list[str],
+                     sets: list[Any], stages: StagedProgress, streaming: bool, cancel: CancelLike | None) -> JobOutput:
+    """``compress --group-by compat``: one subspace per compatible set, written as ``OUTPUT/<set name>``."""
+    from ..io.local import atomic_dir
+
+    out = Path(params["output"])
+    build = stages.stage("build")
+    written: list[dict[str, Any]] = []
+    assert info.func is not None
+    with atomic_dir(out, force=params["force"]) as tmp:  # every subspace appears at once, or none
+        for si, cs in enumerate(sets):
+            tick(build, cancel, si, len(sets), f"set {cs.name}: {len(cs.members)} adapter(s)")
+            sub = info.func([inputs[i] for i in cs.indices], task_ids=[ids[i] for i in cs.indices], cancel=cancel, **kwargs)
+            sub.save(tmp / cs.name)
+            stats = sub.compression_stats()
+            written.append({**cs.to_dict(), "path": str(out / cs.name), "tasks": sub.task_ids, "stats": stats})
+        tick(build, cancel, len(sets), len(sets), "saving")
+        tick(stages.stage("save"), cancel, 0, 1, f"writing {out}")
+    stages.done()
+    worst = max((w["stats"]["error"]["max"] for w in written), default=0.0)
+    return JobOutput(
+        summary=(f"compressed {len(inputs)} adapters into {len(written)} subspace(s) under {out} "
+                 f"({', '.join(w['name'] for w in written)}), ΔW error max {worst:.3g}"),
+        outputs=[w["path"] for w in written],
+        data={"path": str(out), "grouped": True, "layout": "OUTPUT/<set name>", "method": info.name,
+              "streaming": streaming, "tasks": [t for w in written for t in w["tasks"]], "sets": written},
     )
 
 
@@ -630,7 +673,7 @@ def run_benchmark(params: dict[str, Any], *, progress: ProgressFn | None = None,
     from .common import load_adapters
 
     stages = StagedProgress(progress, {"load": 1, "bench": 6})
-    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=params.get("exclude"))
     max_r = max(a.module_rank(m) for a in adapters for m in a.layer_names)
     if params["k_values"] is not None:
         ks = sorted({int(k) for k in params["k_values"]})
@@ -707,15 +750,25 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     "outliers": [{"index", "name"}…], "outlier_threshold", "max_similarity": [per adapter],
     "mean_similarity": [per adapter], "variance": {"side": "column", "ks", "mean": {k: share},
     "modules": {module: {"cumulative", "at_k", "k90", "k99"}}},
-    "modules": {module: {"matrix", "norms"}} (only with ``per_module``)}``
+    "modules": {module: {"matrix", "norms"}} (only with ``per_module``),
+    "compared_modules": [module…], "left_out": {adapter: [module…]}}``
+
+    Adapters with different target modules are compared on the modules they all
+    have (same shape); ``left_out`` lists, per adapter, the modules that leaves out
+    (empty when every adapter has the same modules).
     """
     from ..analysis import compute_similarity_matrix, explained_variance, find_clusters, find_outliers
+    from ..io.local import common_modules
+    from ..subspace.common import restrict_modules
     from .common import load_adapters
 
     stages = StagedProgress(progress, {"load": 2, "similarity": 2, "variance": 1})
-    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=params.get("exclude"))
     if len(adapters) < 2:
         raise ValueError(f"adapters: analyze needs at least 2 adapters, got {len(adapters)}")
+    overlap = common_modules(adapters)
+    if not overlap.complete:
+        adapters = [restrict_modules(a, overlap.modules) for a in adapters]
     sim = compute_similarity_matrix(adapters, progress=stages.stage("similarity"), cancel=cancel)
     clusters = find_clusters(sim, params["threshold"], linkage=params["linkage"])
     outliers = find_outliers(sim, params["outlier_threshold"])
@@ -735,14 +788,16 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
         "max_similarity": od["max_similarity"],
         "mean_similarity": od["mean_similarity"],
         "variance": variance.to_dict(),
+        **overlap.to_dict(),
     }
     if params["per_module"]:
         data["modules"] = sd["modules"]
     multi = sum(1 for c in clusters if len(c) > 1)
-    return JobOutput(
-        summary=f"{len(adapters)} adapters: {len(clusters)} cluster(s) ({multi} with several members), {len(outliers)} outlier(s)",
-        data=data,
-    )
+    summary = f"{len(adapters)} adapters: {len(clusters)} cluster(s) ({multi} with several members), {len(outliers)} outlier(s)"
+    if not overlap.complete:
+        summary += (f"; compared on the {len(overlap.modules)} modules all share "
+                    f"({len(overlap.left_out)} adapter(s) have modules left out)")
+    return JobOutput(summary=summary, data=data)
 
 
 def run_diff(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -763,7 +818,11 @@ def run_diff(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
     o = d["overall"]
     rel = o["relative_difference"]
     rel_s = "n/a" if rel is None else f"{rel:.3g}"
-    return JobOutput(summary=f"{d['a']} vs {d['b']}: cosine {o['cosine']:.3f}, relative difference {rel_s}", data=d)
+    summary = f"{d['a']} vs {d['b']}: cosine {o['cosine']:.3f}, relative difference {rel_s}"
+    if d["only_in_a"] or d["only_in_b"]:
+        summary += (f" (on the {len(d['modules'])} shared modules; left out: {len(d['only_in_a'])} only in a, "
+                    f"{len(d['only_in_b'])} only in b)")
+    return JobOutput(summary=summary, data=d)
 
 
 # -- merge ----------------------------------------------------------------------
@@ -825,7 +884,7 @@ def _method_kwargs(kind: str, method: str, params: dict[str, Any], fixed: tuple[
     return kwargs
 
 
-_MERGE_FIXED = ("adapters", "output", "method", "force", "modelfile")
+_MERGE_FIXED = ("adapters", "output", "method", "force", "modelfile", "exclude", "head_from")
 
 
 def run_merge(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -834,7 +893,9 @@ def run_merge(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     data: ``{"path", "inputs": [name…], **MergeResult.to_dict()}`` — ``method``, ``params``
     (resolved: weights, rank, density, drop_rate, seed…), ``name``, ``rank``, ``ranks``,
     ``num_modules``, ``num_params``, ``max_error``, ``mean_error``, ``overall_error``,
-    ``errors`` {module: relative ΔW error of the rank truncation}, ``norms``, ``warnings``.
+    ``errors`` {module: relative ΔW error of the rank truncation}, ``norms``, ``warnings``,
+    ``heads`` {head: "identical" | "from NAME" | "dropped"} (``modules_to_save`` heads and other
+    extra tensors: kept when bitwise equal across the inputs, else from ``head_from`` or dropped).
     """
     from ..io.local import save_adapter
     from ..registry import get_method
@@ -844,8 +905,10 @@ def run_merge(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     info = get_method("merge", method)
     kwargs = _method_kwargs("merge", method, params, _MERGE_FIXED)
     stages = StagedProgress(progress, {"load": 1, "merge": 3, "save": 1})
-    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel)
+    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=params.get("exclude"))
     assert info.func is not None
+    if params.get("head_from") is not None:
+        kwargs["head_from"] = str(params["head_from"])
     result = info.func(adapters, progress=stages.stage("merge"), cancel=cancel, **kwargs)
     tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
     out = save_adapter(result.weights, params["output"], force=params["force"], modelfile=params["modelfile"])
@@ -894,7 +957,7 @@ def _build_kinds() -> list[JobKind]:
         ),
         JobKind(
             "validate", "Validate adapters", "check adapters' files, tensors and config, and that they fit together",
-            (ADAPTERS,), func=run_validate,
+            (ADAPTERS, EXCLUDE), func=run_validate,
         ),
         JobKind(
             "compress", "Compress adapters", "build a shared subspace from adapters and save it",
@@ -904,6 +967,9 @@ def _build_kinds() -> list[JobKind]:
                 Param("method", "choice", _default_compress_method(), "compression method", _choices("compress")),
                 *_method_params("compress", _COMPRESS_FIXED),
                 Param("task_ids", "strs", None, "one task id per adapter (default: folder or repo names)"),
+                EXCLUDE,
+                Param("group_by", "choice", "none", "compat: one subspace per set of adapters with the same target "
+                      "modules and shapes, written as OUTPUT/<set name>; none: refuse adapters that differ", ("none", "compat")),
                 FORCE,
             ),
             writes=("output",), func=run_compress,
@@ -955,6 +1021,7 @@ def _build_kinds() -> list[JobKind]:
             "benchmark", "Benchmark compression", "fidelity and size over k for each compression method (nothing written)",
             (
                 ADAPTERS,
+                EXCLUDE,
                 Param("k_values", "floats", None, "k values to try (default 1, 2, 4, … up to N·r)"),
                 Param("methods", "strs", None, "methods to compare (default: all)"),
                 Param("dtype", "choice", "float16", "storage precision", _STORAGE_DTYPES),
@@ -965,6 +1032,7 @@ def _build_kinds() -> list[JobKind]:
             "analyze", "Analyze collection", "similarity of the updates ΔW, clusters, outliers and shared structure",
             (
                 ADAPTERS,
+                EXCLUDE,
                 Param("threshold", "float", 0.5, "similarity at which adapters cluster together", minimum=-1.0, maximum=1.0),
                 Param("outlier_threshold", "float", 0.1, "an adapter whose largest |cosine| to the others is below this is an outlier",
                       minimum=0.0, maximum=1.0),
@@ -989,6 +1057,9 @@ def _build_kinds() -> list[JobKind]:
                 Param("method", "choice", "task_arithmetic", "merge method", _choices("merge")),
                 *_method_params("merge", _MERGE_FIXED),
                 Param("modelfile", "bool", False, "also write an Ollama Modelfile beside the adapter"),
+                EXCLUDE,
+                Param("head_from", "str", None, "keep this input's modules_to_save heads (e.g. a classifier) where the "
+                      "inputs' differ (an adapter name/task id); identical heads are always kept"),
                 FORCE,
             ),
             writes=("output",), func=run_merge,
