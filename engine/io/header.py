@@ -115,6 +115,10 @@ def _header_problem(header: Any, data_len: int) -> str | None:
             return f"tensor '{key}' has invalid data_offsets {offsets!r}"
     tensors = sorted(((tuple(e["data_offsets"]), k, e) for k, e in header.items() if k != "__metadata__"),
                      key=lambda t: t[0])
+    beyond = [(end, key) for (_, end), key, _ in tensors if end > data_len]
+    if beyond:
+        end, key = max(beyond)
+        return f"truncated: tensor '{key}' needs bytes up to {end}, the file holds {data_len}"
     pos = 0
     for (start, end), key, entry in tensors:
         if start != pos or end < start:
