@@ -7,6 +7,7 @@ TUI's browser can describe an adapter without importing torch.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -212,9 +213,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if r is not None and not _is_pos_int(r):
         problems.append(f"'r' must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha")
-    if alpha is not None and not _is_number(alpha):
-        problems.append(f"'lora_alpha' must be a number, got {alpha!r}")
-    for name, ok, what in (("rank_pattern", _is_pos_int, "a positive integer"), ("alpha_pattern", _is_number, "a number")):
+    if alpha is not None and not _is_alpha(alpha):
+        # Python's json reads NaN/Infinity; a zero alpha makes every update zero
+        problems.append(f"'lora_alpha' must be a finite, non-zero number, got {alpha!r}")
+    for name, ok, what in (("rank_pattern", _is_pos_int, "a positive integer"),
+                           ("alpha_pattern", _is_alpha, "a finite, non-zero number")):
         value = config.get(name)
         if value is None:
             continue
@@ -242,6 +245,10 @@ def _is_pos_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_alpha(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v) and v != 0
 
 
 @dataclass
