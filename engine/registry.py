@@ -6,6 +6,7 @@ instead of hard-coding them (after mergekit's method registry).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +26,11 @@ class Param:
         help: One line for forms and ``--help``.
         choices: Allowed values for ``choice``.
         required: Must be given.
-        minimum: Inclusive lower bound for numbers.
+        minimum: Inclusive lower bound for numbers (exclusive with ``exclusive_minimum``).
         maximum: Inclusive upper bound for numbers.
+        exclusive_minimum: The value must be strictly above ``minimum``.
+
+    ``float`` and ``floats`` values must be finite: NaN and infinity are refused.
     """
 
     name: str
@@ -37,6 +41,7 @@ class Param:
     required: bool = False
     minimum: float | None = None
     maximum: float | None = None
+    exclusive_minimum: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
@@ -65,7 +70,13 @@ class Param:
             raise ValueError(f"{self.name}: expected {self.type}, got {value!r}") from exc
         if self.type == "choice" and self.choices and value not in self.choices:
             raise ValueError(f"{self.name}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if self.type in ("float", "floats"):
+            bad = [v for v in (value if self.type == "floats" else [value]) if not math.isfinite(v)]
+            if bad:
+                raise ValueError(f"{self.name}: expected a finite number, got {bad[0]}")
         if self.type in ("int", "float"):
+            if self.minimum is not None and self.exclusive_minimum and value <= self.minimum:
+                raise ValueError(f"{self.name}: {value} must be above {self.minimum:g}")
             if self.minimum is not None and value < self.minimum:
                 raise ValueError(f"{self.name}: {value} is below the minimum {self.minimum}")
             if self.maximum is not None and value > self.maximum:

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one vlora-tui job headless. Exit 0 ok, 1 failed, 2 usage or bad input, 130 interrupted.",
         parents=[common],
     )
-    parser.set_defaults(json=False, debug=False, quiet=False)
+    # no set_defaults here: the parents share their action objects, so it would give the
+    # subcommands' copies a False default that overwrites a flag given before the subcommand;
+    # main() fills the defaults in after parsing
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subs.required = True
     for name, kind in job_kinds().items():
@@ -582,6 +584,9 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    for flag in ("json", "debug", "quiet"):  # global flags, given before or after the subcommand
+        if not hasattr(args, flag):
+            setattr(args, flag, False)
     from engine.jobs import InlineRunner, JobRequest, job_kinds
 
     kind = job_kinds()[args.command]

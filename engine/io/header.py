@@ -7,6 +7,7 @@ TUI's browser can describe an adapter without importing torch.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -17,14 +18,19 @@ from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX, 
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..types import AdapterSummary, ModuleInfo
 
-#: Bytes per element of each safetensors dtype.
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+#: Bits per element of each safetensors dtype (the sub-byte ones pack several per byte).
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
+#: Bytes per element of each whole-byte safetensors dtype.
+DTYPE_SIZES = {k: v // 8 for k, v in DTYPE_BITS.items() if v % 8 == 0}
 #: Floating dtypes a LoRA factor may be stored in.
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
+_USIZE_MAX = 2**64 - 1
+_INFO_FIELDS = ("dtype", "shape", "data_offsets")
 
 # base_model.model.<module>.lora_A[.<adapter>].weight
 _LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -44,8 +50,113 @@ def strip_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
+class _Obj(dict):
+    """A JSON object that keeps its raw pairs, duplicates included (``json`` keeps the last)."""
+
+    pairs: list[tuple[str, Any]]
+
+
+def _obj(pairs: list[tuple[str, Any]]) -> _Obj:
+    o = _Obj(pairs)
+    o.pairs = pairs
+    return o
+
+
+def _parse_int(text: str) -> int | float:
+    # serde_json reads ``-0`` (JSON's only signed zero) as a float, which a usize field refuses
+    return -0.0 if text == "-0" else int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _reject_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _is_usize(v: Any) -> bool:
+    return _is_int(v) and 0 <= v <= _USIZE_MAX
+
+
+def _header_problem(header: Any, data_len: int) -> str | None:
+    """Why safetensors would refuse ``header`` (parsed by :func:`_strict_json`), or None.
+
+    Mirrors ``Metadata`` deserialization and ``validate`` in safetensors' tensor.rs:
+    ``__metadata__`` null or string to string; each entry ``dtype``/``shape``/
+    ``data_offsets`` exactly once (other fields ignored); sorted by offsets, the
+    tensors tile the data with no hole or overlap and end exactly at the file's end.
+    """
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    pairs = header.pairs if isinstance(header, _Obj) else list(header.items())
+    if sum(1 for k, _ in pairs if k == "__metadata__") > 1:
+        return "duplicate '__metadata__'"
+    for key, entry in pairs:
+        if key == "__metadata__":
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                return "'__metadata__' must map names to strings"
+            continue
+        if not isinstance(entry, dict):
+            return f"entry for tensor '{key}' is not an object"
+        epairs = entry.pairs if isinstance(entry, _Obj) else list(entry.items())
+        for f in _INFO_FIELDS:
+            count = sum(1 for k, _ in epairs if k == f)
+            if count != 1:
+                return f"tensor '{key}' has {'no' if count == 0 else 'a duplicate'} '{f}'"
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            return f"tensor '{key}' has unknown dtype {dtype!r}"
+        if not (isinstance(shape, list) and all(_is_usize(d) for d in shape)):
+            return f"tensor '{key}' has an invalid shape {shape!r}"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(o) for o in offsets)):
+            return f"tensor '{key}' has invalid data_offsets {offsets!r}"
+    tensors = sorted(((tuple(e["data_offsets"]), k, e) for k, e in header.items() if k != "__metadata__"),
+                     key=lambda t: t[0])
+    beyond = [(end, key) for (_, end), key, _ in tensors if end > data_len]
+    if beyond:
+        end, key = max(beyond)
+        return f"truncated: tensor '{key}' needs bytes up to {end}, the file holds {data_len}"
+    pos = 0
+    for (start, end), key, entry in tensors:
+        if start != pos or end < start:
+            return f"tensor '{key}' has data_offsets [{start}, {end}]; the previous tensor ends at {pos} (hole or overlap)"
+        pos = end
+        numel = 1
+        for d in entry["shape"]:
+            numel *= d
+            if numel > _USIZE_MAX:
+                return f"tensor '{key}': shape {entry['shape']} overflows"
+        bits = numel * DTYPE_BITS[entry["dtype"]]
+        if bits > _USIZE_MAX:
+            return f"tensor '{key}': shape {entry['shape']} overflows"
+        if bits % 8:
+            return f"tensor '{key}': {numel} {entry['dtype']} elements do not fill whole bytes"
+        if end - start != bits // 8:
+            return (f"tensor '{key}' has dtype {entry['dtype']} and shape {entry['shape']} ({bits // 8} bytes) "
+                    f"but data_offsets [{start}, {end}] ({end - start} bytes)")
+    if pos != data_len:
+        return f"the tensors cover {pos} bytes of data, the file holds {data_len}"
+    return None
+
+
+def _strict_json(raw: bytes) -> Any:
+    """Parse a header the way safetensors' serde_json does (no NaN, no lone surrogates, ...)."""
+    text = raw.decode("utf-8")
+    value = json.loads(text, object_pairs_hook=_obj, parse_int=_parse_int, parse_float=_parse_float,
+                       parse_constant=_reject_constant)
+    json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) fails here, as in serde
+    return value
+
+
 def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read and check a safetensors header without loading tensors.
+
+    Accepts exactly the files ``safetensors.safe_open`` accepts: the header is
+    checked as safetensors checks it (see :func:`_header_problem`).
 
     Returns the tensor entries (``{key: {"dtype", "shape", "data_offsets"}}``).
 
@@ -67,32 +178,13 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
     except OSError as exc:
         raise AdapterFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = _strict_json(raw)
+    except (UnicodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise AdapterFormatError(f"{path}: corrupt safetensors file (header is not valid JSON: {exc})") from exc
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path}: corrupt safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    for key, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-                raise TypeError("shape")
-            if not (_is_int(start) and _is_int(end)):
-                raise TypeError("data_offsets")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterFormatError(f"{path}: corrupt safetensors entry for tensor '{key}'") from exc
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise AdapterFormatError(f"{path}: tensor '{key}' has unknown dtype {dtype!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if start < 0 or end > data_len or start > end or end - start != numel * DTYPE_SIZES[dtype]:
-            raise AdapterFormatError(
-                f"{path}: truncated or corrupt safetensors file (tensor '{key}' needs bytes {start}..{end}, file holds {data_len})"
-            )
-    return header
+    problem = _header_problem(header, size - 8 - n)
+    if problem is not None:
+        raise AdapterFormatError(f"{path}: corrupt safetensors file ({problem})")
+    return {k: dict(v) for k, v in header.items() if k != "__metadata__"}
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -121,9 +213,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if r is not None and not _is_pos_int(r):
         problems.append(f"'r' must be a positive integer, got {r!r}")
     alpha = config.get("lora_alpha")
-    if alpha is not None and not _is_number(alpha):
-        problems.append(f"'lora_alpha' must be a number, got {alpha!r}")
-    for name, ok, what in (("rank_pattern", _is_pos_int, "a positive integer"), ("alpha_pattern", _is_number, "a number")):
+    if alpha is not None and not _is_alpha(alpha):
+        # Python's json reads NaN/Infinity; a zero alpha makes every update zero
+        problems.append(f"'lora_alpha' must be a finite, non-zero number, got {alpha!r}")
+    for name, ok, what in (("rank_pattern", _is_pos_int, "a positive integer"),
+                           ("alpha_pattern", _is_alpha, "a finite, non-zero number")):
         value = config.get(name)
         if value is None:
             continue
@@ -151,6 +245,10 @@ def _is_pos_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_alpha(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v) and v != 0
 
 
 @dataclass

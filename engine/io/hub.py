@@ -53,7 +53,8 @@ def hub_offline() -> bool:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - a declared dependency
         return False
-    return bool(constants.is_offline_mode())
+    is_offline = getattr(constants, "is_offline_mode", None)  # 1.x; 0.x has only the constant
+    return bool(is_offline()) if is_offline is not None else bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 @contextlib.contextmanager

@@ -157,6 +157,16 @@ def module_figures(w: Any, m: str) -> dict[str, Any]:
     return fig
 
 
+def _config_file(w: Any) -> str:
+    """The ``adapter_config.json`` an adapter was read from (its source folder or weights file)."""
+    from ..constants import ADAPTER_CONFIG_NAME
+
+    if not w.source:
+        return ADAPTER_CONFIG_NAME
+    src = Path(w.source)
+    return str((src.parent if src.suffix == ".safetensors" else src) / ADAPTER_CONFIG_NAME)
+
+
 def adapter_warnings(w: Any, figures: list[dict[str, Any]]) -> list[str]:
     """Soft problems of a loaded adapter: NaN/Inf, zero updates, config vs tensors, serving limits."""
     from ..constants import VLLM_RANKS
@@ -186,6 +196,11 @@ def adapter_warnings(w: Any, figures: list[dict[str, Any]]) -> list[str]:
         problems.append(f"rank exceeds min(in, out) in {len(big)} module(s), e.g. '{big[0]}'")
     if not w.base_model_name_or_path:
         problems.append("adapter_config.json names no base_model_name_or_path (vLLM/TGI and Ollama export need it)")
+    negative = [k for k, v in (w.metadata.get("alpha_pattern") or {}).items() if isinstance(v, (int, float)) and v < 0]
+    if w.lora_alpha < 0 or negative:
+        where = f"'{negative[0]}' in alpha_pattern" if w.lora_alpha >= 0 else f"lora_alpha ({w.lora_alpha:g})"
+        problems.append(f"{_config_file(w)}: {where} is negative, which flips the sign of the update; "
+                        "PEFT applies it as written, but it is most likely a mistake")
     ranks = sorted({f["rank"] for f in figures})
     over = [r for r in ranks if r > max(VLLM_RANKS)]
     if over:

@@ -858,7 +858,7 @@ def _method_params(kind: str, fixed: tuple[str, ...]) -> tuple[Param, ...]:
             text += " (default " + ", ".join(f"{_show(d)} for {m}" for m, d in shown.items()) + ")"
         if len(who) < len(methods(kind)):
             text += f" [{', '.join(who)}]"
-        out.append(Param(p.name, p.type, None, text, p.choices, False, p.minimum, p.maximum))
+        out.append(Param(p.name, p.type, None, text, p.choices, False, p.minimum, p.maximum, p.exclusive_minimum))
     return tuple(out)
 
 
@@ -995,7 +995,8 @@ def _build_kinds() -> list[JobKind]:
                 Param("subspace", "path", required=True, help="saved subspace folder"),
                 Param("task_id", "str", required=True, help="task to export"),
                 _output("folder to write the PEFT adapter into"),
-                Param("alpha", "float", None, "lora_alpha to write (B is rescaled so ΔW is unchanged)", minimum=0.0),
+                Param("alpha", "float", None, "lora_alpha to write (B is rescaled so ΔW is unchanged)", minimum=0.0,
+                      exclusive_minimum=True),
                 Param("base_model", "str", None, "base_model_name_or_path to write"),
                 Param("target_modules", "strs", None, "target_modules to write"),
                 Param("modelfile", "bool", False, "also write an Ollama Modelfile (FROM base, ADAPTER .)"),

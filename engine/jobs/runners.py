@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -181,7 +180,6 @@ class ProcessRunner:
     ) -> JobResult:
         """Run ``req`` in a child; returns its result, or a failed/cancelled one."""
         t0 = time.perf_counter()
-        started = time.time()
         try:
             get_kind(req.kind)  # fail fast, in the caller, on an unknown kind
         except ValueError as exc:
@@ -233,7 +231,7 @@ class ProcessRunner:
         except KeyboardInterrupt:
             child_cancel.set()
             self._stop(proc)
-            self._sweep(req, started)
+            self._sweep(req)
             raise
         finally:
             if proc.is_alive():
@@ -243,7 +241,7 @@ class ProcessRunner:
             events.close()
             events.join_thread()
         if not result.ok:
-            self._sweep(req, started)
+            self._sweep(req)
         return result
 
     @staticmethod
@@ -269,23 +267,19 @@ class ProcessRunner:
             proc.join(5.0)
 
     @staticmethod
-    def _sweep(req: JobRequest, started: float) -> None:
-        """Remove temporary folders a killed child left beside the job's outputs."""
+    def _sweep(req: JobRequest) -> None:
+        """Clean up beside the job's outputs after a killed child (its pid is gone now).
+
+        The same sweep every later write does (:func:`engine.io.local.sweep_siblings`):
+        temporary folders of dead writers are removed, an output hidden mid-swap is put back.
+        """
+        from ..io.local import sweep_siblings
+
         try:
             kind = get_kind(req.kind)
         except ValueError:
             return
         for name in (*kind.writes, *kind.modifies):
             target = req.params.get(name)
-            if not target:
-                continue
-            out = Path(str(target))
-            parent = out.parent if out.parent != Path("") else Path(".")
-            if not parent.is_dir():
-                continue
-            for leftover in parent.glob(f".{out.name}.tmp-*"):
-                try:
-                    if leftover.is_dir() and leftover.stat().st_mtime >= started - 1:
-                        shutil.rmtree(leftover, ignore_errors=True)
-                except OSError:
-                    continue
+            if target:
+                sweep_siblings(Path(str(target)))

@@ -454,3 +454,36 @@ def test_validate_repo_id_rejects(bad):
 @pytest.mark.parametrize("good", ["gpt2", "org/name", "Org-1/my_lora.v2"])
 def test_validate_repo_id_accepts(good):
     assert validate_repo_id(good) == good
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("alpha", ["NaN", "Infinity", "-Infinity", "0", "0.0"])
+def test_lora_alpha_must_be_finite_and_non_zero(loader, alpha, tmp_path):
+    # Python's json reads NaN/Infinity as floats: they used to pass and crash later in an SVD
+    text = json.dumps(_config()).replace('"lora_alpha": 8', f'"lora_alpha": {alpha}')
+    folder = _write(tmp_path / "a", _tensors(), text)
+    with pytest.raises(AdapterFormatError) as ei:
+        loader(folder)
+    assert str(folder / ADAPTER_CONFIG_NAME) in str(ei.value) and "lora_alpha" in str(ei.value)
+
+
+def test_alpha_pattern_must_be_finite_and_non_zero(tmp_path):
+    text = json.dumps(_config(alpha_pattern={"q_proj": 1})).replace('"q_proj": 1}', '"q_proj": NaN}')
+    folder = _write(tmp_path / "a", _tensors(), text)
+    with pytest.raises(AdapterFormatError, match="alpha_pattern"):
+        load_adapter(folder)
+
+
+def test_negative_alpha_loads_with_a_warning_naming_the_file(tmp_path):
+    from engine.jobs import InlineRunner, JobRequest
+
+    folder = _write(tmp_path / "a", _tensors(), _config(lora_alpha=-8))
+    assert load_adapter(folder).lora_alpha == -8.0
+    result = InlineRunner().run(JobRequest("validate", {"adapters": [str(folder)]}))
+    assert result.ok
+    (row,) = result.data["adapters"]
+    assert row["ok"]
+    assert [w for w in row["warnings"] if str(folder / ADAPTER_CONFIG_NAME) in w and "negative" in w]
+    ok = _write(tmp_path / "b", _tensors(), _config())
+    (row,) = InlineRunner().run(JobRequest("validate", {"adapters": [str(ok)]})).data["adapters"]
+    assert not [w for w in row["warnings"] if "negative" in w]
