@@ -314,7 +314,12 @@ def _render_export(d: dict[str, Any]) -> list[Block]:
     kv = [("path", d["path"]), ("task", d["task_id"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
           ("base model", d["base_model"]), ("target modules", d["target_modules"]), ("dtype", d["dtype"]),
           ("Modelfile", d["modelfile"]), ("ΔW error mean", d["mean_error"]), ("ΔW error max", d["max_error"])]
-    return [("kv", "Adapter exported", kv)]
+    if d.get("target"):
+        kv.insert(2, ("target", d["target"]))
+    blocks: list[Block] = [("kv", "Adapter exported", kv)]
+    if d.get("target_warnings"):
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["target_warnings"]]))
+    return blocks
 
 
 def _render_quantize(d: dict[str, Any]) -> list[Block]:
@@ -355,8 +360,12 @@ def _render_validate(d: dict[str, Any]) -> list[Block]:
         lines.append("compatible: yes" + (f" ({'; '.join(d['compat_warnings'])})" if d["compat_warnings"] else ""))
     elif d["compatible"] is False:
         lines.append(f"compatible: NO ({d['compatibility']})")
+    blocks: list[Block] = [("table", "Adapters", ["adapter", "status", "problems"], rows)]
+    if d.get("target"):
+        found = [f"- {a['name']}: {p}" for a in d["adapters"] for p in a.get("target_problems", [])]
+        blocks.append(("lines", f"For {d['target']}", found or ["nothing it refuses or misreads"]))
     lines.append("result: " + ("all valid" if d["ok"] else "FAILED"))
-    return [("table", "Adapters", ["adapter", "status", "problems"], rows), ("lines", None, lines)]
+    return [*blocks, ("lines", None, lines)]
 
 
 def _render_merge(d: dict[str, Any]) -> list[Block]:
@@ -367,8 +376,9 @@ def _render_merge(d: dict[str, Any]) -> list[Block]:
     if not all(e == 0 for e in d["errors"].values()):
         rows = [[m, d["ranks"].get(m), d["norms"].get(m), e] for m, e in d["errors"].items()]
         blocks.append(("table", "Per-module truncation error", ["module", "rank", "‖ΔW‖", "rel. error"], rows))
-    if d["warnings"]:
-        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["warnings"]]))
+    warnings = [*d["warnings"], *d.get("target_warnings", [])]
+    if warnings:
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in warnings]))
     return blocks
 
 
@@ -541,6 +551,9 @@ def main(argv: list[str]) -> int:
     except BrokenPipeError:  # stdout closed early (``| head``): not an error of the job
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+    if result.ok:  # what an export dropped or a server may misread: a diagnostic, one line each
+        for w in (result.data or {}).get("target_warnings", []):
+            sys.stderr.write(f"warning: {w}\n")
     if not result.ok:
         if code == EXIT_INTERRUPTED:
             sys.stderr.write("interrupted: nothing was written\n" if not result.outputs else "interrupted\n")
