@@ -107,8 +107,12 @@ def extract_adapter(
     *,
     force: bool = False,
     modelfile: bool = False,
+    target: str = "portable",
 ) -> LoRAWeights:
     """Reconstruct a task and save it as a PEFT adapter folder (written atomically).
+
+    By default the folder means the same ΔW to PEFT, vLLM and TGI (one ``r``, the
+    largest module rank; per-module scales folded into B; empty patterns).
 
     Args:
         subspace: The subspace holding the task.
@@ -116,18 +120,21 @@ def extract_adapter(
         output_path: Folder to write.
         force: Replace an existing folder.
         modelfile: Also write an Ollama ``Modelfile``.
+        target: ``portable``, ``peft``, ``vllm``, ``tgi`` or ``ollama``
+            (see :func:`engine.io.targets.for_target`).
 
     Returns:
-        The reconstructed ``LoRAWeights``.
+        The ``LoRAWeights`` as written.
 
     Raises:
         UnknownTaskError: the subspace has no such task.
         OutputExistsError: ``output_path`` exists and ``force`` is false.
     """
     from .io.local import save_adapter
+    from .io.targets import for_target
 
-    weights = subspace.reconstruct(task_id)
-    save_adapter(weights, output_path, force=force, modelfile=modelfile)
+    weights, _ = for_target(subspace.reconstruct(task_id, pad_to_vllm=target == "peft"), target)
+    save_adapter(weights, output_path, force=force, modelfile=modelfile, target="peft")
     return weights
 
 

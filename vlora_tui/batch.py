@@ -374,7 +374,12 @@ def _render_export(d: dict[str, Any]) -> list[Block]:
     kv = [("path", d["path"]), ("task", d["task_id"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
           ("base model", d["base_model"]), ("target modules", d["target_modules"]), ("dtype", d["dtype"]),
           ("Modelfile", d["modelfile"]), ("ΔW error mean", d["mean_error"]), ("ΔW error max", d["max_error"])]
-    return [("kv", "Adapter exported", kv)]
+    if d.get("target"):
+        kv.insert(2, ("target", d["target"]))
+    blocks: list[Block] = [("kv", "Adapter exported", kv)]
+    if d.get("target_warnings"):
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["target_warnings"]]))
+    return blocks
 
 
 def _render_quantize(d: dict[str, Any]) -> list[Block]:
@@ -429,8 +434,12 @@ def _render_validate(d: dict[str, Any]) -> list[Block]:
         lines.append("compatible: yes" + (f" ({'; '.join(d['compat_warnings'])})" if d["compat_warnings"] else ""))
     elif d["compatible"] is False:
         lines.append(f"compatible: NO ({d['compatibility']})")
+    blocks: list[Block] = [("table", "Adapters", ["adapter", "status", "problems"], rows)]
+    if d.get("target"):
+        found = [f"- {a['name']}: {p}" for a in d["adapters"] for p in a.get("target_problems", [])]
+        blocks.append(("lines", f"For {d['target']}", found or ["nothing it refuses or misreads"]))
     lines.append("result: " + ("all valid" if d["ok"] else "FAILED"))
-    return [("table", "Adapters", ["adapter", "status", "problems"], rows), ("lines", None, lines)]
+    return [*blocks, ("lines", None, lines)]
 
 
 def _render_merge(d: dict[str, Any]) -> list[Block]:
@@ -444,8 +453,9 @@ def _render_merge(d: dict[str, Any]) -> list[Block]:
     if d.get("heads"):
         blocks.append(("table", "Heads (modules_to_save, extra tensors)", ["head", "kept"],
                        [[h, v] for h, v in d["heads"].items()]))
-    if d["warnings"]:
-        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["warnings"]]))
+    warnings = [*d["warnings"], *d.get("target_warnings", [])]
+    if warnings:
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in warnings]))
     return blocks
 
 
@@ -635,8 +645,9 @@ def main(argv: list[str]) -> int:
     except BrokenPipeError:  # stdout closed early (``| head``): not an error of the job
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    if result.ok and result.kind in _WARNING_KINDS:
-        for w in result.data.get("warnings") or []:
+    if result.ok:  # warnings (a broken target, what an export dropped): a diagnostic, one line each
+        data = result.data or {}
+        for w in [*(data.get("warnings") or [] if result.kind in _WARNING_KINDS else []), *data.get("target_warnings", [])]:
             sys.stderr.write(f"warning: {w}\n")
     if not result.ok:
         if code == EXIT_INTERRUPTED:

@@ -424,8 +424,16 @@ def save_adapter(
     force: bool = False,
     dtype: Any = None,
     modelfile: bool = False,
+    target: str = "portable",
+    modelfile_base: str | None = None,
 ) -> Path:
     """Write ``weights`` as a PEFT folder that ``PeftModel.from_pretrained`` loads as is.
+
+    By default (``target="portable"``) the folder means the same ΔW to PEFT, vLLM
+    and TGI: each module's scale is folded into its B, every module has the
+    config's ``r`` (the largest module rank) and the patterns are empty. See
+    :func:`engine.io.targets.for_target` for the other targets and for the
+    warnings a caller should show (this function does not return them).
 
     Args:
         weights: The adapter.
@@ -433,6 +441,10 @@ def save_adapter(
         force: Replace an existing folder.
         dtype: Cast the LoRA factors (e.g. ``torch.float16``); extra tensors keep theirs.
         modelfile: Also write an Ollama ``Modelfile`` (``FROM <base>`` / ``ADAPTER .``).
+        target: ``portable``, ``peft`` (as is: patterns and heads kept), ``vllm``,
+            ``tgi`` or ``ollama``.
+        modelfile_base: The Modelfile's ``FROM``: an Ollama model name or a local
+            path (default: the adapter's ``base_model_name_or_path``).
 
     Returns:
         The folder written.
@@ -444,10 +456,12 @@ def save_adapter(
 
     if not weights.layer_names:
         raise ValueError("save_adapter: the adapter has no modules")
-    w = weights
+    from .targets import for_target, modelfile_text
+
+    w, _ = for_target(weights, target)
     if dtype is not None:
-        w = LoRAWeights(**{**weights.__dict__, "lora_a": {k: v.to(dtype) for k, v in weights.lora_a.items()},
-                           "lora_b": {k: v.to(dtype) for k, v in weights.lora_b.items()}})
+        w = LoRAWeights(**{**w.__dict__, "lora_a": {k: v.to(dtype) for k, v in w.lora_a.items()},
+                           "lora_b": {k: v.to(dtype) for k, v in w.lora_b.items()}})
     out = Path(path)
     config = adapter_config_for(w)
     with atomic_dir(out, force=force) as tmp:
@@ -456,8 +470,7 @@ def save_adapter(
         text = json.dumps({k: config[k] for k in sorted(config)}, indent=2)
         (tmp / ADAPTER_CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
         if modelfile:
-            base = w.base_model_name_or_path or "<base model>"
-            (tmp / "Modelfile").write_text(f"FROM {base}\nADAPTER .\n", encoding="utf-8")
+            (tmp / "Modelfile").write_text(modelfile_text(w, modelfile_base)[0], encoding="utf-8")
     return out
 
 

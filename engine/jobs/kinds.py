@@ -218,24 +218,33 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     """Check adapters: files, keys, shapes, dtypes, NaN/Inf, config, and that they fit together.
 
     The job's status is ``failed`` (``error_kind="error"``) when any adapter has an
-    error or the set is incompatible; warnings alone keep it ``ok``.
+    error or the set is incompatible; warnings alone keep it ``ok``. With ``target``
+    (``vllm``, ``tgi``, ``ollama``, ``peft``) each adapter is also checked for what that
+    server refuses or reads differently from PEFT (rank above ``max_lora_rank``,
+    ``rank_pattern``/``alpha_pattern``, ``modules_to_save``, ``bias``, DoRA); any such
+    problem fails the job too.
 
     data: ``{"ok": bool, "adapters": [{"path", "name", "ok", "error": str|None,
-    "warnings": [str…]}], "compatible": bool|None, "compatibility": str|None,
-    "compat_warnings": [str…]}``
+    "warnings": [str…], "target_problems": [str…]}], "compatible": bool|None, "compatibility": str|None,
+    "compat_warnings": [str…], "target": str|None, "max_lora_rank": int}``
     """
     from ..errors import IncompatibleAdaptersError, VloraError
     from ..io.local import check_compatible, load_adapter
     from ..io.scan import expand_adapter_specs
     from .common import adapter_warnings, module_figures, unique_names
 
+    from ..io.targets import target_problems
+
+    target = params.get("target")
+    max_rank = int(params.get("max_lora_rank") or 16)
     specs = expand_adapter_specs(list(params["adapters"]), params.get("exclude"))
     names = unique_names([s.name for s in specs])
     rows: list[dict[str, Any]] = []
     loaded = []
     for i, (spec, name) in enumerate(zip(specs, names)):
         tick(progress, cancel, i, len(specs), f"checking {spec.label}")
-        row: dict[str, Any] = {"path": spec.label, "name": name, "ok": True, "error": None, "warnings": []}
+        row: dict[str, Any] = {"path": spec.label, "name": name, "ok": True, "error": None, "warnings": [],
+                               "target_problems": []}
         try:
             if spec.repo_id:
                 from ..io.hub import load_adapter_from_hub
@@ -247,8 +256,13 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
             figs = [module_figures(w, m) for m in w.layer_names]
             row["warnings"] = adapter_warnings(w, figs)
             loaded.append(w)
+            if target:
+                row["target_problems"] = target_problems(w.metadata, w.ranks, list(w.extra_tensors), target,
+                                                         max_lora_rank=max_rank)
         except VloraError as exc:
             row.update(ok=False, error=str(exc))
+            if target and spec.path is not None:
+                row["target_problems"] = _config_target_problems(spec.path, target, max_rank)
         rows.append(row)
     tick(progress, cancel, len(specs), len(specs), "done")
     compatible: bool | None = None
@@ -261,15 +275,35 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
             compat_warn = list(rep.warnings)
         except IncompatibleAdaptersError as exc:
             compatible, compat_msg = False, str(exc)
-    ok = all(r["ok"] for r in rows) and compatible is not False
+    n_target = sum(len(r["target_problems"]) for r in rows)
+    ok = all(r["ok"] for r in rows) and compatible is not False and n_target == 0
     bad = sum(not r["ok"] for r in rows)
     summary = f"{len(rows)} adapter(s): {len(rows) - bad} valid, {bad} invalid"
     if compatible is False:
         summary += "; incompatible: " + str(compat_msg)
     elif compatible:
         summary += "; compatible"
-    data = {"ok": ok, "adapters": rows, "compatible": compatible, "compatibility": compat_msg, "compat_warnings": compat_warn}
+    if target:
+        summary += f"; {n_target} problem(s) for {target}"
+    data = {"ok": ok, "adapters": rows, "compatible": compatible, "compatibility": compat_msg, "compat_warnings": compat_warn,
+            "target": target, "max_lora_rank": max_rank}
     return JobOutput(summary=summary, data=data, ok=ok)
+
+
+def _config_target_problems(path: Any, target: str, max_rank: int) -> list[str]:
+    """``target``'s problems read from the config alone, for an adapter the loader refused (DoRA…)."""
+    import json
+
+    from ..errors import VloraError
+    from ..io.header import resolve_adapter_files
+    from ..io.targets import target_problems
+
+    try:
+        config_path, _ = resolve_adapter_files(path)
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (VloraError, OSError, ValueError):
+        return []
+    return target_problems(config, {}, [], target, max_lora_rank=max_rank) if isinstance(config, dict) else []
 
 
 # -- subspace jobs -------------------------------------------------------------------
@@ -541,22 +575,34 @@ def run_export(params: dict[str, Any], *, progress: ProgressFn | None = None, ca
     """Reconstruct one task as a PEFT adapter folder (loads in PEFT, vLLM and TGI; optional Ollama Modelfile).
 
     ``alpha`` rewrites ``lora_alpha`` and rescales B so that ΔW is unchanged;
-    ``base_model`` and ``target_modules`` override the config.
+    ``base_model`` and ``target_modules`` override the config. ``target`` (default
+    ``portable``: the same ΔW in PEFT, vLLM and TGI) says what form to write and what
+    to drop (:func:`engine.io.targets.for_target`); ``exact_rank`` keeps per-module
+    ranks, which only PEFT reads, so it goes with ``target="peft"`` (implied when no
+    target is given). The Modelfile's ``FROM`` is ``base_model`` (a local folder as its
+    absolute path), else the adapter's base model name, with a warning.
 
-    data: ``{"path", "task_id", "rank", "ranks": {module: rank}, "lora_alpha", "base_model",
-    "target_modules", "dtype", "modelfile": path|None, "mean_error", "max_error", "error_is_bound",
-    "fidelity": {module: error}}``
+    data: ``{"path", "task_id", "target", "rank", "ranks": {module: rank}, "lora_alpha", "base_model",
+    "target_modules", "dtype", "modelfile": path|None, "target_warnings": [str…], "mean_error",
+    "max_error", "error_is_bound", "fidelity": {module: error}}``
     """
     import torch
 
     from ..io.local import save_adapter
+    from ..io.targets import for_target, modelfile_text
     from ..subspace import SharedSubspace
 
+    target = params.get("target")
+    if params["exact_rank"] and target not in (None, "peft"):
+        raise ValueError(f"exact_rank: per-module ranks need rank_pattern, which {target} ignores; "
+                         f"use --exact-rank with --target peft, or drop --exact-rank")
+    target = target or ("peft" if params["exact_rank"] else "portable")
     tick(progress, cancel, 0, 3, f"loading {params['subspace']}")
     sub = SharedSubspace.load(params["subspace"])
     task_id = params["task_id"]
     tick(progress, cancel, 1, 3, f"reconstructing {task_id}")
-    w = sub.reconstruct(task_id, pad_to_vllm=not params["exact_rank"])
+    # other targets pad to the largest module rank themselves (a vLLM rank like 16 for 12 is not needed)
+    w = sub.reconstruct(task_id, pad_to_vllm=target == "peft" and not params["exact_rank"])
     if params["target_modules"] is not None:
         tm = list(params["target_modules"])
         missing = sorted({m.rsplit(".", 1)[-1] for m in w.layer_names} - set(tm))
@@ -573,16 +619,21 @@ def run_export(params: dict[str, Any], *, progress: ProgressFn | None = None, ca
         w.metadata["lora_alpha"] = params["alpha"]
         w.metadata["alpha_pattern"] = {}
         w = w.replace_factors(factors, rank=w.rank)
+    w, notes = for_target(w, target)
+    if params["modelfile"]:
+        note = modelfile_text(w, params["base_model"])[1]
+        notes += [note] if note else []
     tick(progress, cancel, 2, 3, f"writing {params['output']}")
     dtype = getattr(torch, params["dtype"])
-    out = save_adapter(w, params["output"], force=params["force"], dtype=dtype, modelfile=params["modelfile"])
+    out = save_adapter(w, params["output"], force=params["force"], dtype=dtype, modelfile=params["modelfile"],
+                       target="peft", modelfile_base=params["base_model"])
     tick(progress, cancel, 3, 3, "done")
     task = _task_report(sub, task_id)
     data = {
-        "path": str(out), "task_id": task_id, "rank": w.rank, "ranks": w.ranks, "lora_alpha": w.lora_alpha,
-        "base_model": w.base_model_name_or_path, "target_modules": w.target_modules, "dtype": params["dtype"],
-        "modelfile": str(Path(out) / "Modelfile") if params["modelfile"] else None,
-        **{k: v for k, v in task.items() if k != "task_id"},
+        "path": str(out), "task_id": task_id, "target": target, "rank": w.rank, "ranks": w.ranks,
+        "lora_alpha": w.lora_alpha, "base_model": w.base_model_name_or_path, "target_modules": w.target_modules,
+        "dtype": params["dtype"], "modelfile": str(Path(out) / "Modelfile") if params["modelfile"] else None,
+        "target_warnings": notes, **{k: v for k, v in task.items() if k != "task_id"},
     }
     return JobOutput(summary=f"exported {task_id!r} to {out} (rank {w.rank}, ΔW error max {task['max_error']:.3g})",
                      outputs=[str(out)], data=data)
@@ -884,20 +935,23 @@ def _method_kwargs(kind: str, method: str, params: dict[str, Any], fixed: tuple[
     return kwargs
 
 
-_MERGE_FIXED = ("adapters", "output", "method", "force", "modelfile", "exclude", "head_from")
+_MERGE_FIXED = ("adapters", "output", "method", "force", "modelfile", "exclude", "head_from", "target")
 
 
 def run_merge(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
     """Merge adapters' updates ΔW with a registered method and write the result as a PEFT folder.
 
-    data: ``{"path", "inputs": [name…], **MergeResult.to_dict()}`` — ``method``, ``params``
-    (resolved: weights, rank, density, drop_rate, seed…), ``name``, ``rank``, ``ranks``,
+    ``target`` (default ``portable``) is the form written, as for ``export``.
+
+    data: ``{"path", "inputs": [name…], "target", "target_warnings": [str…], **MergeResult.to_dict()}`` —
+    ``method``, ``params`` (resolved: weights, rank, density, drop_rate, seed…), ``name``, ``rank``, ``ranks``,
     ``num_modules``, ``num_params``, ``max_error``, ``mean_error``, ``overall_error``,
     ``errors`` {module: relative ΔW error of the rank truncation}, ``norms``, ``warnings``,
     ``heads`` {head: "identical" | "from NAME" | "dropped"} (``modules_to_save`` heads and other
     extra tensors: kept when bitwise equal across the inputs, else from ``head_from`` or dropped).
     """
     from ..io.local import save_adapter
+    from ..io.targets import for_target, modelfile_text
     from ..registry import get_method
     from .common import load_adapters
 
@@ -910,11 +964,16 @@ def run_merge(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     if params.get("head_from") is not None:
         kwargs["head_from"] = str(params["head_from"])
     result = info.func(adapters, progress=stages.stage("merge"), cancel=cancel, **kwargs)
+    target = params.get("target") or "portable"
+    w, notes = for_target(result.weights, target)
+    if params["modelfile"]:
+        note = modelfile_text(w)[1]
+        notes += [note] if note else []
     tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
-    out = save_adapter(result.weights, params["output"], force=params["force"], modelfile=params["modelfile"])
+    out = save_adapter(w, params["output"], force=params["force"], modelfile=params["modelfile"], target="peft")
     stages.done()
     d = result.to_dict()
-    data = {"path": str(out), "inputs": [a.name for a in adapters], **d}
+    data = {"path": str(out), "inputs": [a.name for a in adapters], "target": target, "target_warnings": notes, **d}
     err = "exact" if result.exact else f"max ΔW error {result.max_error:.3g}"
     return JobOutput(
         summary=f"merged {len(adapters)} adapters with {method} (rank {result.weights.rank}, {err}) into {out}",
@@ -957,7 +1016,14 @@ def _build_kinds() -> list[JobKind]:
         ),
         JobKind(
             "validate", "Validate adapters", "check adapters' files, tensors and config, and that they fit together",
-            (ADAPTERS, EXCLUDE), func=run_validate,
+            (
+                ADAPTERS,
+                EXCLUDE,
+                Param("target", "choice", None, "also list what this server refuses or misreads (fails the check)",
+                      _check_targets()),
+                Param("max_lora_rank", "int", 16, "vLLM's --max-lora-rank, for --target vllm", minimum=1),
+            ),
+            func=run_validate,
         ),
         JobKind(
             "compress", "Compress adapters", "build a shared subspace from adapters and save it",
@@ -1000,7 +1066,9 @@ def _build_kinds() -> list[JobKind]:
                 Param("base_model", "str", None, "base_model_name_or_path to write"),
                 Param("target_modules", "strs", None, "target_modules to write"),
                 Param("modelfile", "bool", False, "also write an Ollama Modelfile (FROM base, ADAPTER .)"),
-                Param("exact_rank", "bool", False, "keep each module's own rank (default: pad to a rank vLLM accepts)"),
+                Param("exact_rank", "bool", False, "keep each module's own rank in rank_pattern, which only PEFT reads "
+                      "(implies --target peft; default: pad to the largest module rank)"),
+                _export_target(),
                 Param("dtype", "choice", "float32", "dtype of the written factors", _STORAGE_DTYPES[::-1]),
                 FORCE,
             ),
@@ -1061,11 +1129,26 @@ def _build_kinds() -> list[JobKind]:
                 EXCLUDE,
                 Param("head_from", "str", None, "keep this input's modules_to_save heads (e.g. a classifier) where the "
                       "inputs' differ (an adapter name/task id); identical heads are always kept"),
+                _export_target(),
                 FORCE,
             ),
             writes=("output",), func=run_merge,
         ),
     ]
+
+
+def _export_target() -> Param:
+    from ..io.targets import EXPORT_TARGETS
+
+    return Param("target", "choice", None, "what to write for: portable (default; the same ΔW in PEFT, vLLM and TGI), "
+                 "peft (as is: rank/alpha patterns and heads kept), vllm/tgi/ollama (portable, heads dropped; "
+                 "ollama: integer alpha, no rsLoRA)", EXPORT_TARGETS)
+
+
+def _check_targets() -> tuple[str, ...]:
+    from ..io.targets import CHECK_TARGETS
+
+    return CHECK_TARGETS
 
 
 def _choices(kind: str) -> tuple[str, ...]:

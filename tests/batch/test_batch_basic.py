@@ -145,3 +145,22 @@ def test_diff(demo_dir):
     assert same["overall"]["relative_difference"] == pytest.approx(0.0, abs=1e-6)
     plain = run_batch("diff", demo_dir / "sql-sqlite", demo_dir / "pirate-speak")
     assert plain.rc == 0 and "Per module" in plain.stdout
+
+
+def test_validate_and_export_targets(tmp_path, peft_variant_dirs, peft_family_dirs):
+    mts, patterns = peft_variant_dirs["mts"], peft_variant_dirs["patterns"]
+    r = run_batch("validate", mts, patterns, "--target", "vllm")
+    assert r.rc == 1, r.stderr
+    assert "For vllm" in r.stdout and "- mts: modules_to_save lm_head: vLLM refuses the adapter" in r.stdout
+    assert "- patterns: vLLM misreads the scale" in r.stdout and "result: FAILED" in r.stdout
+    assert run_batch("validate", mts, patterns, "--target", "peft").rc == 0
+    assert run_batch("validate", mts, "--target", "sglang").rc == 2
+    big = run_batch("validate", peft_variant_dirs["rslora"], "--target", "vllm", "--max-lora-rank", "4", "--json")
+    assert big.rc == 1 and "rank 8 is above --max-lora-rank 4" in big.json()["data"]["adapters"][0]["target_problems"][0]
+
+    out = tmp_path / "merged"
+    m = run_batch("merge", mts, peft_family_dirs[0], "-o", out, "--target", "vllm", "--rank", "exact")
+    assert m.rc == 0, m.stderr
+    assert "warning: dropped modules_to_save head(s) lm_head" in m.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] is None
+    assert run_batch("validate", out, "--target", "vllm").rc == 0

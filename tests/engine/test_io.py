@@ -60,7 +60,7 @@ def test_roundtrip_family_adapter_logits(peft_adapter_dir, tmp_path):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tensors_roundtrip_bit_exact(variant, peft_variant_dirs, tmp_path):
     src = peft_variant_dirs[variant]
-    out = save_adapter(load_adapter(src), tmp_path / "out")
+    out = save_adapter(load_adapter(src), tmp_path / "out", target="peft")
     a, b = load_file(str(src / ADAPTER_WEIGHTS_NAME)), load_file(str(out / ADAPTER_WEIGHTS_NAME))
     assert sorted(a) == sorted(b)
     for k in a:
@@ -72,7 +72,7 @@ def test_tensors_roundtrip_bit_exact(variant, peft_variant_dirs, tmp_path):
 def test_scale_matches_peft_scaling(variant, peft_variant_dirs, tmp_path):
     src = peft_variant_dirs[variant]
     w = load_adapter(src)
-    for folder in (src, save_adapter(w, tmp_path / "out")):
+    for folder in (src, save_adapter(w, tmp_path / "out", target="peft")):
         model = _peft_model(folder)
         inner = model.base_model.model
         for m in w.layer_names:
@@ -91,7 +91,7 @@ def test_rank_alpha_and_patterns_read(peft_variant_dirs, tmp_path):
     assert w.module_alpha("model.layers.0.self_attn.q_proj") == 8
     assert w.scale(q1) == pytest.approx(8 / 8)
     assert w.scale("model.layers.1.self_attn.v_proj") == pytest.approx(32 / 4)
-    cfg = json.loads((save_adapter(w, tmp_path / "o") / ADAPTER_CONFIG_NAME).read_text())
+    cfg = json.loads((save_adapter(w, tmp_path / "o", target="peft") / ADAPTER_CONFIG_NAME).read_text())
     assert cfg["rank_pattern"] == {q1: 8}
     assert cfg["alpha_pattern"] == {"v_proj": 32}
 
@@ -130,7 +130,7 @@ def test_saved_rank_pattern_survives_suffix_names(tmp_path):
         rank=4,
         metadata={"r": 4, "lora_alpha": 8},
     )
-    out = save_adapter(w, tmp_path / "out")
+    out = save_adapter(w, tmp_path / "out", target="peft")
     assert load_adapter(out).ranks == ranks
     assert json.loads((out / ADAPTER_CONFIG_NAME).read_text())["rank_pattern"] == {
         "vision.model.layers.0.q_proj": 2,
