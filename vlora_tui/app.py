@@ -372,7 +372,7 @@ class VloraApp(App[int]):
         so a new session never collides with the outputs of an earlier one.
         """
         stem = re.sub(r"[^\w.+-]+", "_", stem).strip("_") or "output"
-        base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = f"{stem}-{self.config.output_stamp or time.strftime('%Y%m%d-%H%M%S')}"
         taken = {str(v) for j in self.jobs for v in j.request.params.values() if isinstance(v, (str, Path))}
         candidate, n = self.config.output_dir / base, 2
         while candidate.exists() or str(candidate) in taken:

@@ -72,6 +72,8 @@ async def test_outputs_get_unique_timestamped_names(fixed_demo: Path, tmp_path: 
         Path(first).mkdir()  # the same second, but taken now
         second = app.default_params("compress")["output"]
         assert second != first and STAMP.search(second) and not Path(second).exists()
+        app.config.output_stamp = None  # the clock's stamp (tests fix it so forms look the same every run)
+        assert re.fullmatch(r"compress-\d{8}-\d{6}", Path(app.default_params("compress")["output"]).name)
         # a queued job's output is taken too, before it exists on disk
         app.submit_job("compress", {"adapters": list(app.collection), "output": second})
         await wait_jobs(app, pilot)
@@ -383,6 +385,29 @@ async def test_incompatible_adapters_are_marked_and_deselected(fixed_demo: Path,
         await pilot.pause()
         assert str(odd) not in members.selected and len(members.selected) == 3
         assert screen.selected_specs() == [s for s in app.collection if s != str(odd)]
+
+
+def test_collection_screen_reads_headers_without_torch(fixed_demo: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "from vlora_tui.app import VloraApp\n"
+        "from vlora_tui.config import AppConfig\n"
+        "async def main():\n"
+        f"    app = VloraApp(AppConfig(path={str(fixed_demo)!r}, hub_search=False, auto_inspect=False))\n"
+        "    async with app.run_test(size=(120, 36)) as pilot:\n"
+        "        await pilot.press('3')\n"
+        "        await pilot.pause()\n"
+        "        print(len(app.collection), len(app.screen.incompatible))\n"
+        "    print('torch' in sys.modules)\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2:] == ["14 0", "False"], out.stdout
 
 
 def test_incompatible_majority_rules() -> None:
