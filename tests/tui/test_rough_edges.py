@@ -211,6 +211,13 @@ async def test_jobs_screen_focuses_queue_fits_columns_follows_running_job(fixed_
         await pilot.press("1", "5")
         await pilot.pause()
         assert app.focused is table
+        # a queue longer than the pane (a scrollbar) still fits sideways
+        for _ in range(40):
+            app.submit_job("validate", {"adapters": list(app.collection)[:1]})
+        await wait_jobs(app, pilot)
+        await pilot.pause()
+        assert table.row_count == 43 and table.virtual_size.height > table.scrollable_content_region.height
+        assert table.virtual_size.width <= table.scrollable_content_region.width, (table.virtual_size, table.size)
 
 
 async def test_jobs_detail_follows_a_job_as_it_starts(fixed_demo: Path, tmp_path: Path) -> None:

@@ -61,7 +61,8 @@ class JobsScreen(Screen):
     def _fit_columns(self) -> None:
         """Give the title column what the fixed columns leave, so status, progress and time stay in view."""
         table = self.query_one("#queue", DataTable)
-        width = table.scrollable_content_region.width
+        # room for the vertical scrollbar is kept, so a long queue does not push the time column out
+        width = table.content_region.width - table.styles.scrollbar_size_vertical
         if width <= 0:
             return
         title = max(8, width - sum(FIXED_WIDTHS.values()) - 2 * table.cell_padding * (len(FIXED_WIDTHS) + 1))
