@@ -365,18 +365,20 @@ class VloraApp(App[int]):
             out.pop("adapters")
         return out
 
-    def unique_output(self, stem: str) -> str:
-        """A fresh output folder under ``output_dir``: ``stem-YYYYMMDD-HHMMSS`` (``-2``, ``-3``… if taken).
+    def unique_output(self, stem: str, parent: str | Path | None = None) -> str:
+        """A fresh output folder: ``parent/stem-YYYYMMDD-HHMMSS`` (``-2``, ``-3``… if taken).
 
-        Taken means it exists on disk or a job of this session already writes there,
-        so a new session never collides with the outputs of an earlier one.
+        ``parent`` defaults to ``output_dir``. Taken means it exists on disk or a job of this
+        session already writes there, so a new session never collides with an earlier one's outputs.
         """
+        stem = re.sub(r"-\d{8}-\d{6}(-\d+)?$", "", stem)  # renaming a stamped name: one stamp, not two
         stem = re.sub(r"[^\w.+-]+", "_", stem).strip("_") or "output"
+        folder = Path(parent) if parent is not None else self.config.output_dir
         base = f"{stem}-{self.config.output_stamp or time.strftime('%Y%m%d-%H%M%S')}"
         taken = {str(v) for j in self.jobs for v in j.request.params.values() if isinstance(v, (str, Path))}
-        candidate, n = self.config.output_dir / base, 2
+        candidate, n = folder / base, 2
         while candidate.exists() or str(candidate) in taken:
-            candidate, n = self.config.output_dir / f"{base}-{n}", n + 1
+            candidate, n = folder / f"{base}-{n}", n + 1
         return str(candidate)
 
     def existing_outputs(self, kind: str, params: dict[str, Any]) -> list[str]:
@@ -397,7 +399,7 @@ class VloraApp(App[int]):
         name = clash[0]
         path = Path(str(params[name]))
         can_force = "force" in {p.name for p in self.job_kinds()[kind].params}
-        suggestion = self.unique_output(path.name)
+        suggestion = self.unique_output(path.name, path.parent)  # next to the folder the user chose
 
         def chosen(answer: str | None) -> None:
             if answer == "overwrite":

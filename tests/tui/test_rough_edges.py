@@ -90,9 +90,9 @@ async def test_outputs_get_unique_timestamped_names(fixed_demo: Path, tmp_path: 
 
 async def test_existing_output_offers_new_name_or_overwrite(fixed_demo: Path, tmp_path: Path) -> None:
     runner = RecordingRunner()
-    app = make_app(fixed_demo, tmp_path, runner_factory=lambda kind: runner)
-    taken = tmp_path / "mine"
-    taken.mkdir()
+    app = make_app(fixed_demo, tmp_path / "out", runner_factory=lambda kind: runner)
+    taken = tmp_path / "elsewhere" / "mine"
+    taken.mkdir(parents=True)
     async with app.run_test(size=SIZE) as pilot:
         for key in ("r", "o", "escape"):
             app.action_new_job("compress", {"output": str(taken)})
@@ -110,7 +110,9 @@ async def test_existing_output_offers_new_name_or_overwrite(fixed_demo: Path, tm
                 continue
             params = runner.requests[-1].params
             if key == "r":
-                assert Path(params["output"]).parent == tmp_path and Path(params["output"]).name.startswith("mine-")
+                # a new name next to the folder the user chose
+                assert Path(params["output"]).parent == taken.parent and STAMP.search(params["output"])
+                assert Path(params["output"]).name.startswith("mine-") and not Path(params["output"]).exists()
                 assert params["output"] != str(taken) and not params.get("force")
             else:
                 assert params["output"] == str(taken) and params["force"] is True
@@ -297,13 +299,19 @@ async def test_collection_cursor_toasts_and_diff_columns(fixed_demo: Path, tmp_p
         box = app.screen.query_one("#diff", Static)
         width = box.content_region.width
         assert width > 0
-        console = Console(width=width, record=True, color_system=None)
-        from vlora_tui.screens.collection import diff_table
+        from vlora_tui.screens.collection import CollectionScreen, diff_table
 
-        console.print(diff_table(app.diff))
-        text = console.export_text()
-        assert "…" not in text, text
-        assert "rel.diff" in text
+        def rendered(renderable, width: int) -> str:
+            console = Console(width=width, record=True, color_system=None)
+            console.print(renderable)
+            return console.export_text()
+
+        text = rendered(diff_table(app.diff), width)
+        assert "…" not in text and "rel.diff" in text, text
+        # nor the clusters beside it
+        clusters = app.screen.query_one("#clusters", Static)
+        text = rendered(CollectionScreen._clusters_text(app.analysis), clusters.content_region.width)
+        assert "…" not in text and "math-word-problems" in text, text
         del col
 
 

@@ -124,7 +124,7 @@ class CollectionScreen(Screen):
     def _clusters_text(data: dict[str, Any]) -> Table:
         t = Table(title="Clusters", expand=True, show_edge=False, box=None)
         t.add_column("#", justify="right", width=3)
-        t.add_column("members")
+        t.add_column("members", overflow="fold")  # long names wrap, never end in an ellipsis
         for i, cluster in enumerate(data.get("clusters") or []):
             names = cluster.get("names") or [] if isinstance(cluster, dict) else cluster
             t.add_row(str(i + 1), ", ".join(map(str, names)))

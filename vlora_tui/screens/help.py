@@ -43,10 +43,10 @@ class HelpScreen(ModalScreen[None]):
         self.call_after_refresh(self._fill)
 
     def ordered_bindings(self) -> list[tuple[str, list[Binding]]]:
-        """Sections of ``(title, bindings)``: this screen's keys, the app's, then the widgets' and Textual's."""
+        """Sections of ``(title, bindings)``: this screen's keys, the app's, then the built-in ones (widgets, Textual)."""
         own_ids = {b.id for b in getattr(type(self.target), "BINDINGS", []) if isinstance(b, Binding) and b.id}
         app_ids = {b.id for b in getattr(type(self.app), "BINDINGS", []) if isinstance(b, Binding) and b.id}
-        sections: dict[str, list[Binding]] = {"This screen": [], "Everywhere": [], "Widgets and Textual": []}
+        sections: dict[str, list[Binding]] = {"This screen": [], "Everywhere": [], "Built in": []}
         seen: set[tuple[str, str]] = set()
         for active in self.target.active_bindings.values():
             b = active.binding
@@ -61,7 +61,7 @@ class HelpScreen(ModalScreen[None]):
             elif b.id in app_ids and active.node is self.app:
                 sections["Everywhere"].append(b)
             else:
-                sections["Widgets and Textual"].append(b)
+                sections["Built in"].append(b)
         return [(title, bs) for title, bs in sections.items() if bs]
 
     def _fill(self) -> None:
@@ -73,7 +73,7 @@ class HelpScreen(ModalScreen[None]):
         table.add_column("Action", width=ACTION_WIDTH, key="action")
         table.add_column("What it does", width=rest, key="what")
         for title, bindings in self.ordered_bindings():
-            table.add_row(Text(title, style="bold"), "", "", key=f"section-{title}")
+            table.add_row(Text(title, style="bold"), "", "", key=f"section-{title}", height=None)
             for b in bindings:
                 table.add_row(self.app.get_key_display(b), Text(b.description), Text(b.tooltip or ""), height=None)
         table.move_cursor(row=1)
