@@ -282,7 +282,7 @@ async def test_collection_cursor_toasts_and_diff_columns(fixed_demo: Path, tmp_p
         await pilot.press("n")  # cursor to the most similar pair, focused
         await pilot.pause()
         assert app.focused is heat
-        row, col = heat.cursor_coordinate.row, heat.cursor_coordinate.column
+        row = heat.cursor_coordinate.row
         value = str(heat.get_cell_at(heat.cursor_coordinate)).strip()
         cursor_bg = heat.get_component_rich_style("datatable--cursor").bgcolor
         strip = heat.render_line(heat.header_height + row - int(heat.scroll_y))
@@ -312,7 +312,6 @@ async def test_collection_cursor_toasts_and_diff_columns(fixed_demo: Path, tmp_p
         clusters = app.screen.query_one("#clusters", Static)
         text = rendered(CollectionScreen._clusters_text(app.analysis), clusters.content_region.width)
         assert "…" not in text and "math-word-problems" in text, text
-        del col
 
 
 async def test_fidelity_three_significant_digits_and_k_pairs(fixed_subspace: Path, fixed_demo: Path, tmp_path: Path) -> None:
