@@ -10,6 +10,7 @@ and redraw the part that changed. Nothing here imports torch.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from .config import AppConfig, tildify
 from .messages import AddToCollection, JobProgress
 
 #: Topics published on ``state_signal``.
-TOPICS = ("collection", "adapter", "jobs", "progress", "analysis", "diff", "subspace", "inspect")
+TOPICS = ("collection", "adapter", "jobs", "progress", "analysis", "diff", "subspace", "inspect", "root")
 
 
 def spec_name(spec: str) -> str:
@@ -157,6 +158,10 @@ class VloraApp(App[int]):
         """Data of the ``info`` job on :attr:`subspace_path`."""
         self.jobs: list[JobRecord] = []
         """Every job of this session, oldest first."""
+        self.offered: list[str] = []
+        """Adapters written by export/merge jobs, offered for the collection (never added unasked)."""
+        self.browser_root: Path | None = None
+        """Set (with the ``root`` topic) to re-root the browser's folder tree, e.g. at the demo once built."""
         self._progress_pending = False
 
     # -- start-up -----------------------------------------------------------
@@ -195,6 +200,9 @@ class VloraApp(App[int]):
         self.submit_job("demo", {"output": str(root), "force": True}, title="demo collection", open_result=True)
 
     def _demo_ready(self, specs: list[str]) -> None:
+        if specs:  # the tree was rooted before the demo existed: show its adapters at once
+            self.browser_root = Path(specs[0]).parent
+            self.state_signal.publish("root")
         self.add_to_collection(specs)
         if self.current_mode != "collection":
             self.switch_mode("collection")
@@ -349,14 +357,57 @@ class VloraApp(App[int]):
             if name in names and value:
                 out[name] = value
         if "output" in names:
-            n = sum(1 for j in self.jobs if j.kind == kind) + 1
-            out["output"] = str(self.config.output_dir / f"{kind}-{n}")
+            out["output"] = self.unique_output(kind)
         for name, value in (values or {}).items():
             if name in names and value not in (None, "", []):
                 out[name] = value
         if kind in ("export", "merge") and "subspace" in out and "adapters" in out and "subspace" in (values or {}):
             out.pop("adapters")
         return out
+
+    def unique_output(self, stem: str, parent: str | Path | None = None) -> str:
+        """A fresh output folder: ``parent/stem-YYYYMMDD-HHMMSS`` (``-2``, ``-3``… if taken).
+
+        ``parent`` defaults to ``output_dir``. Taken means it exists on disk or a job of this
+        session already writes there, so a new session never collides with an earlier one's outputs.
+        """
+        stem = re.sub(r"-\d{8}-\d{6}(-\d+)?$", "", stem)  # renaming a stamped name: one stamp, not two
+        stem = re.sub(r"[^\w.+-]+", "_", stem).strip("_") or "output"
+        folder = Path(parent) if parent is not None else self.config.output_dir
+        base = f"{stem}-{self.config.output_stamp or time.strftime('%Y%m%d-%H%M%S')}"
+        taken = {str(v) for j in self.jobs for v in j.request.params.values() if isinstance(v, (str, Path))}
+        candidate, n = folder / base, 2
+        while candidate.exists() or str(candidate) in taken:
+            candidate, n = folder / f"{base}-{n}", n + 1
+        return str(candidate)
+
+    def existing_outputs(self, kind: str, params: dict[str, Any]) -> list[str]:
+        """The output parameters of ``params`` whose path exists already (``force`` not set)."""
+        job_kind = self.job_kinds().get(kind)
+        if job_kind is None or params.get("force"):
+            return []
+        return [name for name in getattr(job_kind, "writes", ()) if params.get(name) and Path(str(params[name])).exists()]
+
+    def queue_job(self, kind: str, params: dict[str, Any], *, title: str | None = None) -> None:
+        """Queue a job; if an output exists, first ask whether to overwrite it or write under a new name."""
+        clash = self.existing_outputs(kind, params)
+        if not clash:
+            self.submit_job(kind, params, title=title)
+            return
+        from .dialogs.overwrite import OverwriteScreen
+
+        name = clash[0]
+        path = Path(str(params[name]))
+        can_force = "force" in {p.name for p in self.job_kinds()[kind].params}
+        suggestion = self.unique_output(path.name, path.parent)  # next to the folder the user chose
+
+        def chosen(answer: str | None) -> None:
+            if answer == "overwrite":
+                self.queue_job(kind, {**params, "force": True}, title=title)
+            elif answer == "rename":
+                self.queue_job(kind, {**params, name: suggestion}, title=title)
+
+        self.push_screen(OverwriteScreen(str(path), suggestion, can_overwrite=can_force), chosen)
 
     def action_new_job(self, kind: str, values: dict[str, Any] | None = None) -> None:
         """Open the form of ``kind`` (prefilled from the state) and queue the job it returns."""
@@ -369,7 +420,7 @@ class VloraApp(App[int]):
 
         def submitted(params: dict | None) -> None:
             if params is not None:
-                self.submit_job(kind, params, title=job_title(kind, params))
+                self.queue_job(kind, params)
 
         self.push_screen(JobFormScreen(kinds[kind], self.default_params(kind, values)), submitted)
 
@@ -418,9 +469,11 @@ class VloraApp(App[int]):
         try:
             coerced = validate_request(JobRequest(kind, dict(params)))
         except (ValueError, KeyError) as exc:
-            self.notify(str(exc), title=f"Cannot start {kind}", severity="error")
+            self.notify(tui_message(str(exc)), title=f"Cannot start {kind}", severity="error")
             return None
-        record = JobRecord(request=JobRequest(kind, coerced, job_id=f"job{len(self.jobs) + 1}"), title=title or kind, open_result=open_result)
+        # the title counts from the checked params (a form gives the adapters as one string)
+        record = JobRecord(request=JobRequest(kind, coerced, job_id=f"job{len(self.jobs) + 1}"),
+                           title=title or job_title(kind, coerced), open_result=open_result)
         record.log.append(tildify(f"queued: {record.title}"))
         self.jobs.append(record)
         self.state_signal.publish("jobs")
@@ -523,13 +576,15 @@ class VloraApp(App[int]):
 
     def _finish(self, job: JobRecord, status: str, *, error: str | None = None, error_title: str | None = None) -> None:
         job.status = status
+        error = tui_message(error) if error else error
         job.error, job.error_title = error, error_title
         job.seconds = time.monotonic() - job.started if job.started is not None else 0.0
         if status == "done":
             summary = getattr(job.result, "summary", "") or "done"
             job.log.append(tildify(f"done: {summary}"))
-            if job.open_result:
-                self.notify(summary, title=f"{job.title} finished")
+            # a result that opens in its own view needs no toast over it; the rest say they are done
+            if job.open_result and job.kind not in RESULT_VIEWS:
+                self.notify(summary, title=f"{job.title} finished", timeout=4)
         elif status == "cancelled":
             job.log.append(tildify(f"cancelled: {error}"))
             self.notify(f"{job.title}: {error}", title="Job cancelled", severity="warning")
@@ -588,14 +643,39 @@ class VloraApp(App[int]):
                 self.open_subspace(str(out), switch=job.open_result)
             return
         elif kind in ("export", "merge"):
-            adapters = [o for o in outputs if _is_adapter(o)]
-            if adapters:
-                self.add_to_collection(adapters)
-                self.current_adapter = adapters[0]
-                self.state_signal.publish("adapter")
-                target = "adapter"
+            self.offer_outputs([o for o in outputs if _is_adapter(o)])
         if target and job.open_result and self.current_mode != target:
             self.switch_mode(target)
+
+
+    def offer_outputs(self, adapters: list[str]) -> None:
+        """Offer written adapters for the working collection (a later compress must not pick them up unasked)."""
+        new = [a for a in adapters if a not in self.collection]
+        if not new:
+            return
+        self.offered = [a for a in self.offered if a not in new] + new
+        names = ", ".join(spec_name(a) for a in new)
+        self.notify(f"{names} written. Add to the collection: A on the Jobs screen (5), or ctrl+p → Add written adapters",
+                    title="Not in the collection", timeout=8)
+
+    def action_add_offered(self, adapters: list[str] | None = None) -> None:
+        """Add offered adapters (default: all of them) to the working collection."""
+        chosen = [a for a in (adapters if adapters is not None else self.offered) if a not in self.collection]
+        self.offered = [a for a in self.offered if a not in chosen]
+        if not chosen:
+            self.notify("Nothing to add: no written adapters outside the collection", title="Collection", severity="warning")
+            return
+        self.post_message(AddToCollection(chosen))
+
+
+#: Job kinds whose result switches to a view that shows it (no "finished" toast needed over it).
+RESULT_VIEWS = frozenset({"analyze", "diff", "inspect", "validate", "info", "demo", "compress", "add", "quantize"})
+
+
+def tui_message(text: str) -> str:
+    """An engine message without its command-line advice (``--force``): the TUI asks instead."""
+    text = re.sub(r"\s*\(use --force[^)]*\)", " (pick another output folder, or tick force in the form to overwrite it)", text)
+    return re.sub(r"use --force to (\w+) it", r"tick force in the form to \1 it", text)
 
 
 class _AnyEvent:
@@ -609,9 +689,12 @@ class _AnyEvent:
 
 
 def job_title(kind: str, params: dict[str, Any]) -> str:
-    """One line naming a job for the queue."""
-    if params.get("adapters"):
-        return f"{kind} {len(params['adapters'])} adapters"
+    """One line naming a job for the queue (adapters counted, whether a list or one string of paths)."""
+    adapters = params.get("adapters")
+    if isinstance(adapters, str):
+        adapters = adapters.split()
+    if adapters:
+        return f"{kind} {len(adapters)} adapter{'s' if len(adapters) != 1 else ''}"
     for key in ("task", "adapter", "subspace", "path"):
         if params.get(key):
             return f"{kind} {spec_name(str(params[key]))}"

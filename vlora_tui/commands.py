@@ -43,6 +43,12 @@ class VloraCommands(Provider):
         for kind in self._kinds(app):
             if app.form_fits(kind.name):
                 out.append((f"New job: {kind.title}…", kind.help, partial(app.action_new_job, kind.name)))
+        waiting = [a for a in app.offered if a not in app.collection]
+        if waiting:
+            from .app import spec_name
+
+            out.append(("Add written adapters to the collection", "Exports/merges not in the collection: "
+                        + ", ".join(spec_name(a) for a in waiting), app.action_add_offered))
         running = app.running_job
         if running is not None:
             out.append((f"Cancel job: {running.title}", "Stop the running job", app.action_cancel_job))

@@ -50,6 +50,7 @@ class AppConfig:
         hub_timeout: Seconds before a Hub search is reported as unreachable.
         process_kinds: Job kinds run through the process runner.
         auto_inspect: Run the ``inspect`` job when an adapter is first shown.
+        output_stamp: Fixed ``YYYYMMDD-HHMMSS`` in new output names (snapshots); ``None`` = the clock.
     """
 
     path: Path | None = None
@@ -60,6 +61,7 @@ class AppConfig:
     hub_timeout: float = 20.0
     process_kinds: frozenset[str] = PROCESS_KINDS
     auto_inspect: bool = True
+    output_stamp: str | None = None
 
     @property
     def start_path(self) -> Path:

@@ -63,7 +63,9 @@ async def test_demo_to_export_and_merge_by_keyboard(fixed_demo: Path, tmp_path: 
         export = next(j for j in app.jobs if j.kind == "export")
         assert export.status == "done", export.error
         assert is_adapter_dir(export.result.outputs[0])
-        assert app.current_mode == "adapter" and app.current_adapter == export.result.outputs[0]
+        # offered for the collection, never added unasked: a later compress still takes the 14
+        assert app.current_mode == "subspace" and app.offered == [export.result.outputs[0]]
+        assert len(app.collection) == 14
 
         # merge two tasks: mark the two similar ones in the fidelity table, m, start
         await pilot.press("4")
@@ -81,5 +83,5 @@ async def test_demo_to_export_and_merge_by_keyboard(fixed_demo: Path, tmp_path: 
         assert merge.status == "done", merge.error
         assert is_adapter_dir(merge.result.outputs[0])
         assert merge.result.data["inputs"] == [first, second]
-        assert app.current_mode == "adapter"
+        assert app.offered == [export.result.outputs[0], merge.result.outputs[0]] and len(app.collection) == 14
         assert all(j.status == "done" for j in app.jobs)

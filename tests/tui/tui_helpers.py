@@ -37,6 +37,7 @@ def make_app(demo_dir: Path, out: Path, *, demo: bool = False, path: Path | None
         hub_search=kw.pop("hub_search", False),
         auto_inspect=kw.pop("auto_inspect", False),
         process_kinds=kw.pop("process_kinds", frozenset()),
+        output_stamp=kw.pop("output_stamp", "20260101-000000"),  # output names in forms are the same every run
         **kw,
     )
     return VloraApp(cfg, runner_factory=runner_factory)

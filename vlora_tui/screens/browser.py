@@ -83,11 +83,22 @@ class BrowserScreen(Screen):
         self._hub_repos: list[Any] = []
         self._cached: list[Any] = []
         self._refresh_collection()
+        self._reroot()
         self.query_one("#tree").focus()
 
     def _on_state(self, topic: str) -> None:
         if topic == "collection":
             self._refresh_collection()
+        elif topic == "root":
+            self._reroot()
+
+    def _reroot(self) -> None:
+        """Root the folder tree at ``app.browser_root`` (the demo, once built)."""
+        root = self.app.browser_root  # type: ignore[attr-defined]
+        tree = self.query_one(AdapterTree)
+        if root is not None and Path(root).is_dir() and Path(tree.path) != Path(root):
+            tree._kinds.clear()
+            tree.path = Path(root)
 
     def _refresh_collection(self) -> None:
         from ..app import spec_name

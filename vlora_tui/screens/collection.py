@@ -26,14 +26,16 @@ class CollectionScreen(Screen):
         Binding("d", "diff", "Diff pair", tooltip="Run the diff job on the pair under the heatmap cursor", id="collection-diff"),
         Binding("c", "compress", "Compress…", tooltip="Compress the selected adapters into a shared subspace", id="collection-compress"),
         Binding("m", "merge", "Merge…", tooltip="Merge the selected adapters into one adapter", id="collection-merge"),
+        Binding("u", "deselect_incompatible", "Deselect incompatible", tooltip="Unselect adapters whose modules or shapes differ from the majority", id="collection-deselect-incompatible"),
     ]
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
             with Vertical(id="members-pane"):
-                yield Label("Adapters (space toggles)", classes="pane-title")
+                yield Label("Adapters (space toggles)", classes="pane-title", id="members-title")
                 yield SelectionList[str](id="members")
+                yield Static("", id="members-notice", classes="notice")
             with Vertical(id="analysis-pane"):
                 yield SimilarityHeatmap(id="heatmap")
                 with Horizontal(id="analysis-row"):
@@ -45,6 +47,9 @@ class CollectionScreen(Screen):
         yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
+        self._signatures: dict[str, Any] = {}
+        self.incompatible: dict[str, str] = {}
+        """Spec → why it cannot share a basis with the majority of the collection."""
         self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
         self._refresh_members()
         self._refresh_analysis()
@@ -65,9 +70,32 @@ class CollectionScreen(Screen):
         sl = self.query_one("#members", SelectionList)
         previous = set(sl.selected)
         known = {str(o.value) for o in (sl.get_option_at_index(i) for i in range(sl.option_count))}
+        self._check_compatibility()
+        highlighted = sl.highlighted
         sl.clear_options()
         for spec in self.app.collection:  # type: ignore[attr-defined]
-            sl.add_option((spec_name(spec), spec, spec in previous or spec not in known))
+            label: Any = spec_name(spec)
+            if spec in self.incompatible:
+                label = Text(f"⚠ {label}", style="bold yellow")
+            sl.add_option((label, spec, spec in previous or spec not in known))
+        if highlighted is not None and sl.option_count:
+            sl.highlighted = min(highlighted, sl.option_count - 1)
+        notice = self.query_one("#members-notice", Static)
+        if self.incompatible:
+            names = ", ".join(spec_name(s) for s in self.incompatible)
+            notice.update(f"⚠ {len(self.incompatible)} incompatible with the rest ({names}): u deselects them")
+        else:
+            notice.update("")
+
+    def _check_compatibility(self) -> None:
+        """Mark adapters whose modules/shapes differ from the majority (headers only, read once per adapter)."""
+        from ..compat import incompatible, read_signature
+
+        for spec in self.app.collection:  # type: ignore[attr-defined]
+            if spec not in self._signatures and not spec.startswith("hf://"):
+                self._signatures[spec] = read_signature(spec)
+        known = {s: self._signatures[s] for s in self.app.collection if s in self._signatures}  # type: ignore[attr-defined]
+        self.incompatible = incompatible(known) if len(known) >= 2 else {}
 
     def selected_specs(self) -> list[str]:
         sl = self.query_one("#members", SelectionList)
@@ -96,7 +124,7 @@ class CollectionScreen(Screen):
     def _clusters_text(data: dict[str, Any]) -> Table:
         t = Table(title="Clusters", expand=True, show_edge=False, box=None)
         t.add_column("#", justify="right", width=3)
-        t.add_column("members")
+        t.add_column("members", overflow="fold")  # long names wrap, never end in an ellipsis
         for i, cluster in enumerate(data.get("clusters") or []):
             names = cluster.get("names") or [] if isinstance(cluster, dict) else cluster
             t.add_row(str(i + 1), ", ".join(map(str, names)))
@@ -115,6 +143,20 @@ class CollectionScreen(Screen):
         box.update(diff_table(data))
 
     # -- actions ---------------------------------------------------------------------------
+    def action_deselect_incompatible(self) -> None:
+        """Unselect the adapters that cannot share a basis with the majority."""
+        sl = self.query_one("#members", SelectionList)
+        chosen = [s for s in self.incompatible if s in set(sl.selected)]
+        if not self.incompatible:
+            self.notify("Every adapter matches the others' modules and shapes", title="Compatibility")
+            return
+        for spec in chosen:
+            sl.deselect(spec)
+        from ..app import spec_name
+
+        self.notify(f"Deselected {len(chosen)}: " + "; ".join(f"{spec_name(s)}: {self.incompatible[s]}" for s in chosen)
+                    if chosen else "The incompatible adapters are not selected", title="Compatibility")
+
     def action_analyze(self) -> None:
         specs = self.selected_specs()
         if len(specs) < 2:
@@ -129,9 +171,7 @@ class CollectionScreen(Screen):
             self.notify("Analyze the collection first (a)", severity="warning")
             return
         heat.move_to_pair(*pair)
-        heat.focus()
-        i, j = pair
-        self.notify(f"{heat.labels[i]} ~ {heat.labels[j]}: {heat.matrix[i][j]:.2f}", title="Most similar pair")
+        heat.focus()  # the pair and its value show in the heatmap's border, not in a toast over the panes
 
     def action_diff(self) -> None:
         heat = self.query_one(SimilarityHeatmap)
@@ -167,7 +207,7 @@ class CollectionScreen(Screen):
 
 def diff_table(data: dict[str, Any]) -> Table:
     """The ``diff`` job's data as a table: overall figures, then every module."""
-    t = Table(title=f"{data.get('a', 'A')} vs {data.get('b', 'B')}", expand=True, show_edge=False, box=None)
+    t = Table(title=f"{data.get('a', 'A')} vs {data.get('b', 'B')}", expand=True, show_edge=False, box=None, pad_edge=False)
     t.add_column("module")
     t.add_column("cos", justify="right")
     t.add_column("rel.diff", justify="right")

@@ -13,6 +13,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, RichLog, Static
 
+#: Fixed widths of the queue's columns; the job title takes what is left.
+FIXED_WIDTHS = {"id": 5, "status": 9, "progress": 4, "time": 6}
 STATUS_STYLE = {"queued": "dim", "running": "bold", "done": "green", "failed": "bold red", "cancelled": "yellow"}
 
 
@@ -24,6 +26,7 @@ class JobsScreen(Screen):
         Binding("x", "cancel", "Cancel job", tooltip="Cancel the highlighted job (or the running one)", id="jobs-cancel"),
         Binding("o", "open_result", "Open result", tooltip="Open the highlighted job's result in its view", id="jobs-open"),
         Binding("e", "error", "Error", tooltip="Show the highlighted job's error in full", id="jobs-error"),
+        Binding("A", "add_output", "Add to collection", tooltip="Add the adapter the highlighted export/merge wrote to the collection", id="jobs-add"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -44,11 +47,28 @@ class JobsScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one("#queue", DataTable)
-        for label in ("id", "job", "status", "progress", "time"):
-            table.add_column(label, key=label)
+        self._title_width = 20
         self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
         self._log_shown: tuple[str, int] | None = None
+        self._followed: str | None = None
         self._refresh()
+        table.focus()
+        self.call_after_refresh(self._fit_columns)
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._fit_columns)
+
+    def _fit_columns(self) -> None:
+        """Give the title column what the fixed columns leave, so status, progress and time stay in view."""
+        table = self.query_one("#queue", DataTable)
+        # room for the vertical scrollbar is kept, so a long queue does not push the time column out
+        width = table.content_region.width - table.styles.scrollbar_size_vertical
+        if width <= 0:
+            return
+        title = max(8, width - sum(FIXED_WIDTHS.values()) - 2 * table.cell_padding * (len(FIXED_WIDTHS) + 1))
+        if title != self._title_width:
+            self._title_width = title
+            self._refresh()
 
     def _on_state(self, topic: str) -> None:
         if topic == "jobs" and self.app.screen is self:
@@ -65,7 +85,9 @@ class JobsScreen(Screen):
         self._show(self.selected())
 
     def on_screen_resume(self) -> None:
+        self._followed = None  # coming back: show the running job again
         self._refresh()
+        self.query_one("#queue", DataTable).focus()
 
     @property
     def jobs(self) -> list[Any]:
@@ -81,12 +103,22 @@ class JobsScreen(Screen):
     def _refresh(self) -> None:
         table = self.query_one("#queue", DataTable)
         row = table.cursor_row
-        table.clear()
+        table.clear(columns=True)
+        for label in ("id", "job", "status", "progress", "time"):
+            table.add_column(label, key=label, width=FIXED_WIDTHS.get(label, self._title_width))
         for j in self.jobs:
             pct = f"{100 * j.step / j.total:.0f}%" if j.total else ("100%" if j.status == "done" else "—")
             secs = "" if j.seconds is None else f"{j.seconds:.1f}s"
             table.add_row(j.job_id, j.title, Text(j.status, style=STATUS_STYLE.get(j.status, "")), pct, secs, key=j.job_id)
         if self.jobs:
+            running = next((i for i, j in enumerate(self.jobs) if j.status == "running"), None)
+            if running is not None and self.jobs[running].job_id != self._followed:
+                # follow a job as it starts; the cursor stays wherever the user puts it meanwhile
+                self._followed = self.jobs[running].job_id
+                row = running
+            elif self._followed is None:
+                row = len(self.jobs) - 1
+                self._followed = self.jobs[row].job_id
             table.move_cursor(row=min(max(row, 0), len(self.jobs) - 1))
         self._show(self.selected())
 
@@ -142,6 +174,16 @@ class JobsScreen(Screen):
             return
         job.open_result = True
         self.app._open_result(job)  # type: ignore[attr-defined]
+
+    def action_add_output(self) -> None:
+        """Add the adapters the highlighted export/merge job wrote to the working collection."""
+        job = self.selected()
+        outputs = [str(o) for o in (getattr(job.result, "outputs", None) or [])] if job is not None and job.status == "done" else []
+        adapters = [o for o in outputs if o in self.app.offered or job.kind in ("export", "merge")]  # type: ignore[attr-defined]
+        if not adapters:
+            self.notify("Highlight a finished export or merge job", title="Add to collection", severity="warning")
+            return
+        self.app.action_add_offered(adapters)  # type: ignore[attr-defined]
 
     def action_error(self) -> None:
         job = self.selected()

@@ -95,7 +95,7 @@ class SubspaceScreen(Screen):
         for t in rows:
             per_module = fidelity.get(t["task_id"]) or {}
             table.add_row(" ", t["task_id"], _f(t.get("mean_error")), _f(t.get("max_error")),
-                          *[_f(per_module.get(m), ".2f") for m in modules], key=t["task_id"])
+                          *[_f(per_module.get(m), ".3g") for m in modules], key=t["task_id"])
         self.query_one("#fidelity-plot", DataPlot).draw_bars(
             [str(i + 1) for i in range(len(rows))], [t.get("mean_error") or 0.0 for t in rows],
             "mean ΔW error per task (task #)", "relative error",
@@ -135,7 +135,7 @@ class SubspaceScreen(Screen):
     def action_export(self) -> None:
         if self._need():
             task = self.highlighted_task()
-            out = str(self.app.config.output_dir / f"export-{task}")  # type: ignore[attr-defined]
+            out = self.app.unique_output(f"export-{task}")  # type: ignore[attr-defined]
             self.app.action_new_job("export", {"subspace": self.app.subspace_path, "task_id": task, "output": out})  # type: ignore[attr-defined]
 
     def action_mark(self) -> None:
@@ -164,7 +164,7 @@ class SubspaceScreen(Screen):
         if missing:
             self.notify(f"no source adapter in the collection for {', '.join(missing)}", title="Merge", severity="error")
             return
-        out = str(self.app.config.output_dir / ("merge-" + "+".join(chosen)))  # type: ignore[attr-defined]
+        out = self.app.unique_output("merge-" + "+".join(chosen))  # type: ignore[attr-defined]
         self.app.action_new_job("merge", {"adapters": [by_name[t] for t in chosen], "output": out})  # type: ignore[attr-defined]
 
     def action_quantize(self) -> None:
@@ -195,18 +195,37 @@ def short_module(name: str) -> str:
     return f"{layer}.{parts[-1]}" if layer else parts[-1]
 
 
+def k_labels(info: dict[str, Any]) -> list[str]:
+    """The distinct k of the modules: ``k_u×k_v`` where a joint basis has them differ, else ``k``."""
+    labels: list[str] = []
+    modules = info.get("modules") or []
+    if modules:
+        for m in modules:
+            k, ku, kv = m.get("k"), m.get("k_u"), m.get("k_v")
+            label = f"{ku}×{kv}" if ku is not None and kv is not None and ku != kv else str(k if k is not None else ku)
+            if label not in labels:
+                labels.append(label)
+    else:
+        labels = [str(k) for k in sorted(set(((info.get("stats") or {}).get("k") or {}).values()))]
+
+    def order(label: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in label.split("×") if x.isdigit())
+
+    return sorted(labels, key=order)
+
+
 def stats_table(info: dict[str, Any], path: str | None) -> Table:
     """Compression stats and quantization state of a subspace."""
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
     t.add_column()
     st = info.get("stats") or {}
-    ks = sorted(set((st.get("k") or {}).values()))
+    ks = k_labels(info)
     t.add_row("subspace", tildify(str(path or info.get("path") or "—")))
     t.add_row("method", f"{info.get('method', st.get('method', '—'))}  ({st.get('dtype', info.get('dtype', '—'))})")
     t.add_row("base model", str(info.get("base_model") or "—"))
     t.add_row("tasks / modules", f"{st.get('num_tasks', len(info.get('tasks') or []))} / {st.get('num_modules', '—')}")
-    t.add_row("k per module", ", ".join(map(str, ks)) if ks else "—")
+    t.add_row("k per module", ", ".join(ks) if ks else "—")
     disk = st.get("disk")
     if disk:
         # the engine's one ratio (engine.subspace.size.size_on_disk), shown as the engine words it

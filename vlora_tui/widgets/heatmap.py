@@ -25,10 +25,17 @@ class SimilarityHeatmap(DataTable):
 
     DEFAULT_CSS = """
     SimilarityHeatmap { height: 1fr; }
+    SimilarityHeatmap > .datatable--cursor, SimilarityHeatmap:focus > .datatable--cursor {
+        background: $accent;
+        color: $text;
+        text-style: bold;
+    }
     """
 
     def __init__(self, **kwargs: object) -> None:
-        super().__init__(cursor_type="cell", **kwargs)  # type: ignore[arg-type]
+        # the cursor's colour wins over the cell's shade: the whole cell shows it, not a sliver of padding
+        super().__init__(cursor_type="cell", cursor_background_priority="css", cursor_foreground_priority="css",
+                         **kwargs)  # type: ignore[arg-type]
         self.labels: list[str] = []
         self.matrix: list[list[float | None]] = []
 
