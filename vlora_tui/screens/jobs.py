@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -12,6 +11,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, RichLog, Static
+
+from ..config import tildify
 
 #: Fixed widths of the queue's columns; the job title takes what is left.
 FIXED_WIDTHS = {"id": 5, "status": 9, "progress": 4, "time": 6}
@@ -199,18 +200,13 @@ class JobsScreen(Screen):
 def result_text(job: Any) -> Text:
     """A finished job's outcome: summary, outputs, and the top-level keys of its data."""
     if job.status in ("failed", "cancelled"):
-        return Text.assemble((f"{job.error_title or 'Failed'}: ", "bold red" if job.status == "failed" else "yellow"), job.error or "")
+        return Text.assemble((f"{job.error_title or 'Failed'}: ", "bold red" if job.status == "failed" else "yellow"),
+                             tildify(job.error or ""))
     if job.status != "done" or job.result is None:
         return Text("")
     r = job.result
-    parts = [Text(r.summary or "done", style="green")]
+    parts = [Text(tildify(r.summary or "done"), style="green")]
     for o in r.outputs or []:
-        parts.append(Text(f"→ {o}"))
-    data = r.data or {}
-    if data:
-        keys = ", ".join(sorted(data)[:12])
-        parts.append(Text(f"data: {keys}", style="dim"))
-        if len(json.dumps(data, default=str)) < 400:
-            parts.append(Text(json.dumps(data, default=str), style="dim"))
+        parts.append(Text(f"→ {tildify(str(o))}"))
     parts.append(Text("o opens it in its view", style="italic"))
     return Text("\n").join(parts)
