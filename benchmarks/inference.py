@@ -95,7 +95,7 @@ def hybrid_of(shared: Any, alone: Any, per_task: str) -> Any:
 
 
 def timed(fn: Any, repeats: int, sync: Any) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    """Best seconds of ``fn()`` over ``repeats`` runs after one warm-up (the least disturbed by other processes)."""
     fn()
     sync()
     times = []
@@ -104,7 +104,7 @@ def timed(fn: Any, repeats: int, sync: Any) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def switch_latency(switch: Any, a: str, b: str, n: int) -> float:
@@ -238,7 +238,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--noise", type=float, default=0.002, help="per-task noise around the common spaces")
     p.add_argument("--max-error", type=float, default=0.05, help="subspace error target")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = p.parse_args()
     if args.gpu and not torch.cuda.is_available():
@@ -256,7 +256,7 @@ def main() -> None:
             run(args, n, base, Path(tmp), rows)
     print(f"\n{args.device}, {str(args.dtype).replace('torch.', '')}, Llama-shaped hidden {hidden}, {layers} layers, "
           f"q/v LoRA r{args.rank}, batch {args.batch}×{args.seq}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}\n")
+          f"best of {args.repeats}\n")
     head = ["T", "what", "forward", "× base", "switch task", "memory per added task"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,11 +161,16 @@ class VLoRAModel(nn.Module):
 
     def _make_hook(self, st: ModuleState) -> Any:
         out_features = self.subspace.modules[st.name].shape[0]
+        # a weak reference: the base model's hooks must not keep the wrapper alive (its __del__ removes them)
+        ref = weakref.ref(self)
 
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-            rows = self._rows
+            me = ref()
+            if me is None:
+                return None
+            rows = me._rows
             if rows is None:
-                active = self._active
+                active = me._active
                 if active is None:
                     return None
                 return output + st.single(args[0], active[st.name]).to(output.dtype)
@@ -172,7 +178,7 @@ class VLoRAModel(nn.Module):
             if st.shared:
                 d = st.mixed_shared(x, rows.slot_tensor(x.device, x.shape[0], st.model_name))
             else:
-                groups = [(self._cache[t][st.name], r) for t, r in rows.groups(x.device, x.shape[0], st.model_name)]
+                groups = [(me._cache[t][st.name], r) for t, r in rows.groups(x.device, x.shape[0], st.model_name)]
                 d = st.mixed_grouped(x, groups, out_features)
             return output + d.to(output.dtype)
 
@@ -191,7 +197,10 @@ class VLoRAModel(nn.Module):
         return self.base_model
 
     def __del__(self) -> None:
+        # the base model goes back to what it was: hooks removed, merged weights restored
         try:
+            if self.__dict__.get("_merged") is not None:
+                self._restore()
             for st in self.__dict__.get("_states", {}).values():
                 if st.hook is not None:
                     st.hook.remove()

@@ -147,6 +147,25 @@ def test_clear_task_is_the_base_model_bit_for_bit(subspaces):
     assert torch.equal(_logits(model.base_model), base)
 
 
+def test_dropping_the_wrapper_removes_its_hooks(subspaces):
+    import gc
+
+    base_model = tiny_llama()
+    base = _logits(base_model)
+    model = VLoRAModel(base_model, subspaces["hybrid"])
+    model.set_task("t2")
+    assert not torch.equal(_logits(base_model), base)
+    del model
+    gc.collect()
+    assert torch.equal(_logits(base_model), base)
+    merged = VLoRAModel(base_model, subspaces["hybrid"])
+    merged.merge("t1")
+    assert not torch.equal(_logits(base_model), base)
+    del merged
+    gc.collect()
+    assert torch.equal(_logits(base_model), base)  # weights restored bit for bit
+
+
 def test_merge_matches_hooks_and_unmerge_restores_bit_for_bit(subspaces):
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
