@@ -67,6 +67,8 @@ _EXPORTS: dict[str, str] = {
     # shared subspace
     "SharedSubspace": ".subspace",
     "TaskProjection": ".subspace",
+    # inference
+    "VLoRAModel": ".inference",
     # pipeline helpers and jobs
     "init_subspace": ".pipeline",
     "absorb_task": ".pipeline",

@@ -1,0 +1,498 @@
+"""``VLoRAModel``: serve every task of a shared subspace from one base model, one task per batch row if need be."""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import IncompatibleAdaptersError
+from ..subspace.common import module_scale
+from ..subspace.core import SharedSubspace, _module_factors
+from ..subspace.joint import _core
+from .layers import ModuleState, TaskModule, layer_compute_dtype, layer_kind, layer_shape, match_modules
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class _Rows:
+    """The task of each row of one mixed batch, and its per-device index tensors (built once per forward)."""
+
+    task_ids: list[str | None]
+    slots: list[int]
+    _slot_t: dict[tuple[Any, int], Tensor] = field(default_factory=dict)
+    _groups: dict[tuple[Any, int], list[tuple[str, Tensor | None]]] = field(default_factory=dict)
+
+    def _rep(self, n: int, module: str) -> int:
+        b = len(self.task_ids)
+        if n == b:
+            return 1
+        if n % b:
+            raise ValueError(f"module '{module}' sees {n} rows but task_ids has {b} entries; "
+                             "give one task id per row of the batch")
+        return n // b  # rows expanded in place (beam search, or (B·L)×in flattening): row j is row j // rep
+
+    def slot_tensor(self, device: torch.device, n: int, module: str) -> Tensor:
+        key = (device, n)
+        t = self._slot_t.get(key)
+        if t is None:
+            t = torch.tensor(self.slots, dtype=torch.long, device=device)
+            rep = self._rep(n, module)
+            if rep > 1:
+                t = t.repeat_interleave(rep)
+            self._slot_t[key] = t
+        return t
+
+    def groups(self, device: torch.device, n: int, module: str) -> list[tuple[str, Tensor | None]]:
+        key = (device, n)
+        g = self._groups.get(key)
+        if g is None:
+            rep = self._rep(n, module)
+            g = []
+            for tid in dict.fromkeys(t for t in self.task_ids if t is not None):
+                rows = [i for i, t in enumerate(self.task_ids) if t == tid]
+                if len(rows) == len(self.task_ids):
+                    g.append((tid, None))
+                    continue
+                r = torch.tensor(rows, dtype=torch.long, device=device)
+                if rep > 1:
+                    r = (r[:, None] * rep + torch.arange(rep, device=device)).reshape(-1)
+                g.append((tid, r))
+            self._groups[key] = g
+        return g
+
+
+class VLoRAModel(nn.Module):
+    """A base model serving the tasks of a :class:`~engine.SharedSubspace`.
+
+    Each target module (``nn.Linear``, transformers' ``Conv1D``, bitsandbytes
+    4/8-bit linears) gets a forward hook that adds the active task's update as
+    low-rank products through the stored form: ``((x·V)·Σᵀ)·Uᵀ`` for modules in
+    the shared basis, ``(x·Aᵀ)·Bᵀ`` for modules stored per task. Per-task factors
+    are built once, on a task's first use, in the compute dtype on each layer's
+    device; switching between cached tasks rebuilds nothing.
+
+    ``model(input_ids, task_ids=[…])`` runs one task per row (``None``: the base
+    model): shared modules compute ``x·V`` and ``·Uᵀ`` once for the batch and
+    each row's small core by a gathered batched matmul; modules stored per task
+    run one pair of matmuls per distinct task in the batch.
+
+    Scale: by default each task's own (``lora_alpha/r``, ``/√r`` with rsLoRA,
+    ``rank_pattern``/``alpha_pattern`` honoured), which the subspace stores
+    folded into its update. ``scaling`` replaces it by ``scaling`` (ΔW =
+    ``scaling·B·A`` with the task's original B, A); ``lora_alpha`` replaces
+    alpha (ΔW = ``lora_alpha/r·B·A``, r each module's original rank).
+
+    Args:
+        base_model: Any torch model holding the subspace's modules (names matched by suffix).
+        subspace: The tasks.
+        scaling: Replace each task's ``alpha/r`` by this factor.
+        lora_alpha: Replace each task's ``lora_alpha`` (and ``alpha_pattern``) by this.
+        compute_dtype: dtype of the low-rank products (default: each layer's weight
+            dtype; a quantised layer's compute dtype).
+
+    Raises:
+        IncompatibleAdaptersError: modules missing from the model, ambiguous, of
+            another shape, or of an unsupported type (all named in one message).
+    """
+
+    def __init__(self, base_model: nn.Module, subspace: SharedSubspace, scaling: float | None = None,
+                 lora_alpha: float | None = None, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if scaling is not None and lora_alpha is not None:
+            raise ValueError("give scaling or lora_alpha, not both")
+        if scaling is not None and not math.isfinite(float(scaling)):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+        if lora_alpha is not None and not math.isfinite(float(lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        self.base_model = base_model
+        self.subspace = subspace
+        self.scaling = None if scaling is None else float(scaling)
+        self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
+        self.compute_dtype = compute_dtype
+        self._cache: dict[str, dict[str, TaskModule]] = {}
+        self._slots: dict[str, int] = {}  # task → 1-based slot in the stacks (0: base rows)
+        self._cache_version = 0
+        self._active_id: str | None = None
+        self._active: dict[str, TaskModule] | None = None
+        self._rows: _Rows | None = None
+        self._merged: str | None = None
+        self._originals: dict[str, Tensor] = {}
+        self._compiled: Any = None
+        self._states: dict[str, ModuleState] = {}
+        self._attach()
+
+    # -- wiring -----------------------------------------------------------------------
+    def _attach(self) -> None:
+        names = sorted(self.subspace.modules)
+        mapping, problems = match_modules(self.base_model, names)
+        layers = dict(self.base_model.named_modules())
+        for s, mn in mapping.items():
+            layer = layers[mn]
+            kind = layer_kind(layer)
+            if kind is None:
+                problems.append(f"module '{mn}' is a {type(layer).__name__}; supported: nn.Linear, transformers Conv1D, "
+                                "bitsandbytes Linear4bit/Linear8bitLt")
+                continue
+            shape = layer_shape(layer, kind)
+            if shape != tuple(self.subspace.modules[s].shape):
+                problems.append(f"module '{mn}' is {shape[0]}×{shape[1]} (out×in), the subspace's '{s}' is "
+                                f"{self.subspace.modules[s].shape[0]}×{self.subspace.modules[s].shape[1]}")
+                continue
+            w = layer.weight
+            dtype = self.compute_dtype or layer_compute_dtype(layer, kind)
+            self._states[s] = ModuleState(name=s, model_name=mn, layer=layer, kind=kind,
+                                          shared=self.subspace.modules[s].kind == "joint", dtype=dtype, device=w.device)
+        if problems:
+            raise IncompatibleAdaptersError("; ".join(problems), title="Model does not fit the subspace")
+        for st in self._states.values():
+            if st.shared:
+                b = self.subspace.modules[st.name]
+                st.v = b.tensors["V"].to(device=st.device, dtype=st.dtype).contiguous()
+                st.ut = b.tensors["U"].T.to(device=st.device, dtype=st.dtype).contiguous()
+            st.hook = st.layer.register_forward_hook(self._make_hook(st))
+
+    def _make_hook(self, st: ModuleState) -> Any:
+        out_features = self.subspace.modules[st.name].shape[0]
+        # a weak reference: the base model's hooks must not keep the wrapper alive (its __del__ removes them)
+        ref = weakref.ref(self)
+
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+            me = ref()
+            if me is None:
+                return None
+            rows = me._rows
+            if rows is None:
+                active = me._active
+                if active is None:
+                    return None
+                return output + st.single(args[0], active[st.name]).to(output.dtype)
+            x = args[0]
+            if st.shared:
+                d = st.mixed_shared(x, rows.slot_tensor(x.device, x.shape[0], st.model_name))
+            else:
+                groups = [(me._cache[t][st.name], r) for t, r in rows.groups(x.device, x.shape[0], st.model_name)]
+                d = st.mixed_grouped(x, groups, out_features)
+            return output + d.to(output.dtype)
+
+        return hook
+
+    def unwrap(self) -> nn.Module:
+        """Remove the hooks (unmerging first if merged) and return the base model as it was."""
+        if self._merged is not None:
+            self.unmerge()
+        for st in self._states.values():
+            if st.hook is not None:
+                st.hook.remove()
+                st.hook = None
+        self._active = None
+        self._active_id = None
+        return self.base_model
+
+    def __del__(self) -> None:
+        # the base model goes back to what it was: hooks removed, merged weights restored
+        try:
+            if self.__dict__.get("_merged") is not None:
+                self._restore()
+            for st in self.__dict__.get("_states", {}).values():
+                if st.hook is not None:
+                    st.hook.remove()
+        except Exception:  # interpreter shutdown: nothing left to restore
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == "base_model" or "base_model" not in modules:
+                raise
+            return getattr(modules["base_model"], name)
+
+    # -- facts -----------------------------------------------------------------------
+    @property
+    def available_tasks(self) -> list[str]:
+        """The subspace's task ids, sorted."""
+        return sorted(self.subspace.tasks)
+
+    @property
+    def active_task(self) -> str | None:
+        """The task applied to every row (``None``: the base model, or merged)."""
+        return self._active_id
+
+    @property
+    def is_merged(self) -> bool:
+        return self._merged is not None
+
+    @property
+    def cached_tasks(self) -> list[str]:
+        """Tasks whose factors are built (in first-use order)."""
+        return list(self._cache)
+
+    @property
+    def target_modules(self) -> dict[str, str]:
+        """Subspace module name → the model's module name it is applied to."""
+        return {s: st.model_name for s, st in sorted(self._states.items())}
+
+    @property
+    def qlora_info(self) -> dict[str, Any]:
+        """Which target layers are quantised: ``quantized``, ``method`` (``nf4``/``fp4``/``int8``/``None``),
+        ``num_quantized_layers``, ``num_target_layers``, ``quantized_layers`` (model name → method)."""
+        layers: dict[str, str] = {}
+        for st in self._states.values():
+            if st.kind == "bnb4":
+                layers[st.model_name] = str(getattr(st.layer.weight, "quant_type", "nf4"))
+            elif st.kind == "bnb8":
+                layers[st.model_name] = "int8"
+        methods = sorted(set(layers.values()))
+        return {"quantized": bool(layers), "method": methods[0] if len(methods) == 1 else (methods or None),
+                "num_quantized_layers": len(layers), "num_target_layers": len(self._states),
+                "quantized_layers": dict(sorted(layers.items()))}
+
+    def task_bytes(self, task_id: str) -> int:
+        """Bytes the cached factors of ``task_id`` hold (building them if need be)."""
+        return sum(t.nbytes for t in self._task(task_id).values())
+
+    def shared_bytes(self) -> int:
+        """Bytes of the shared bases held on the layers' devices (paid once, whatever the number of tasks)."""
+        return int(sum(t.numel() * t.element_size() for st in self._states.values() for t in (st.v, st.ut) if t is not None))
+
+    # -- scale -------------------------------------------------------------------------
+    def module_scaling(self, task_id: str) -> dict[str, float]:
+        """Module → the factor applied to the task's original ``B·A`` (its own ``alpha/r`` unless overridden)."""
+        proj = self.subspace._task(task_id)
+        return {m: self._orig_scale(proj, m) * self._multiplier(proj, m) for m in sorted(self._states)}
+
+    @staticmethod
+    def _orig_scale(proj: Any, m: str) -> float:
+        r = int(proj.ranks.get(m, 0))
+        return module_scale(proj.template, m, r) if proj.template is not None else 1.0
+
+    def _multiplier(self, proj: Any, m: str) -> float:
+        """Factor on the stored update (which holds the task's own scale)."""
+        if self.scaling is None and self.lora_alpha is None:
+            return 1.0
+        s = self._orig_scale(proj, m)
+        if s == 0.0:
+            return 0.0
+        if self.scaling is not None:
+            return self.scaling / s
+        r = int(proj.ranks.get(m, 0))
+        rs = proj.template is not None and proj.template.use_rslora
+        assert self.lora_alpha is not None
+        return (self.lora_alpha / (math.sqrt(r) if rs else r)) / s
+
+    # -- per-task factors -------------------------------------------------------------
+    def _build_task(self, task_id: str) -> dict[str, TaskModule]:
+        """Every module's ``(left, right)`` of one task, in compute dtype on the layer's device."""
+        sub = self.subspace
+        proj = sub._task(task_id)
+        out: dict[str, TaskModule] = {}
+        for m, st in self._states.items():
+            b = sub.modules[m]
+            mult = self._multiplier(proj, m)
+            if st.shared:
+                assert st.v is not None and st.ut is not None
+                # the core as reconstruct() truncates it, padded to the (possibly grown) basis
+                lf, rf = _core(proj.coeffs[m], proj.ranks.get(m, b.k))
+                q = lf.shape[1]
+                left = torch.zeros(st.v.shape[1], q, dtype=torch.float64)
+                right = torch.zeros(q, st.ut.shape[0], dtype=torch.float64)
+                left[: rf.shape[1]] = rf.T
+                right[:, : lf.shape[0]] = lf.T * mult
+            else:
+                bb, aa = _module_factors(b, proj.coeffs[m], proj, m)
+                left, right = aa.T, bb.T * mult
+            out[m] = TaskModule(left.to(device=st.device, dtype=st.dtype).contiguous(),
+                                right.to(device=st.device, dtype=st.dtype).contiguous())
+        return out
+
+    def _task(self, task_id: str) -> dict[str, TaskModule]:
+        t = self._cache.get(task_id)
+        if t is None:
+            t = self._build_task(task_id)
+            self._cache[task_id] = t
+            self._slots[task_id] = len(self._slots) + 1
+            self._cache_version += 1
+        return t
+
+    def preload(self, task_ids: Sequence[str] | None = None) -> VLoRAModel:
+        """Build the factors of ``task_ids`` (default: every task) now rather than on first use. Returns ``self``."""
+        for t in self.available_tasks if task_ids is None else task_ids:
+            self._task(t)
+        return self
+
+    def refresh(self) -> VLoRAModel:
+        """Drop every cached factor and re-read the shared bases: call after changing the subspace in place
+        (``quantize``, ``absorb_incremental``, ``absorb``, training). Returns ``self``."""
+        if self._merged is not None:
+            raise RuntimeError("the model is merged; unmerge() before refresh()")
+        active = self._active_id
+        self._cache.clear()
+        self._slots.clear()
+        self._cache_version += 1
+        self._active, self._active_id = None, None
+        for st in self._states.values():
+            st.stacks = None
+            b = self.subspace.modules[st.name]
+            st.shared = b.kind == "joint"
+            if st.shared:
+                st.v = b.tensors["V"].to(device=st.device, dtype=st.dtype).contiguous()
+                st.ut = b.tensors["U"].T.to(device=st.device, dtype=st.dtype).contiguous()
+            else:
+                st.v = st.ut = None
+        if active is not None and active in self.subspace.tasks:
+            self.set_task(active)
+        return self
+
+    # -- one task --------------------------------------------------------------------
+    def set_task(self, task_id: str) -> None:
+        """Apply ``task_id`` to every row (its factors built on first use, cached after).
+
+        Raises:
+            UnknownTaskError: no such task.
+            RuntimeError: the model is merged.
+        """
+        if self._merged is not None:
+            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before set_task()")
+        self._active = self._task(task_id)
+        self._active_id = task_id
+
+    def clear_task(self) -> None:
+        """Back to the base model."""
+        if self._merged is not None:
+            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() first")
+        self._active, self._active_id = None, None
+
+    def reconstruct_state_dict(self, task_id: str) -> dict[str, Tensor]:
+        """The task as PEFT's state dict for this model (``base_model.model.<module>.lora_A.weight`` / ``lora_B``).
+
+        The adapter as the subspace reconstructs it, with its own config
+        (``subspace.reconstruct(task_id).metadata``), i.e. without this model's ``scaling``/``lora_alpha``.
+        """
+        w = self.subspace.reconstruct(task_id)
+        sd: dict[str, Tensor] = {}
+        for m in w.layer_names:
+            mn = self._states[m].model_name if m in self._states else m
+            sd[f"{PEFT_PREFIX}{mn}.lora_A.weight"] = w.lora_a[m]
+            sd[f"{PEFT_PREFIX}{mn}.lora_B.weight"] = w.lora_b[m]
+        return sd
+
+    # -- merge -------------------------------------------------------------------------
+    def merge(self, task_id: str | None = None) -> None:
+        """Add a task's dense update into the base weights (hooks then add nothing).
+
+        The original weights are kept (a copy) so that :meth:`unmerge` restores them bit for bit.
+
+        Raises:
+            RuntimeError: already merged, or a target layer is quantised.
+            ValueError: no task given and none active.
+        """
+        if self._merged is not None:
+            raise RuntimeError(f"task {self._merged!r} is merged already; unmerge() first")
+        q = self.qlora_info
+        if q["quantized"]:
+            raise RuntimeError(f"cannot merge into {q['num_quantized_layers']} quantised layer(s) "
+                               f"(e.g. '{next(iter(q['quantized_layers']))}'); use set_task() instead")
+        tid = task_id if task_id is not None else self._active_id
+        if tid is None:
+            raise ValueError("no task to merge: pass task_id or call set_task() first")
+        proj = self.subspace._task(tid)
+        factors = self.subspace.task_factors(tid)
+        try:
+            with torch.no_grad():
+                for m, st in self._states.items():
+                    b_eff, a = factors[m]
+                    dw = (b_eff * self._multiplier(proj, m)) @ a  # out×in, float64: one dense update per module, once
+                    w = st.layer.weight
+                    self._originals[m] = w.detach().clone()
+                    dw = dw.T if st.kind == "conv1d" else dw
+                    w.copy_((w.double() + dw.to(w.device)).to(w.dtype))
+        except BaseException:
+            self._restore()
+            raise
+        self._merged = tid
+        self._active, self._active_id = None, None
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for m, orig in self._originals.items():
+                self._states[m].layer.weight.copy_(orig)
+        self._originals.clear()
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly as they were before :meth:`merge` (the merged task becomes active)."""
+        if self._merged is None:
+            raise RuntimeError("nothing is merged")
+        tid = self._merged
+        self._restore()
+        self._merged = None
+        self.set_task(tid)
+
+    # -- running ---------------------------------------------------------------------------
+    def compile(self, **kwargs: Any) -> VLoRAModel:
+        """``torch.compile`` the base model (hooks included); a torch without it, or a failure, leaves it eager.
+
+        Returns ``self``.
+        """
+        fn = getattr(torch, "compile", None)
+        if fn is None:
+            warnings.warn("this torch has no torch.compile; running eager", RuntimeWarning, stacklevel=2)
+            return self
+        try:
+            self._compiled = fn(self.base_model, **kwargs)
+        except Exception as exc:  # e.g. an unsupported platform or backend
+            warnings.warn(f"torch.compile failed ({exc}); running eager", RuntimeWarning, stacklevel=2)
+            self._compiled = None
+        return self
+
+    def _rows_for(self, task_ids: Sequence[str | None]) -> _Rows:
+        ids = [None if t is None else str(t) for t in task_ids]
+        if not ids:
+            raise ValueError("task_ids is empty; give one task id (or None) per row")
+        if self._merged is not None:
+            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before a mixed batch")
+        for t in dict.fromkeys(x for x in ids if x is not None):
+            self._task(t)
+        if any(st.shared and st.stacks_version != self._cache_version for st in self._states.values()):
+            tasks = list(self._cache.values())
+            for st in self._states.values():
+                if st.shared and st.stacks_version != self._cache_version:
+                    st.build_stacks(tasks, self._cache_version)
+        return _Rows(ids, [self._slots[t] if t is not None else 0 for t in ids])
+
+    def _run(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], task_ids: Sequence[str | None] | None) -> Any:
+        if task_ids is None:
+            return fn(*args, **kwargs)
+        if isinstance(task_ids, str):
+            raise ValueError("task_ids must be a sequence with one task id (or None) per row, not a string")
+        distinct = set(task_ids)
+        saved = (self._active, self._active_id, self._rows)
+        try:
+            if len(distinct) == 1:  # one task for the whole batch: the single-task path
+                (t,) = distinct
+                if t is None:
+                    self._active, self._active_id = None, None
+                else:
+                    self.set_task(str(t))
+            else:
+                self._rows = self._rows_for(task_ids)
+            return fn(*args, **kwargs)
+        finally:
+            self._active, self._active_id, self._rows = saved
+
+    def forward(self, *args: Any, task_ids: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``task_ids`` (one per row, ``None`` for the base model) overrides the active task."""
+        fn = self._compiled if self._compiled is not None else self.base_model
+        return self._run(fn, args, kwargs, task_ids)
+
+    def generate(self, *args: Any, task_ids: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``; ``task_ids`` as in :meth:`forward` (beams follow their row)."""
+        return self._run(self.base_model.generate, args, kwargs, task_ids)
