@@ -1,0 +1,69 @@
+"""The ``inspect`` job kind: per-module norms of A, B and ΔW, spectrum, and validation problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...progress import CancelLike, ProgressFn, tick
+from ...registry import Param
+from ..base import JobKind, JobOutput
+
+
+def run_inspect(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Per-module figures of one adapter, plus the problems validation finds.
+
+    Norms go through r×r products: no d×d update is formed.
+
+    data: ``{"path", "name", "base_model", "rank", "lora_alpha", "use_rslora", "target_modules",
+    "num_params", "bytes", "extra_tensors": [key, …], "config": {…},
+    "modules": [{"name", "rank", "in_features", "out_features", "dtype", "scale", "finite",
+    "norm_a", "norm_b", "norm_delta", "singular_values": [σ…], "stable_rank", "effective_rank"}],
+    "norm_delta_total", "problems": [str, …]}``
+    """
+    from ...io.local import load_adapter
+    from ..common import adapter_warnings, module_figures
+
+    spec = str(params["adapter"])
+    if spec.startswith("hf://"):
+        from ...io.hub import download_adapter
+        from ...io.scan import parse_hub_spec
+
+        s = parse_hub_spec(spec)
+        assert s.repo_id is not None
+        folder = download_adapter(s.repo_id, s.revision)
+    else:
+        folder = Path(spec)
+    w = load_adapter(folder, check_finite=False)
+    figures = []
+    for i, m in enumerate(w.layer_names):
+        tick(progress, cancel, i, len(w.layer_names), m)
+        figures.append(module_figures(w, m))
+    tick(progress, cancel, len(w.layer_names), len(w.layer_names), "done")
+    problems = adapter_warnings(w, figures)
+    total = sum((f["norm_delta"] or 0.0) ** 2 for f in figures) ** 0.5
+    data = {
+        "path": spec,
+        "name": w.name,
+        "base_model": w.base_model_name_or_path,
+        "rank": w.rank,
+        "lora_alpha": w.lora_alpha,
+        "use_rslora": w.use_rslora,
+        "target_modules": w.target_modules,
+        "num_params": w.num_params,
+        "bytes": w.nbytes,
+        "extra_tensors": sorted(w.extra_tensors),
+        "config": w.metadata,
+        "modules": figures,
+        "norm_delta_total": total,
+        "problems": problems,
+    }
+    return JobOutput(summary=f"{spec}: {len(figures)} modules, ‖ΔW‖={total:.4g}, {len(problems)} problem(s)", data=data)
+
+
+KIND = JobKind(
+    "inspect", "Inspect adapter", "per-module norms of A, B and ΔW, spectrum, and validation problems",
+    (Param("adapter", "path", required=True, help="adapter folder, .safetensors file or hf://org/repo"),),
+    func=run_inspect,
+    positionals=("adapter",), needs="adapter", form_rank=7, view="inspect",
+)
