@@ -82,12 +82,10 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
     spec = str(params["path"])
     if spec.startswith("hf://"):
         from ...io.header import read_adapter_summary
-        from ...io.hub import download_adapter
-        from ...io.scan import parse_hub_spec
+        from ...io.scan import spec_of
+        from ..common import local_folder
 
-        s = parse_hub_spec(spec)
-        assert s.repo_id is not None
-        summary = read_adapter_summary(download_adapter(s.repo_id, s.revision)).to_dict()
+        summary = read_adapter_summary(local_folder(spec_of(spec))).to_dict()
         summary["path"] = spec
         return JobOutput(summary=_adapter_line(summary), data={"type": "adapter", **summary})
     p = Path(spec)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ...progress import CancelLike, ProgressFn, tick
@@ -22,19 +21,12 @@ def run_inspect(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     "norm_delta_total", "problems": [str, …]}``
     """
     from ...io.local import load_adapter
-    from ..common import adapter_warnings, module_figures
+    from ...figures import module_figures
+    from ...io.scan import spec_of
+    from ..common import adapter_warnings, local_folder
 
     spec = str(params["adapter"])
-    if spec.startswith("hf://"):
-        from ...io.hub import download_adapter
-        from ...io.scan import parse_hub_spec
-
-        s = parse_hub_spec(spec)
-        assert s.repo_id is not None
-        folder = download_adapter(s.repo_id, s.revision)
-    else:
-        folder = Path(spec)
-    w = load_adapter(folder, check_finite=False)
+    w = load_adapter(local_folder(spec_of(spec)), check_finite=False)
     figures = []
     for i, m in enumerate(w.layer_names):
         tick(progress, cancel, i, len(w.layer_names), m)

@@ -25,9 +25,10 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     "compat_warnings": [str…], "target": str|None, "max_lora_rank": int}``
     """
     from ...errors import IncompatibleAdaptersError, VloraError
-    from ...io.local import check_compatible, load_adapter
+    from ...io.local import check_compatible
     from ...io.scan import expand_adapter_specs
-    from ..common import adapter_warnings, module_figures, unique_names
+    from ...figures import module_figures
+    from ..common import adapter_warnings, load_spec, unique_names
 
     from ...io.targets import target_problems
 
@@ -42,13 +43,7 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
         row: dict[str, Any] = {"path": spec.label, "name": name, "ok": True, "error": None, "warnings": [],
                                "target_problems": []}
         try:
-            if spec.repo_id:
-                from ...io.hub import load_adapter_from_hub
-
-                w = load_adapter_from_hub(spec.repo_id, spec.revision)
-            else:
-                assert spec.path is not None
-                w = load_adapter(spec.path, name=name)
+            w = load_spec(spec, name) if spec.path is not None else load_spec(spec)
             figs = [module_figures(w, m) for m in w.layer_names]
             row["warnings"] = adapter_warnings(w, figs)
             loaded.append(w)
