@@ -121,3 +121,8 @@ class StagedProgress:
 def ticker(progress: ProgressFn | None, cancel: CancelLike | None, total: int) -> Callable[[str], None]:
     """``StagedProgress(progress, total=total).ticker(cancel)``: one step of ``total`` per call."""
     return StagedProgress(progress, total=total).ticker(cancel)
+
+
+def counted(progress: ProgressFn | None, total: int) -> StagedProgress:
+    """``StagedProgress(progress, total=total)``: a bar of ``total`` steps split with :meth:`~StagedProgress.part`."""
+    return StagedProgress(progress, total=total)
