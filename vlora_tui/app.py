@@ -6,15 +6,18 @@ a Textual thread worker (``group="engine"``), one at a time; progress comes
 back as :class:`~vlora_tui.messages.JobProgress` messages and the outcome
 through ``Worker.StateChanged``. Screens subscribe to :attr:`VloraApp.state_signal`
 and redraw the part that changed. Nothing here imports torch.
+
+At ~470 lines this module is a little above the house's ~450: it keeps the job
+queue's worker, progress and Worker.StateChanged handlers together with the
+state they change (``@on`` handlers must live on the App class itself); forms
+are in :mod:`.forms`, the queue's record in :mod:`.jobrecord`, result views in
+:mod:`.results`.
 """
 
 from __future__ import annotations
 
-import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,73 +28,21 @@ from textual.screen import Screen
 from textual.signal import Signal
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from engine.io.scan import spec_name
+
 from .commands import VloraCommands
 from .config import AppConfig, tildify
+from .forms import FormsMixin
+from .jobrecord import JobRecord, _AnyEvent, job_title, tui_message
 from .messages import AddToCollection, JobProgress
+
+__all__ = ["TOPICS", "JobRecord", "VloraApp", "job_title", "spec_name", "tui_message"]
 
 #: Topics published on ``state_signal``.
 TOPICS = ("collection", "adapter", "jobs", "progress", "analysis", "diff", "subspace", "inspect", "root")
 
 
-def spec_name(spec: str) -> str:
-    """Display name of an adapter spec (folder name, or the repo's name for ``hf://``)."""
-    if spec.startswith("hf://"):
-        return spec[5:].split("@", 1)[0].split("/")[-1]
-    return Path(spec).name or spec
-
-
-@dataclass
-class JobRecord:
-    """One job in the queue, as the jobs panel shows it.
-
-    Attributes:
-        request: The validated ``engine.jobs.JobRequest``.
-        title: One line for the queue ("compress 14 adapters").
-        status: ``queued``, ``running``, ``done``, ``failed`` or ``cancelled``.
-        step: Last progress step.
-        total: Last progress total (0 = unknown).
-        message: Last progress message.
-        log: Progress and outcome lines, oldest first.
-        result: The ``JobResult`` once finished.
-        error: One-line error of a failed job.
-        error_title: Heading for the error.
-        open_result: Switch to the result's view when it finishes.
-        cancel_event: Set to ask the runner to stop.
-        worker: The thread worker running it.
-        started: ``time.monotonic()`` at start.
-        seconds: Wall time once finished.
-    """
-
-    request: Any
-    title: str
-    status: str = "queued"
-    step: int = 0
-    total: int = 0
-    message: str = ""
-    log: list[str] = field(default_factory=list)
-    result: Any = None
-    error: str | None = None
-    error_title: str | None = None
-    open_result: bool = True
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-    worker: Worker | None = None
-    started: float | None = None
-    seconds: float | None = None
-
-    @property
-    def job_id(self) -> str:
-        return str(self.request.job_id)
-
-    @property
-    def kind(self) -> str:
-        return str(self.request.kind)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in ("done", "failed", "cancelled")
-
-
-class VloraApp(App[int]):
+class VloraApp(FormsMixin, App[int]):
     """A keyboard-first workbench for collections of LoRA adapters."""
 
     TITLE = "vlora-tui"
@@ -120,7 +71,8 @@ class VloraApp(App[int]):
         """Args:
         config: What to open; defaults to the current folder.
         runner_factory: ``kind -> runner`` (tests inject failing runners); defaults to
-            ``ProcessRunner`` for :data:`~vlora_tui.config.PROCESS_KINDS` and ``InlineRunner`` otherwise.
+            ``ProcessRunner`` for the kinds that run in a process (``JobKind.process``,
+            :data:`~vlora_tui.config.PROCESS_KINDS`) and ``InlineRunner`` otherwise.
         """
         from .screens.adapter import AdapterScreen
         from .screens.browser import BrowserScreen
@@ -325,119 +277,6 @@ class VloraApp(App[int]):
         self.push_screen(PromptScreen("Open a subspace", "Folder of a saved subspace (holds subspace.json)",
                                       self.subspace_path or str(self.config.output_dir)), opened)
 
-    def form_fits(self, kind: str) -> bool:
-        """Whether a job of ``kind`` has what it needs in the current state."""
-        n = len(self.collection)
-        if kind in ("compress", "analyze", "diff"):
-            return n >= 2
-        if kind in ("validate", "benchmark"):
-            return n >= 1
-        if kind == "merge":
-            return n >= 2 or self.subspace_path is not None
-        if kind in ("add", "export", "quantize"):
-            return self.subspace_path is not None
-        if kind == "inspect":
-            return self.current_adapter is not None
-        return kind != "demo"
-
-    def default_params(self, kind: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Form values for ``kind`` from the current state, overridden by ``values``."""
-        kinds = self.job_kinds()
-        names = {p.name for p in kinds[kind].params} if kind in kinds else set()
-        out: dict[str, Any] = {}
-        guesses: dict[str, Any] = {
-            "adapters": list(self.collection),
-            "adapter": self.current_adapter,
-            "path": self.subspace_path,
-            "subspace": self.subspace_path,
-            "a": self.collection[0] if self.collection else None,
-            "b": self.collection[1] if len(self.collection) > 1 else None,
-        }
-        for name, value in guesses.items():
-            if name in names and value:
-                out[name] = value
-        if "output" in names:
-            out["output"] = self.unique_output(kind)
-        for name, value in (values or {}).items():
-            if name in names and value not in (None, "", []):
-                out[name] = value
-        if kind in ("export", "merge") and "subspace" in out and "adapters" in out and "subspace" in (values or {}):
-            out.pop("adapters")
-        return out
-
-    def unique_output(self, stem: str, parent: str | Path | None = None) -> str:
-        """A fresh output folder: ``parent/stem-YYYYMMDD-HHMMSS`` (``-2``, ``-3``… if taken).
-
-        ``parent`` defaults to ``output_dir``. Taken means it exists on disk or a job of this
-        session already writes there, so a new session never collides with an earlier one's outputs.
-        """
-        stem = re.sub(r"-\d{8}-\d{6}(-\d+)?$", "", stem)  # renaming a stamped name: one stamp, not two
-        stem = re.sub(r"[^\w.+-]+", "_", stem).strip("_") or "output"
-        folder = Path(parent) if parent is not None else self.config.output_dir
-        base = f"{stem}-{self.config.output_stamp or time.strftime('%Y%m%d-%H%M%S')}"
-        taken = {str(v) for j in self.jobs for v in j.request.params.values() if isinstance(v, (str, Path))}
-        candidate, n = folder / base, 2
-        while candidate.exists() or str(candidate) in taken:
-            candidate, n = folder / f"{base}-{n}", n + 1
-        return str(candidate)
-
-    def existing_outputs(self, kind: str, params: dict[str, Any]) -> list[str]:
-        """The output parameters of ``params`` whose path exists already (``force`` not set)."""
-        job_kind = self.job_kinds().get(kind)
-        if job_kind is None or params.get("force"):
-            return []
-        return [name for name in getattr(job_kind, "writes", ()) if params.get(name) and Path(str(params[name])).exists()]
-
-    def queue_job(self, kind: str, params: dict[str, Any], *, title: str | None = None) -> None:
-        """Queue a job; if an output exists, first ask whether to overwrite it or write under a new name."""
-        clash = self.existing_outputs(kind, params)
-        if not clash:
-            self.submit_job(kind, params, title=title)
-            return
-        from .dialogs.overwrite import OverwriteScreen
-
-        name = clash[0]
-        path = Path(str(params[name]))
-        can_force = "force" in {p.name for p in self.job_kinds()[kind].params}
-        suggestion = self.unique_output(path.name, path.parent)  # next to the folder the user chose
-
-        def chosen(answer: str | None) -> None:
-            if answer == "overwrite":
-                self.queue_job(kind, {**params, "force": True}, title=title)
-            elif answer == "rename":
-                self.queue_job(kind, {**params, name: suggestion}, title=title)
-
-        self.push_screen(OverwriteScreen(str(path), suggestion, can_overwrite=can_force), chosen)
-
-    def action_new_job(self, kind: str, values: dict[str, Any] | None = None) -> None:
-        """Open the form of ``kind`` (prefilled from the state) and queue the job it returns."""
-        from .dialogs.job_form import JobFormScreen
-
-        kinds = self.job_kinds()
-        if kind not in kinds:
-            self.notify(f"No job kind {kind!r} in this engine", title="New job", severity="error")
-            return
-
-        def submitted(params: dict | None) -> None:
-            if params is not None:
-                self.queue_job(kind, params)
-
-        self.push_screen(JobFormScreen(kinds[kind], self.default_params(kind, values)), submitted)
-
-    def action_pick_job(self) -> None:
-        """Pick a job kind, then fill in its form."""
-        from .commands import FORM_KINDS
-        from .dialogs.job_picker import JobPickerScreen
-
-        kinds = self.job_kinds()
-        offered = [kinds[k] for k in FORM_KINDS if k in kinds]
-
-        def picked(kind: str | None) -> None:
-            if kind:
-                self.action_new_job(kind)
-
-        self.push_screen(JobPickerScreen(offered), picked)
-
     # -- jobs -----------------------------------------------------------------------
     @property
     def running_job(self) -> JobRecord | None:
@@ -544,6 +383,8 @@ class VloraApp(App[int]):
         """Map a job worker's end to its record: result, failure or cancel."""
         if event.worker.group != "engine":
             return
+        from .results import view_of
+
         job = next((j for j in self.jobs if j.worker is event.worker), None)
         if job is None or job.finished:
             return
@@ -560,7 +401,8 @@ class VloraApp(App[int]):
             else:
                 job.result = result
                 self._finish(job, "failed", error=result.error or "failed", error_title=result.error_title or "Job failed")
-                if job.kind == "validate" and result.data:
+                shown = view_of(self, job.kind)
+                if shown is not None and shown.on_failure and result.data:
                     self._open_result(job)
         elif event.state == WorkerState.ERROR:
             from engine.errors import JobCancelled
@@ -583,7 +425,7 @@ class VloraApp(App[int]):
             summary = getattr(job.result, "summary", "") or "done"
             job.log.append(tildify(f"done: {summary}"))
             # a result that opens in its own view needs no toast over it; the rest say they are done
-            if job.open_result and job.kind not in RESULT_VIEWS:
+            if job.open_result and not self._shows_result(job.kind):
                 self.notify(summary, title=f"{job.title} finished", timeout=4)
         elif status == "cancelled":
             job.log.append(tildify(f"cancelled: {error}"))
@@ -595,58 +437,21 @@ class VloraApp(App[int]):
         self._start_next()
 
     # -- results ------------------------------------------------------------------------
-    def _open_result(self, job: JobRecord) -> None:
-        """Store a finished job's data where its view looks, and switch to that view."""
-        result = job.result
-        data = dict(getattr(result, "data", None) or {})
-        outputs = [str(o) for o in (getattr(result, "outputs", None) or [])]
-        kind = job.kind
-        params = job.request.params
-        target: str | None = None
-        if kind == "demo":
-            self._demo_ready([str(s) for s in data.get("adapters") or outputs])
-            return
-        elif kind == "inspect":
-            self.inspections[str(_first(params.get("adapter") or params.get("path")))] = data
-            self.state_signal.publish("inspect")
-            target = "adapter"
-        elif kind == "validate":
-            self.validations[str(_first(params.get("adapter") or params.get("path") or params.get("adapters")))] = data
-            self.state_signal.publish("inspect")
-            target = "adapter"
-        elif kind == "analyze":
-            specs = [str(x) for x in params.get("adapters") or []]
-            if len(specs) == len(data.get("names") or []):
-                data["paths"] = specs
-            else:  # a parent folder was given: name → folder
-                from engine.io.scan import expand_adapter_specs
+    def _shows_result(self, kind: str) -> bool:
+        """Whether a finished job of ``kind`` switches to a view that shows it (no toast needed over it)."""
+        from .results import view_of
 
-                try:
-                    data["paths"] = [s.label for s in expand_adapter_specs(specs)]
-                except Exception:
-                    data["paths"] = []
-            self.analysis = data
-            self.state_signal.publish("analysis")
-            target = "collection"
-        elif kind == "diff":
-            self.diff = data
-            self.state_signal.publish("diff")
-            target = "collection"
-        elif kind == "info":
-            self.subspace_path = str(params.get("path"))
-            self.subspace_info = data
-            self.state_signal.publish("subspace")
-            target = "subspace"
-        elif kind in ("compress", "add", "quantize"):
-            out = outputs[0] if outputs else data.get("output")
-            if out:
-                self.open_subspace(str(out), switch=job.open_result)
-            return
-        elif kind in ("export", "merge"):
-            self.offer_outputs([o for o in outputs if _is_adapter(o)])
+        shown = view_of(self, kind)
+        return shown is not None and shown.shows
+
+    def _open_result(self, job: JobRecord) -> None:
+        """Store a finished job's data where its kind's view looks, and switch to that view."""
+        from .results import view_of
+
+        shown = view_of(self, job.kind)
+        target = shown.show(self, job) if shown is not None else None
         if target and job.open_result and self.current_mode != target:
             self.switch_mode(target)
-
 
     def offer_outputs(self, adapters: list[str]) -> None:
         """Offer written adapters for the working collection (a later compress must not pick them up unasked)."""
@@ -666,48 +471,3 @@ class VloraApp(App[int]):
             self.notify("Nothing to add: no written adapters outside the collection", title="Collection", severity="warning")
             return
         self.post_message(AddToCollection(chosen))
-
-
-#: Job kinds whose result switches to a view that shows it (no "finished" toast needed over it).
-RESULT_VIEWS = frozenset({"analyze", "diff", "inspect", "validate", "info", "demo", "compress", "add", "quantize"})
-
-
-def tui_message(text: str) -> str:
-    """An engine message without its command-line advice (``--force``): the TUI asks instead."""
-    text = re.sub(r"\s*\(use --force[^)]*\)", " (pick another output folder, or tick force in the form to overwrite it)", text)
-    return re.sub(r"use --force to (\w+) it", r"tick force in the form to \1 it", text)
-
-
-class _AnyEvent:
-    """Set when any of its events is set (``is_set()`` is all the engine calls)."""
-
-    def __init__(self, *events: threading.Event) -> None:
-        self.events = events
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self.events)
-
-
-def job_title(kind: str, params: dict[str, Any]) -> str:
-    """One line naming a job for the queue (adapters counted, whether a list or one string of paths)."""
-    adapters = params.get("adapters")
-    if isinstance(adapters, str):
-        adapters = adapters.split()
-    if adapters:
-        return f"{kind} {len(adapters)} adapter{'s' if len(adapters) != 1 else ''}"
-    for key in ("task", "adapter", "subspace", "path"):
-        if params.get(key):
-            return f"{kind} {spec_name(str(params[key]))}"
-    return kind
-
-
-def _first(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    return value
-
-
-def _is_adapter(path: str) -> bool:
-    from engine.io.scan import is_adapter_dir
-
-    return is_adapter_dir(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
@@ -20,15 +20,12 @@ SCREENS = (
     ("jobs", "Jobs", "Queue, progress, log, cancel, results"),
 )
 
-#: Job kinds a user launches from a form (``demo`` has its own command).
-FORM_KINDS = ("compress", "add", "merge", "quantize", "export", "analyze", "diff", "inspect", "validate", "info", "benchmark")
-
 
 class VloraCommands(Provider):
     """Offers screens, jobs and the current screen's own keys, filtered by what is possible now."""
 
     def _commands(self) -> list[tuple[str, str, Callable[[], Any]]]:
-        app: VloraApp = self.app  # type: ignore[assignment]
+        app = cast("VloraApp", self.app)
         out: list[tuple[str, str, Callable[[], Any]]] = []
         for mode, title, help_text in SCREENS:
             if app.current_mode != mode:
@@ -40,12 +37,12 @@ class VloraCommands(Provider):
             out.append(("Clear the working collection", f"Remove all {n} adapters from the collection", app.clear_collection))
         if n >= 2:
             out.append(("Analyze the collection", f"Similarity, clusters and outliers of {n} adapters", app.action_analyze))
-        for kind in self._kinds(app):
+        for kind in app.form_kinds():  # each kind says whether it is a form, and where (JobKind.form_rank)
             if app.form_fits(kind.name):
                 out.append((f"New job: {kind.title}…", kind.help, partial(app.action_new_job, kind.name)))
         waiting = [a for a in app.offered if a not in app.collection]
         if waiting:
-            from .app import spec_name
+            from engine.io.scan import spec_name
 
             out.append(("Add written adapters to the collection", "Exports/merges not in the collection: "
                         + ", ".join(spec_name(a) for a in waiting), app.action_add_offered))
@@ -64,14 +61,6 @@ class VloraCommands(Provider):
             seen.add(text)
             out.append((text, binding.tooltip or binding.description, partial(app.call_later, app.run_action, binding.action, active.node)))
         return out
-
-    @staticmethod
-    def _kinds(app: VloraApp) -> list[Any]:
-        try:
-            kinds = app.job_kinds()
-        except Exception:  # the job layer failed to import: offer the rest
-            return []
-        return [kinds[k] for k in FORM_KINDS if k in kinds]
 
     async def discover(self) -> Hits:
         for text, help_text, command in self._commands():

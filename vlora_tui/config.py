@@ -10,8 +10,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Job kinds that run in a child process (a crash there cannot take the UI down).
-PROCESS_KINDS: frozenset[str] = frozenset({"compress", "add", "merge", "quantize", "export", "benchmark"})
+
+
+def process_kinds() -> frozenset[str]:
+    """Job kinds that run in a child process (a crash there cannot take the UI down): ``JobKind.process``."""
+    from engine.jobs import job_kinds
+
+    return frozenset(name for name, kind in job_kinds().items() if kind.process)
+
+
+#: :func:`process_kinds`, read once (the job layer is torch-free).
+PROCESS_KINDS: frozenset[str] = process_kinds()
 
 
 def default_home() -> Path:

@@ -119,6 +119,24 @@ def parse_hub_spec(spec: str) -> AdapterSpec:
     return AdapterSpec(repo_id=repo, revision=rev or None)
 
 
+def spec_of(spec: str | Path) -> AdapterSpec:
+    """The one reading of an adapter argument: ``hf://org/repo[@rev]`` → a Hub spec, else a local path.
+
+    Raises:
+        ValueError: a malformed ``hf://`` id.
+    """
+    text = str(spec)
+    return parse_hub_spec(text) if text.startswith("hf://") else AdapterSpec(path=Path(text))
+
+
+def spec_name(spec: str | Path) -> str:
+    """The name of an adapter argument, as task ids and the TUI write it (:attr:`AdapterSpec.name`)."""
+    try:
+        return spec_of(spec).name
+    except ValueError:  # a malformed hf:// id still needs a label
+        return AdapterSpec(path=Path(str(spec).removeprefix("hf://").split("@", 1)[0])).name
+
+
 def spec_excluded(spec: AdapterSpec, patterns: Sequence[str], root: str | Path | None = None) -> bool:
     """True if ``spec`` matches one of the glob ``patterns`` (:func:`fnmatch.fnmatch`).
 

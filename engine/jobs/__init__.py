@@ -3,6 +3,12 @@
 Importable without torch: the TUI lists kinds and builds forms from
 :func:`job_kinds` before torch loads.
 
+Layout: :mod:`.base` (what a kind, a request and a result are), :mod:`.kinds` (one
+module per kind, and the list of them), :mod:`.catalog` (kinds by name, checking and
+running one request), :mod:`.runners` (in this thread or a child process),
+:mod:`.params` and :mod:`.reports` (what several kinds share), :mod:`.common`
+(loading adapters for a job).
+
 Example::
 
     from engine.jobs import JobRequest, InlineRunner, job_kinds
@@ -15,20 +21,8 @@ Example::
 
 from __future__ import annotations
 
-from .base import (
-    ERROR_KINDS,
-    STATUSES,
-    JobKind,
-    JobOutput,
-    JobRequest,
-    JobResult,
-    classify_error,
-    get_kind,
-    job_kinds,
-    run_job,
-    to_jsonable,
-    validate_request,
-)
+from .base import ERROR_KINDS, STATUSES, JobKind, JobOutput, JobRequest, JobResult, classify_error, to_jsonable
+from .catalog import get_kind, job_kinds, run_job, validate_request
 from .runners import CRASH_ENV, DELAY_ENV, InlineRunner, ProcessRunner
 
 __all__ = [

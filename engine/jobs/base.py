@@ -1,14 +1,12 @@
-"""Job specs and results: what a job is, how its parameters are checked, how it runs.
+"""Job specs and results: what a job kind is, a request, a result, how errors are classed.
 
-Torch-free: the TUI lists kinds and builds forms from :func:`job_kinds` before
-torch loads; the implementations (in :mod:`engine.jobs.kinds`) import torch
-inside their functions only.
+Torch-free. The kinds themselves live in :mod:`engine.jobs.kinds` (one module each),
+the list of them and the running in :mod:`engine.jobs.catalog`.
 """
 
 from __future__ import annotations
 
 import math
-import time
 import secrets
 import traceback as tb_mod
 from collections.abc import Callable, Mapping
@@ -25,7 +23,6 @@ from ..errors import (
     UnknownTaskError,
     VloraError,
 )
-from ..progress import CancelLike, Progress, ProgressFn
 from ..registry import Param
 
 #: Statuses a :class:`JobResult` can have.
@@ -80,6 +77,17 @@ class JobKind:
             existing one is refused before any work unless ``force``).
         modifies: Names of parameters whose folder the job rewrites in place (atomically).
         func: The implementation (``func(params, *, progress, cancel) -> JobOutput``).
+        positionals: Parameters ``--batch`` takes as positional arguments, in order.
+        process: Run in a child process in the TUI (a crash there cannot take the UI down).
+        min_adapters: How many adapters of the working collection a form of it needs.
+        needs: What else the form needs from the TUI's state: ``""`` (nothing beyond
+            ``min_adapters``), ``"adapter"`` (a current adapter), ``"subspace"`` (an open
+            subspace) or ``"adapters|subspace"`` (``min_adapters`` adapters, or an open subspace).
+        form_rank: Place in the palette's and the job picker's list of forms
+            (``None``: not offered as a form).
+        view: The TUI's view of a finished job's result (a name in
+            ``vlora_tui.results.VIEWS``); ``None``: a toast with the summary only.
+        stderr_warnings: ``--batch`` prints the result's ``data["warnings"]`` on stderr.
     """
 
     name: str
@@ -89,6 +97,21 @@ class JobKind:
     writes: tuple[str, ...] = ()
     modifies: tuple[str, ...] = ()
     func: JobFunc | None = field(default=None, compare=False, repr=False)
+    positionals: tuple[str, ...] = ()
+    process: bool = False
+    min_adapters: int = 0
+    needs: str = ""
+    form_rank: int | None = None
+    view: str | None = None
+    stderr_warnings: bool = False
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.params]
+        unknown = [n for n in (*self.positionals, *self.writes, *self.modifies) if n not in names]
+        if unknown:
+            raise ValueError(f"JobKind {self.name!r}: {', '.join(unknown)} named but not among its parameters")
+        if self.needs not in ("", "adapter", "subspace", "adapters|subspace"):
+            raise ValueError(f"JobKind {self.name!r}: needs={self.needs!r} is not one of '', adapter, subspace, adapters|subspace")
 
     def param(self, name: str) -> Param:
         """The parameter called ``name``; ``KeyError`` if there is none."""
@@ -237,137 +260,3 @@ def to_jsonable(obj: Any) -> Any:
     if callable(item):
         return to_jsonable(item())
     return str(obj)
-
-
-# -- the kinds registry ---------------------------------------------------------
-
-_KINDS: dict[str, JobKind] = {}
-
-
-def register_kind(kind: JobKind) -> JobKind:
-    """Add ``kind`` to the registry (the kinds module calls this at import)."""
-    _KINDS[kind.name] = kind
-    return kind
-
-
-def job_kinds() -> dict[str, JobKind]:
-    """Every job kind by name, in menu order. Torch-free."""
-    from . import kinds as _kinds
-
-    _kinds.ensure_registered()
-    return dict(_KINDS)
-
-
-def get_kind(name: str) -> JobKind:
-    """One kind; ``ValueError`` listing the known ones if ``name`` is not a kind."""
-    found = job_kinds()
-    if name not in found:
-        raise ValueError(f"unknown job kind {name!r}; choose from {', '.join(found)}")
-    return found[name]
-
-
-def validate_request(req: JobRequest) -> dict[str, Any]:
-    """Check and coerce ``req.params`` against its kind's parameters.
-
-    Returns a dict with every parameter of the kind (defaults filled in).
-
-    Raises:
-        ValueError: unknown kind, unknown parameter, or a bad/missing value (naming it).
-    """
-    kind = get_kind(req.kind)
-    names = {p.name for p in kind.params}
-    unknown = sorted(set(req.params) - names)
-    if unknown:
-        raise ValueError(f"{req.kind}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    out: dict[str, Any] = {}
-    for p in kind.params:
-        value = req.params.get(p.name)
-        if value is None:
-            value = p.default
-        out[p.name] = p.validate(value)
-    return out
-
-
-def check_outputs(kind: JobKind, params: Mapping[str, Any]) -> None:
-    """Refuse, before any work, an output path that exists when ``force`` is not set.
-
-    Raises:
-        OutputExistsError: naming the path.
-    """
-    if params.get("force"):
-        return
-    for name in kind.writes:
-        target = params.get(name)
-        if target and Path(str(target)).exists():
-            raise OutputExistsError(f"{target}: already exists (use --force / force=True to overwrite)")
-
-
-def run_job(req: JobRequest, *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobResult:
-    """Run ``req`` in this thread.
-
-    Returns:
-        ``JobResult`` with ``status="ok"``, or ``"failed"`` for a ``validate`` job whose
-        adapters fail their checks (the report is in ``data`` either way).
-
-    Raises:
-        ValueError: bad parameters. VloraError: domain failures.
-        JobCancelled: ``cancel`` was set.
-    """
-    params = validate_request(req)
-    kind = get_kind(req.kind)
-    assert kind.func is not None
-    t0 = time.perf_counter()
-    check_outputs(kind, params)
-    if cancel is not None and cancel.is_set():
-        raise JobCancelled()
-    out = kind.func(params, progress=progress, cancel=cancel)
-    seconds = time.perf_counter() - t0
-    return JobResult(
-        job_id=req.job_id,
-        kind=req.kind,
-        status="ok" if out.ok else "failed",
-        summary=out.summary,
-        outputs=[str(o) for o in out.outputs],
-        data=to_jsonable(out.data),
-        error=None if out.ok else out.summary,
-        error_title=None if out.ok else "Checks failed",
-        seconds=seconds,
-        error_kind=None if out.ok else "error",
-    )
-
-
-class StagedProgress:
-    """Map progress of successive stages onto one bar of :attr:`TOTAL` steps.
-
-    ``stages`` gives each stage a weight; ``stage(name)`` returns a progress
-    function for that stage's own ``step/total``.
-    """
-
-    TOTAL = 1000
-
-    def __init__(self, progress: ProgressFn | None, stages: Mapping[str, float]) -> None:
-        self.progress = progress
-        total = sum(stages.values()) or 1.0
-        self.start: dict[str, float] = {}
-        self.width: dict[str, float] = {}
-        acc = 0.0
-        for name, w in stages.items():
-            self.start[name] = acc / total
-            self.width[name] = w / total
-            acc += w
-
-    def stage(self, name: str) -> ProgressFn | None:
-        """A progress function for stage ``name`` (``None`` when there is no callback)."""
-        if self.progress is None:
-            return None
-        start, width, outer = self.start[name], self.width[name], self.progress
-
-        def fn(p: Progress) -> None:
-            frac = start + width * p.fraction
-            outer(Progress(int(round(frac * self.TOTAL)), self.TOTAL, p.message))
-
-        return fn
-
-    def done(self, message: str = "done") -> None:
-        if self.progress is not None:
-            self.progress(Progress(self.TOTAL, self.TOTAL, message))

@@ -1,16 +1,21 @@
-"""Helpers the job implementations share: loading adapter specs, naming tasks, module math.
+"""Helpers the job implementations share: loading adapter specs, naming tasks, soft problems of an adapter.
+
+The figures of a module (norms, spectrum) are :func:`engine.figures.module_figures`.
 
 Torch is imported inside functions only.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
 
+from ..figures import module_figures
 from ..progress import CancelLike, ProgressFn, tick
+
+__all__ = ["adapter_warnings", "load_adapters", "load_one", "load_spec", "local_folder", "module_figures",
+           "resolve_local_paths", "unique_names"]
 
 
 def resolve_local_paths(specs: list[str], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None,
@@ -30,14 +35,36 @@ def resolve_local_paths(specs: list[str], *, progress: ProgressFn | None = None,
     names = unique_names([s.name for s in expanded])
     for i, (spec, name) in enumerate(zip(expanded, names)):
         tick(progress, cancel, i, len(expanded), f"resolving {spec.label}")
-        if spec.repo_id:
-            from ..io.hub import download_adapter
-
-            out.append((name, download_adapter(spec.repo_id, spec.revision)))
-        else:
-            assert spec.path is not None
-            out.append((name, spec.path))
+        out.append((name, local_folder(spec)))
     return out
+
+
+def local_folder(spec: Any) -> Path:
+    """The local folder (or file) of an :class:`~engine.io.scan.AdapterSpec`: a Hub one is downloaded to the cache.
+
+    The one place a job turns ``hf://`` into files (with :func:`load_spec`).
+    """
+    if spec.repo_id:
+        from ..io.hub import download_adapter
+
+        return download_adapter(spec.repo_id, spec.revision)
+    assert spec.path is not None
+    return Path(spec.path)
+
+
+def load_spec(spec: Any, name: str | None = None) -> Any:
+    """Load the adapter of an :class:`~engine.io.scan.AdapterSpec` (a Hub one named ``name`` or after its repo)."""
+    if spec.repo_id:
+        from ..io.hub import load_adapter_from_hub
+
+        w = load_adapter_from_hub(spec.repo_id, spec.revision)
+        if name is not None:
+            w.name = name
+        return w
+    from ..io.local import load_adapter
+
+    assert spec.path is not None
+    return load_adapter(spec.path, name=name) if name is not None else load_adapter(spec.path)
 
 
 def load_adapters(specs: list[str], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None,
@@ -47,7 +74,6 @@ def load_adapters(specs: list[str], *, progress: ProgressFn | None = None, cance
     Each adapter's ``name`` is a unique task id derived from its folder or repo name.
     ``exclude``: glob patterns of adapters to leave out (:func:`engine.io.scan.spec_excluded`).
     """
-    from ..io.local import load_adapter
     from ..io.scan import expand_adapter_specs
 
     expanded = expand_adapter_specs(list(specs), exclude)
@@ -55,31 +81,16 @@ def load_adapters(specs: list[str], *, progress: ProgressFn | None = None, cance
     adapters = []
     for i, (spec, name) in enumerate(zip(expanded, names)):
         tick(progress, cancel, i, len(expanded), f"loading {spec.label}")
-        if spec.repo_id:
-            from ..io.hub import load_adapter_from_hub
-
-            w = load_adapter_from_hub(spec.repo_id, spec.revision)
-            w.name = name
-        else:
-            assert spec.path is not None
-            w = load_adapter(spec.path, name=name)
-        adapters.append(w)
+        adapters.append(load_spec(spec, name))
     tick(progress, cancel, len(expanded), len(expanded), f"loaded {len(expanded)} adapter(s)")
     return adapters
 
 
 def load_one(spec: str) -> Any:
     """Load exactly one adapter (a folder, a ``.safetensors`` file or ``hf://`` id)."""
-    from ..io.local import load_adapter
+    from ..io.scan import spec_of
 
-    if spec.startswith("hf://"):
-        from ..io.hub import load_adapter_from_hub
-        from ..io.scan import parse_hub_spec
-
-        s = parse_hub_spec(spec)
-        assert s.repo_id is not None
-        return load_adapter_from_hub(s.repo_id, s.revision)
-    return load_adapter(spec)
+    return load_spec(spec_of(spec))
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -102,59 +113,6 @@ def unique_names(names: list[str]) -> list[str]:
         taken.add(cand)
         out.append(cand)
     return out
-
-
-def module_figures(w: Any, m: str) -> dict[str, Any]:
-    """Norms and spectrum of one module's update, through r×r products only.
-
-    ``‖ΔW‖_F² = s²·tr((BᵀB)(AAᵀ))``; the singular values of ``B·A`` are those of
-    ``R_B·R_Aᵀ`` where ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``.
-    """
-    import torch
-
-    a = w.lora_a[m].double()
-    b = w.lora_b[m].double()
-    s = float(w.scale(m))
-    finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
-    out_f, in_f = w.shapes(m)
-    fig: dict[str, Any] = {
-        "name": m,
-        "rank": int(a.shape[0]),
-        "in_features": int(in_f),
-        "out_features": int(out_f),
-        "dtype": str(w.lora_a[m].dtype).replace("torch.", ""),
-        "scale": s,
-        "finite": finite,
-    }
-    if not finite:
-        fig.update(norm_a=None, norm_b=None, norm_delta=None, singular_values=[], stable_rank=None, effective_rank=None)
-        return fig
-    norm_a = float(torch.linalg.norm(a))
-    norm_b = float(torch.linalg.norm(b))
-    r = a.shape[0]
-    if r == 0:
-        sv = torch.zeros(0, dtype=torch.float64)
-    else:
-        rb = torch.linalg.qr(b, mode="r")[1]
-        ra = torch.linalg.qr(a.T, mode="r")[1]
-        sv = torch.linalg.svdvals(rb @ ra.T) * abs(s)
-    fro2 = float((sv**2).sum())
-    top = float(sv[0]) if sv.numel() else 0.0
-    if fro2 > 0:
-        p = (sv**2) / fro2
-        p = p[p > 0]
-        eff = float(torch.exp(-(p * p.log()).sum()))
-    else:
-        eff = 0.0
-    fig.update(
-        norm_a=norm_a,
-        norm_b=norm_b,
-        norm_delta=math.sqrt(fro2),
-        singular_values=[float(x) for x in sv],
-        stable_rank=(fro2 / top**2) if top > 0 else 0.0,
-        effective_rank=eff,
-    )
-    return fig
 
 
 def _config_file(w: Any) -> str:

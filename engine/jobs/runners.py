@@ -18,7 +18,8 @@ from typing import Any
 
 from ..errors import JobCancelled
 from ..progress import CancelLike, Progress, ProgressFn
-from .base import JobRequest, JobResult, get_kind, run_job
+from .base import JobRequest, JobResult
+from .catalog import get_kind, run_job
 
 #: Test-only hook: when this environment variable is set in a job's child process, the
 #: child crashes on purpose before running the job (``exit`` → ``os._exit(3)``,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..progress import Progress
+from ..progress import counted as _Steps  # the one progress combinator (engine/progress.py)
 from .common import AdapterSource, ModuleBasis, TaskProjection
 from .joint import (
     BUFFER_COLUMNS,
@@ -97,27 +97,6 @@ def merge_parts(parts: list[Built]) -> Built:
             t.original_bytes += pr.original_bytes  # summed over the chunk's modules only
             t.error_is_bound = t.error_is_bound or pr.error_is_bound
     return bases, tasks
-
-
-class _Steps:
-    """One monotone progress over consecutive runs, each with its own ``0 … steps-1`` ticks."""
-
-    def __init__(self, progress: Any, total: int) -> None:
-        self.progress = progress
-        self.total = total
-        self.done = 0
-
-    def part(self, steps: int, label: str) -> Any:
-        offset = self.done
-        self.done += steps
-        if self.progress is None:
-            return None
-        outer = self.progress
-
-        def report(p: Progress) -> None:
-            outer(Progress(offset + min(p.step, steps), self.total, f"{p.message}{label}"))
-
-        return report
 
 
 def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,

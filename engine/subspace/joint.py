@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..progress import tick
+from ..progress import ticker as _ticker  # the one progress combinator (engine/progress.py)
 from .common import (
     AdapterSource,
     ModuleBasis,
@@ -499,16 +499,6 @@ def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: d
         st = stats[m]
         chosen[m] = _choose_k(m, st, p, min(o, i, st.rank_sum), n, (o, i))
     return chosen
-
-
-def _ticker(progress: Any, cancel: Any, total: int) -> Any:
-    step = [0]
-
-    def t(msg: str) -> None:
-        tick(progress, cancel, step[0], total, msg)
-        step[0] += 1
-
-    return t
 
 
 def joint_module_k(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,

@@ -11,16 +11,17 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, OptionList, Static
 from textual.widgets.option_list import Option
+
+from .base import VloraScreen
 
 
 def _fmt(v: Any, spec: str = ".4g") -> str:
     return "—" if v is None else format(v, spec)
 
 
-class AdapterScreen(Screen):
+class AdapterScreen(VloraScreen):
     """One adapter of the working collection, read from its header; norms from ``inspect``."""
 
     BINDINGS: ClassVar = [
@@ -45,7 +46,7 @@ class AdapterScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#modules", DataTable).add_columns("module", "out × in", "rank", "dtype", "‖A‖", "‖B‖", "‖ΔW‖", "σ₁")
-        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self.app.state_signal.subscribe(self, self._on_state)
         self._shown: str | None = None
         self._refresh_list()
         self._refresh_detail()
@@ -63,12 +64,12 @@ class AdapterScreen(Screen):
 
     @property
     def spec(self) -> str | None:
-        return self.app.current_adapter  # type: ignore[attr-defined]
+        return self.app.current_adapter
 
     def _refresh_list(self) -> None:
-        from ..app import spec_name
+        from engine.io.scan import spec_name
 
-        coll = self.app.collection  # type: ignore[attr-defined]
+        coll = self.app.collection
         lst = self.query_one("#adapter-list", OptionList)
         lst.clear_options()
         lst.add_options([Option(spec_name(s), id=s) for s in coll])
@@ -79,8 +80,8 @@ class AdapterScreen(Screen):
     def _highlighted(self, event: OptionList.OptionHighlighted) -> None:
         spec = event.option.id
         if spec and spec != self.spec:
-            self.app.current_adapter = spec  # type: ignore[attr-defined]
-            self.app.state_signal.publish("adapter")  # type: ignore[attr-defined]
+            self.app.current_adapter = spec
+            self.app.state_signal.publish("adapter")
 
     def _maybe_inspect(self) -> None:
         app: Any = self.app
@@ -174,19 +175,19 @@ class AdapterScreen(Screen):
         if spec is None:
             self.notify("No adapter selected", severity="warning")
             return
-        from ..app import spec_name
+        from engine.io.scan import spec_name
 
-        self.app.submit_job("inspect", {"adapter": spec}, title=f"inspect {spec_name(spec)}", open_result=open_result)  # type: ignore[attr-defined]
+        self.app.submit_job("inspect", {"adapter": spec}, title=f"inspect {spec_name(spec)}", open_result=open_result)
 
     def action_validate(self) -> None:
         spec = self.spec
         if spec is None:
             self.notify("No adapter selected", severity="warning")
             return
-        from ..app import spec_name
+        from engine.io.scan import spec_name
 
-        self.app.submit_job("validate", {"adapters": [spec]}, title=f"validate {spec_name(spec)}")  # type: ignore[attr-defined]
+        self.app.submit_job("validate", {"adapters": [spec]}, title=f"validate {spec_name(spec)}")
 
     def action_remove(self) -> None:
         if self.spec is not None:
-            self.app.remove_from_collection(self.spec)  # type: ignore[attr-defined]
+            self.app.remove_from_collection(self.spec)

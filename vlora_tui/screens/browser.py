@@ -12,12 +12,12 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, OptionList, Static, TabbedContent, TabPane
 from textual.widgets.option_list import Option
 
 from ..messages import AddToCollection, CachedAdaptersListed, HubSearchDone
 from ..widgets.adapter_tree import AdapterTree
+from .base import VloraScreen
 
 
 def summary_table(path: Path) -> Table | Text:
@@ -44,7 +44,7 @@ def summary_table(path: Path) -> Table | Text:
     return t
 
 
-class BrowserScreen(Screen):
+class BrowserScreen(VloraScreen):
     """Find adapters and add them to the working collection."""
 
     BINDINGS: ClassVar = [
@@ -60,7 +60,7 @@ class BrowserScreen(Screen):
         with Horizontal():
             with TabbedContent(id="sources", initial="local"):
                 with TabPane("Local folders", id="local"):
-                    yield AdapterTree(self.app.config.start_path, id="tree")  # type: ignore[attr-defined]
+                    yield AdapterTree(self.app.config.start_path, id="tree")
                 with TabPane("HF cache", id="cache"):
                     yield Static("Press r to scan the local Hugging Face cache.", id="cache-notice", classes="notice")
                     yield DataTable(id="cache-table", cursor_type="row")
@@ -78,7 +78,7 @@ class BrowserScreen(Screen):
     def on_mount(self) -> None:
         self.query_one("#cache-table", DataTable).add_columns("repo", "revision", "size")
         self.query_one("#hub-table", DataTable).add_columns("repo", "downloads", "likes", "base model")
-        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self.app.state_signal.subscribe(self, self._on_state)
         self._cache_scanned = False
         self._hub_repos: list[Any] = []
         self._cached: list[Any] = []
@@ -94,16 +94,16 @@ class BrowserScreen(Screen):
 
     def _reroot(self) -> None:
         """Root the folder tree at ``app.browser_root`` (the demo, once built)."""
-        root = self.app.browser_root  # type: ignore[attr-defined]
+        root = self.app.browser_root
         tree = self.query_one(AdapterTree)
         if root is not None and Path(root).is_dir() and Path(tree.path) != Path(root):
             tree._kinds.clear()
             tree.path = Path(root)
 
     def _refresh_collection(self) -> None:
-        from ..app import spec_name
+        from engine.io.scan import spec_name
 
-        coll = self.app.collection  # type: ignore[attr-defined]
+        coll = self.app.collection
         lst = self.query_one("#collection-list", OptionList)
         highlighted = lst.highlighted
         lst.clear_options()
@@ -149,7 +149,7 @@ class BrowserScreen(Screen):
         if kind in ("adapter", "collection"):
             self._add_path(path)
         elif kind == "subspace":
-            self.app.open_subspace(str(path))  # type: ignore[attr-defined]
+            self.app.open_subspace(str(path))
         else:
             node = event.node
             node.toggle()
@@ -189,7 +189,7 @@ class BrowserScreen(Screen):
         if self.query_one("#collection-list", OptionList).has_focus:
             spec = self._highlighted_member()
             if spec:
-                self.app.show_adapter(spec)  # type: ignore[attr-defined]
+                self.app.show_adapter(spec)
             return
         path = self._highlighted_path() if self._active_tab() == "local" else None
         if path is None:
@@ -197,9 +197,9 @@ class BrowserScreen(Screen):
             return
         kind = self.query_one(AdapterTree).kind_of(path)
         if kind == "subspace":
-            self.app.open_subspace(str(path))  # type: ignore[attr-defined]
+            self.app.open_subspace(str(path))
         elif kind == "adapter":
-            self.app.show_adapter(str(path))  # type: ignore[attr-defined]
+            self.app.show_adapter(str(path))
         else:
             self._add_path(path)
 
@@ -212,14 +212,14 @@ class BrowserScreen(Screen):
     @on(OptionList.OptionSelected, "#collection-list")
     def _member_selected(self, event: OptionList.OptionSelected) -> None:
         if event.option.id:
-            self.app.show_adapter(event.option.id)  # type: ignore[attr-defined]
+            self.app.show_adapter(event.option.id)
 
     def action_remove(self) -> None:
         spec = self._highlighted_member()
         if spec is None:
             self.notify("The working collection is empty", severity="warning")
             return
-        self.app.remove_from_collection(spec)  # type: ignore[attr-defined]
+        self.app.remove_from_collection(spec)
 
     def action_search(self) -> None:
         self.query_one("#sources", TabbedContent).active = "hub"
@@ -268,7 +268,7 @@ class BrowserScreen(Screen):
     # -- Hub search ---------------------------------------------------------------------
     @on(Input.Submitted, "#hub-query")
     def _hub_submitted(self, event: Input.Submitted) -> None:
-        cfg = self.app.config  # type: ignore[attr-defined]
+        cfg = self.app.config
         notice = self.query_one("#hub-notice", Static)
         if not cfg.hub_search:
             notice.update("Hub search is turned off for this session.")

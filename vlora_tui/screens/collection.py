@@ -10,14 +10,14 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Footer, Header, Label, SelectionList, Static
 
 from ..widgets.heatmap import SimilarityHeatmap
 from ..widgets.plots import DataPlot
+from .base import VloraScreen
 
 
-class CollectionScreen(Screen):
+class CollectionScreen(VloraScreen):
     """Pick adapters (space), analyze them (a), read the heatmap, diff the pair under the cursor (d)."""
 
     BINDINGS: ClassVar = [
@@ -50,7 +50,7 @@ class CollectionScreen(Screen):
         self._signatures: dict[str, Any] = {}
         self.incompatible: dict[str, str] = {}
         """Spec → why it cannot share a basis with the majority of the collection."""
-        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self.app.state_signal.subscribe(self, self._on_state)
         self._refresh_members()
         self._refresh_analysis()
         self._refresh_diff()
@@ -65,7 +65,7 @@ class CollectionScreen(Screen):
 
     # -- members -----------------------------------------------------------------------
     def _refresh_members(self) -> None:
-        from ..app import spec_name
+        from engine.io.scan import spec_name
 
         sl = self.query_one("#members", SelectionList)
         previous = set(sl.selected)
@@ -73,7 +73,7 @@ class CollectionScreen(Screen):
         self._check_compatibility()
         highlighted = sl.highlighted
         sl.clear_options()
-        for spec in self.app.collection:  # type: ignore[attr-defined]
+        for spec in self.app.collection:
             label: Any = spec_name(spec)
             if spec in self.incompatible:
                 label = Text(f"⚠ {label}", style="bold yellow")
@@ -91,20 +91,20 @@ class CollectionScreen(Screen):
         """Mark adapters whose modules/shapes differ from the majority (headers only, read once per adapter)."""
         from ..compat import incompatible, read_signature
 
-        for spec in self.app.collection:  # type: ignore[attr-defined]
+        for spec in self.app.collection:
             if spec not in self._signatures and not spec.startswith("hf://"):
                 self._signatures[spec] = read_signature(spec)
-        known = {s: self._signatures[s] for s in self.app.collection if s in self._signatures}  # type: ignore[attr-defined]
+        known = {s: self._signatures[s] for s in self.app.collection if s in self._signatures}
         self.incompatible = incompatible(known) if len(known) >= 2 else {}
 
     def selected_specs(self) -> list[str]:
         sl = self.query_one("#members", SelectionList)
         chosen = set(sl.selected)
-        return [s for s in self.app.collection if s in chosen]  # type: ignore[attr-defined]
+        return [s for s in self.app.collection if s in chosen]
 
     # -- analysis -------------------------------------------------------------------------
     def _refresh_analysis(self) -> None:
-        data = self.app.analysis  # type: ignore[attr-defined]
+        data = self.app.analysis
         heat = self.query_one(SimilarityHeatmap)
         plot = self.query_one("#heatmap-plot", DataPlot)
         clusters = self.query_one("#clusters", Static)
@@ -135,7 +135,7 @@ class CollectionScreen(Screen):
         return t
 
     def _refresh_diff(self) -> None:
-        data = self.app.diff  # type: ignore[attr-defined]
+        data = self.app.diff
         box = self.query_one("#diff", Static)
         if not data:
             box.update("Diff: move the heatmap cursor to a pair and press d.")
@@ -152,7 +152,7 @@ class CollectionScreen(Screen):
             return
         for spec in chosen:
             sl.deselect(spec)
-        from ..app import spec_name
+        from engine.io.scan import spec_name
 
         self.notify(f"Deselected {len(chosen)}: " + "; ".join(f"{spec_name(s)}: {self.incompatible[s]}" for s in chosen)
                     if chosen else "The incompatible adapters are not selected", title="Compatibility")
@@ -162,7 +162,7 @@ class CollectionScreen(Screen):
         if len(specs) < 2:
             self.notify("Select at least two adapters to analyze", title="Analyze", severity="warning")
             return
-        self.app.submit_job("analyze", {"adapters": specs}, title=f"analyze {len(specs)} adapters")  # type: ignore[attr-defined]
+        self.app.submit_job("analyze", {"adapters": specs}, title=f"analyze {len(specs)} adapters")
 
     def action_most_similar(self) -> None:
         heat = self.query_one(SimilarityHeatmap)
@@ -176,7 +176,7 @@ class CollectionScreen(Screen):
     def action_diff(self) -> None:
         heat = self.query_one(SimilarityHeatmap)
         pair = heat.pair_at_cursor()
-        data = self.app.analysis or {}  # type: ignore[attr-defined]
+        data = self.app.analysis or {}
         paths = list(data.get("paths") or [])
         if pair is None or not paths:
             self.notify("Move the heatmap cursor onto a pair first", title="Diff", severity="warning")
@@ -185,15 +185,15 @@ class CollectionScreen(Screen):
         if i == j:
             self.notify("Pick two different adapters (off the diagonal)", title="Diff", severity="warning")
             return
-        self.app.submit_job(  # type: ignore[attr-defined]
+        self.app.submit_job(
             "diff", {"a": paths[i], "b": paths[j]}, title=f"diff {heat.labels[i]} / {heat.labels[j]}"
         )
 
     def action_compress(self) -> None:
-        self.app.action_new_job("compress", {"adapters": self.selected_specs()})  # type: ignore[attr-defined]
+        self.app.action_new_job("compress", {"adapters": self.selected_specs()})
 
     def action_merge(self) -> None:
-        self.app.action_new_job("merge", {"adapters": self.selected_specs()})  # type: ignore[attr-defined]
+        self.app.action_new_job("merge", {"adapters": self.selected_specs()})
 
     @on(SimilarityHeatmap.CellHighlighted, "#heatmap")
     def _cell(self, event: SimilarityHeatmap.CellHighlighted) -> None:

@@ -9,17 +9,17 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, RichLog, Static
 
 from ..config import tildify
+from .base import VloraScreen
 
 #: Fixed widths of the queue's columns; the job title takes what is left.
 FIXED_WIDTHS = {"id": 5, "status": 9, "progress": 4, "time": 6}
 STATUS_STYLE = {"queued": "dim", "running": "bold", "done": "green", "failed": "bold red", "cancelled": "yellow"}
 
 
-class JobsScreen(Screen):
+class JobsScreen(VloraScreen):
     """Every job of the session; the highlighted one's progress, log and result."""
 
     BINDINGS: ClassVar = [
@@ -49,7 +49,7 @@ class JobsScreen(Screen):
     def on_mount(self) -> None:
         table = self.query_one("#queue", DataTable)
         self._title_width = 20
-        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self.app.state_signal.subscribe(self, self._on_state)
         self._log_shown: tuple[str, int] | None = None
         self._followed: str | None = None
         self._refresh()
@@ -92,7 +92,7 @@ class JobsScreen(Screen):
 
     @property
     def jobs(self) -> list[Any]:
-        return self.app.jobs  # type: ignore[attr-defined]
+        return self.app.jobs
 
     def selected(self) -> Any:
         jobs = self.jobs
@@ -161,12 +161,12 @@ class JobsScreen(Screen):
     def action_cancel(self) -> None:
         job = self.selected()
         if job is None or job.finished:
-            self.app.action_cancel_job()  # type: ignore[attr-defined]
+            self.app.action_cancel_job()
         else:
-            self.app.cancel_job(job)  # type: ignore[attr-defined]
+            self.app.cancel_job(job)
 
     def action_new(self) -> None:
-        self.app.action_pick_job()  # type: ignore[attr-defined]
+        self.app.action_pick_job()
 
     def action_open_result(self) -> None:
         job = self.selected()
@@ -174,17 +174,17 @@ class JobsScreen(Screen):
             self.notify("Highlight a finished job", severity="warning")
             return
         job.open_result = True
-        self.app._open_result(job)  # type: ignore[attr-defined]
+        self.app._open_result(job)
 
     def action_add_output(self) -> None:
         """Add the adapters the highlighted export/merge job wrote to the working collection."""
         job = self.selected()
         outputs = [str(o) for o in (getattr(job.result, "outputs", None) or [])] if job is not None and job.status == "done" else []
-        adapters = [o for o in outputs if o in self.app.offered or job.kind in ("export", "merge")]  # type: ignore[attr-defined]
+        adapters = [o for o in outputs if o in self.app.offered or job.kind in ("export", "merge")]
         if not adapters:
             self.notify("Highlight a finished export or merge job", title="Add to collection", severity="warning")
             return
-        self.app.action_add_offered(adapters)  # type: ignore[attr-defined]
+        self.app.action_add_offered(adapters)
 
     def action_error(self) -> None:
         job = self.selected()

@@ -9,14 +9,14 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
 from ..config import tildify
 from ..widgets.plots import DataPlot
+from .base import VloraScreen
 
 
-class SubspaceScreen(Screen):
+class SubspaceScreen(VloraScreen):
     """Shows the ``info`` job's data on a subspace; launches export/merge/quantize/add from it."""
 
     BINDINGS: ClassVar = [
@@ -46,7 +46,7 @@ class SubspaceScreen(Screen):
     def on_mount(self) -> None:
         self._module_index = 0
         self.marked: set[str] = set()
-        self.app.state_signal.subscribe(self, self._on_state)  # type: ignore[attr-defined]
+        self.app.state_signal.subscribe(self, self._on_state)
         self._refresh()
 
     def _on_state(self, topic: str) -> None:
@@ -55,7 +55,7 @@ class SubspaceScreen(Screen):
 
     @property
     def info(self) -> dict[str, Any] | None:
-        return self.app.subspace_info  # type: ignore[attr-defined]
+        return self.app.subspace_info
 
     def tasks(self) -> list[str]:
         info = self.info or {}
@@ -80,7 +80,7 @@ class SubspaceScreen(Screen):
             self.query_one("#variance-plot", DataPlot).draw_empty()
             self.query_one("#fidelity-plot", DataPlot).draw_empty()
             return
-        stats.update(stats_table(info, self.app.subspace_path))  # type: ignore[attr-defined]
+        stats.update(stats_table(info, self.app.subspace_path))
         self._draw_variance()
         fidelity = info.get("fidelity") or {}
         modules = [m["name"] for m in info.get("modules") or []]
@@ -124,10 +124,10 @@ class SubspaceScreen(Screen):
         self._draw_variance()
 
     def action_open(self) -> None:
-        self.app.action_open_subspace_prompt()  # type: ignore[attr-defined]
+        self.app.action_open_subspace_prompt()
 
     def _need(self) -> bool:
-        if self.app.subspace_path is None:  # type: ignore[attr-defined]
+        if self.app.subspace_path is None:
             self.notify("Open a subspace first (o)", severity="warning")
             return False
         return True
@@ -135,8 +135,8 @@ class SubspaceScreen(Screen):
     def action_export(self) -> None:
         if self._need():
             task = self.highlighted_task()
-            out = self.app.unique_output(f"export-{task}")  # type: ignore[attr-defined]
-            self.app.action_new_job("export", {"subspace": self.app.subspace_path, "task_id": task, "output": out})  # type: ignore[attr-defined]
+            out = self.app.unique_output(f"export-{task}")
+            self.app.action_new_job("export", {"subspace": self.app.subspace_path, "task_id": task, "output": out})
 
     def action_mark(self) -> None:
         """Mark or unmark the highlighted task (merge takes the marked tasks)."""
@@ -151,7 +151,7 @@ class SubspaceScreen(Screen):
         """Merge the marked tasks' source adapters (or the highlighted one and the next)."""
         if not self._need():
             return
-        from ..app import spec_name
+        from engine.io.scan import spec_name
 
         tasks = self.tasks()
         chosen = [t for t in tasks if t in self.marked]
@@ -159,25 +159,25 @@ class SubspaceScreen(Screen):
             task = self.highlighted_task()
             i = tasks.index(task) if task in tasks else 0
             chosen = tasks[i:i + 2] if i + 1 < len(tasks) else tasks[-2:]
-        by_name = {spec_name(s): s for s in self.app.collection}  # type: ignore[attr-defined]
+        by_name = {spec_name(s): s for s in self.app.collection}
         missing = [t for t in chosen if t not in by_name]
         if missing:
             self.notify(f"no source adapter in the collection for {', '.join(missing)}", title="Merge", severity="error")
             return
-        out = self.app.unique_output("merge-" + "+".join(chosen))  # type: ignore[attr-defined]
-        self.app.action_new_job("merge", {"adapters": [by_name[t] for t in chosen], "output": out})  # type: ignore[attr-defined]
+        out = self.app.unique_output("merge-" + "+".join(chosen))
+        self.app.action_new_job("merge", {"adapters": [by_name[t] for t in chosen], "output": out})
 
     def action_quantize(self) -> None:
         if self._need():
-            self.app.action_new_job("quantize", {"subspace": self.app.subspace_path})  # type: ignore[attr-defined]
+            self.app.action_new_job("quantize", {"subspace": self.app.subspace_path})
 
     def action_add(self) -> None:
         if self._need():
-            from ..app import spec_name
+            from engine.io.scan import spec_name
 
-            spec = self.app.current_adapter  # type: ignore[attr-defined]
-            values = {"subspace": self.app.subspace_path, "adapter": spec, "task_id": spec_name(spec) if spec else None}  # type: ignore[attr-defined]
-            self.app.action_new_job("add", values)  # type: ignore[attr-defined]
+            spec = self.app.current_adapter
+            values = {"subspace": self.app.subspace_path, "adapter": spec, "task_id": spec_name(spec) if spec else None}
+            self.app.action_new_job("add", values)
 
     @on(DataTable.RowSelected, "#fidelity")
     def _task_selected(self) -> None:

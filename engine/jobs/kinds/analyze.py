@@ -1,0 +1,86 @@
+"""The ``analyze`` job kind: similarity of the updates ΔW, clusters, outliers and shared structure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...progress import CancelLike, ProgressFn, StagedProgress
+from ...registry import Param
+from ..base import JobKind, JobOutput
+from ..params import ADAPTERS, EXCLUDE
+
+
+def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Similarity of the adapters' updates ΔW, clusters, outliers, and shared structure.
+
+    Cosines go through r×r products (no d×d update is formed).
+
+    data: ``{"names": [str…], "similarity": N×N list (overall cosine of ΔW), "norms": [‖ΔW‖…],
+    "clusters": [{"members": [i…], "names": [str…]}…] (largest first), "threshold", "linkage",
+    "outliers": [{"index", "name"}…], "outlier_threshold", "max_similarity": [per adapter],
+    "mean_similarity": [per adapter], "variance": {"side": "column", "ks", "mean": {k: share},
+    "modules": {module: {"cumulative", "at_k", "k90", "k99"}}},
+    "modules": {module: {"matrix", "norms"}} (only with ``per_module``),
+    "compared_modules": [module…], "left_out": {adapter: [module…]}}``
+
+    Adapters with different target modules are compared on the modules they all
+    have (same shape); ``left_out`` lists, per adapter, the modules that leaves out
+    (empty when every adapter has the same modules).
+    """
+    from ...analysis import compute_similarity_matrix, explained_variance, find_clusters, find_outliers
+    from ...io.local import common_modules
+    from ...subspace.common import restrict_modules
+    from ..common import load_adapters
+
+    stages = StagedProgress(progress, {"load": 2, "similarity": 2, "variance": 1})
+    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=params.get("exclude"))
+    if len(adapters) < 2:
+        raise ValueError(f"adapters: analyze needs at least 2 adapters, got {len(adapters)}")
+    overlap = common_modules(adapters)
+    if not overlap.complete:
+        adapters = [restrict_modules(a, overlap.modules) for a in adapters]
+    sim = compute_similarity_matrix(adapters, progress=stages.stage("similarity"), cancel=cancel)
+    clusters = find_clusters(sim, params["threshold"], linkage=params["linkage"])
+    outliers = find_outliers(sim, params["outlier_threshold"])
+    variance = explained_variance(adapters, progress=stages.stage("variance"), cancel=cancel)
+    stages.done()
+    sd = sim.to_dict(modules=params["per_module"])
+    od = outliers.to_dict()
+    data: dict[str, Any] = {
+        "names": sd["names"],
+        "similarity": sd["matrix"],
+        "norms": sd["norms"],
+        "clusters": clusters.to_dict()["clusters"],
+        "threshold": clusters.threshold,
+        "linkage": clusters.linkage,
+        "outliers": od["outliers"],
+        "outlier_threshold": od["threshold"],
+        "max_similarity": od["max_similarity"],
+        "mean_similarity": od["mean_similarity"],
+        "variance": variance.to_dict(),
+        **overlap.to_dict(),
+    }
+    if params["per_module"]:
+        data["modules"] = sd["modules"]
+    multi = sum(1 for c in clusters if len(c) > 1)
+    summary = f"{len(adapters)} adapters: {len(clusters)} cluster(s) ({multi} with several members), {len(outliers)} outlier(s)"
+    if not overlap.complete:
+        summary += (f"; compared on the {len(overlap.modules)} modules all share "
+                    f"({len(overlap.left_out)} adapter(s) have modules left out)")
+    return JobOutput(summary=summary, data=data)
+
+
+KIND = JobKind(
+    "analyze", "Analyze collection", "similarity of the updates ΔW, clusters, outliers and shared structure",
+    (
+        ADAPTERS,
+        EXCLUDE,
+        Param("threshold", "float", 0.5, "similarity at which adapters cluster together", minimum=-1.0, maximum=1.0),
+        Param("outlier_threshold", "float", 0.1, "an adapter whose largest |cosine| to the others is below this is an outlier",
+              minimum=0.0, maximum=1.0),
+        Param("linkage", "choice", "average", "clustering linkage", ("average", "single")),
+        Param("per_module", "bool", False, "also report per-module similarity matrices"),
+    ),
+    func=run_analyze,
+    positionals=("adapters",), min_adapters=2, form_rank=5, view="analysis",
+)

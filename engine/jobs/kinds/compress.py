@@ -1,0 +1,139 @@
+"""The ``compress`` job kind: build a shared subspace from adapters and save it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...progress import CancelLike, ProgressFn, StagedProgress, tick
+from ...registry import Param
+from ..base import JobKind, JobOutput
+from ..params import ADAPTERS, EXCLUDE, FORCE, default_compress_method, method_choices, method_kwargs, method_params, output_param
+from ..reports import module_rows, ratio_words
+
+
+_COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force", "exclude", "group_by")
+
+
+def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
+    """Build a shared subspace from adapters with a registered method and save it (temp folder, then rename).
+
+    The method's own parameters (``num_components``, ``variance_threshold``, ``max_error``,
+    ``adaptive_k``, ``dtype``, ``streaming``, ``refine``, ``hybrid``…) pass through; one the
+    method does not take is refused.
+
+    data: ``{"path", "tasks": [task id…], "method", "streaming": bool,
+    "stats": SharedSubspace.compression_stats(), "modules": [as in ``info``]}`` — ``stats`` holds
+    ``disk`` (the ratio printed: the inputs' files on disk / every file of the saved folder,
+    :func:`engine.subspace.size.size_on_disk`), ``storage`` (shared or per task, per module, and
+    its ``summary`` line), ``original_bytes``, ``stored_bytes``, ``ratio``, ``ratio_vs_fp16``
+    (tensors in memory, seed-compatible), ``k`` {module: k}, ``module_kinds``,
+    ``dtype``, ``quantization``, ``error`` {``mean``, ``max``, ``per_task`` {task: {mean, max}},
+    ``per_module`` {module: {mean, max}}, ``is_bound``} and ``fidelity`` {task: {module: error}}
+    (errors are relative ‖ΔW−ΔŴ‖/‖ΔW‖, measured after rounding to the storage dtype).
+    """
+    from ...registry import get_method
+    from ..common import load_adapters, resolve_local_paths
+
+    if params["task_ids"] is not None:
+        from ...io.scan import validate_task_id
+
+        for t in params["task_ids"]:
+            validate_task_id(t)
+    from ...errors import IncompatibleAdaptersError
+    from ...io.local import describe_sets, partition_compatible
+
+    method = params["method"]
+    info = get_method("compress", method)
+    kwargs = method_kwargs("compress", method, params, _COMPRESS_FIXED)
+    streaming = bool(kwargs.get("streaming"))
+    grouped = params.get("group_by") == "compat"
+    stages = StagedProgress(progress, {"load": 1, "build": 4, "save": 1})
+    inputs: list[Any]
+    exclude = params.get("exclude")
+    if streaming:
+        pairs = resolve_local_paths(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
+        names, inputs = [n for n, _ in pairs], [p for _, p in pairs]
+    else:
+        inputs = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
+        names = [a.name for a in inputs]
+    ids = params["task_ids"] or names
+    _check_ids(ids, len(inputs))
+    sets = partition_compatible(inputs, names=ids)  # headers only when streaming
+    if grouped:
+        return _compress_groups(params, info, kwargs, inputs, ids, sets, stages, streaming, cancel)
+    if len(sets) > 1:
+        raise IncompatibleAdaptersError(
+            f"adapters: one subspace needs adapters with the same target modules and shapes, these form {describe_sets(sets)}. "
+            "Compress one set with --exclude PATTERN, or each set into its own subspace with --group-by compat"
+        )
+    assert info.func is not None
+    sub = info.func(inputs, task_ids=ids, progress=stages.stage("build"), cancel=cancel, **kwargs)
+    tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
+    out = sub.save(params["output"], force=params["force"])
+    stages.done()
+    stats = sub.compression_stats()
+    err = stats["error"]
+    modules = module_rows(sub, stats["storage"], stats["fidelity"], sub.explained_variance())
+    return JobOutput(
+        summary=(f"compressed {len(sub.tasks)} adapters into {out} ({stats['method']}): {ratio_words(stats['disk'])}, "
+                 f"ΔW error mean {err['mean']:.3g} max {err['max']:.3g}; {stats['storage']['summary']}"),
+        outputs=[str(out)],
+        data={"path": str(out), "tasks": sub.task_ids, "method": sub.method, "streaming": streaming, "stats": stats,
+              "modules": modules},
+    )
+
+
+def _compress_groups(params: dict[str, Any], info: Any, kwargs: dict[str, Any], inputs: list[Any], ids: list[str],
+                     sets: list[Any], stages: StagedProgress, streaming: bool, cancel: CancelLike | None) -> JobOutput:
+    """``compress --group-by compat``: one subspace per compatible set, written as ``OUTPUT/<set name>``."""
+    from ...io.local import atomic_dir
+
+    out = Path(params["output"])
+    build = stages.stage("build")
+    written: list[dict[str, Any]] = []
+    assert info.func is not None
+    with atomic_dir(out, force=params["force"]) as tmp:  # every subspace appears at once, or none
+        for si, cs in enumerate(sets):
+            tick(build, cancel, si, len(sets), f"set {cs.name}: {len(cs.members)} adapter(s)")
+            sub = info.func([inputs[i] for i in cs.indices], task_ids=[ids[i] for i in cs.indices], cancel=cancel, **kwargs)
+            sub.save(tmp / cs.name)
+            stats = sub.compression_stats()
+            written.append({**cs.to_dict(), "path": str(out / cs.name), "tasks": sub.task_ids, "stats": stats})
+        tick(build, cancel, len(sets), len(sets), "saving")
+        tick(stages.stage("save"), cancel, 0, 1, f"writing {out}")
+    stages.done()
+    worst = max((w["stats"]["error"]["max"] for w in written), default=0.0)
+    return JobOutput(
+        summary=(f"compressed {len(inputs)} adapters into {len(written)} subspace(s) under {out} "
+                 f"({', '.join(w['name'] for w in written)}), ΔW error max {worst:.3g}"),
+        outputs=[w["path"] for w in written],
+        data={"path": str(out), "grouped": True, "layout": "OUTPUT/<set name>", "method": info.name,
+              "streaming": streaming, "tasks": [t for w in written for t in w["tasks"]], "sets": written},
+    )
+
+
+def _check_ids(ids: list[str], n: int) -> None:
+    if len(ids) != n:
+        raise ValueError(f"task_ids: got {len(ids)} id(s) for {n} adapter(s)")
+    dup = sorted({t for t in ids if ids.count(t) > 1})
+    if dup:
+        raise ValueError(f"task_ids: duplicate id {dup[0]!r}")
+
+
+KIND = JobKind(
+    "compress", "Compress adapters", "build a shared subspace from adapters and save it",
+    (
+        ADAPTERS,
+        output_param("folder to write the subspace into"),
+        Param("method", "choice", default_compress_method(), "compression method", method_choices("compress")),
+        *method_params("compress", _COMPRESS_FIXED),
+        Param("task_ids", "strs", None, "one task id per adapter (default: folder or repo names)"),
+        EXCLUDE,
+        Param("group_by", "choice", "none", "compat: one subspace per set of adapters with the same target "
+              "modules and shapes, written as OUTPUT/<set name>; none: refuse adapters that differ", ("none", "compat")),
+        FORCE,
+    ),
+    writes=("output",), func=run_compress,
+    positionals=("adapters",), process=True, min_adapters=2, form_rank=0, view="subspace_written",
+)

@@ -1,0 +1,147 @@
+"""Renderers of the jobs on adapters: demo, inspect, validate, analyze, diff, merge, export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Block, fmt_bytes, renderer
+
+
+@renderer("demo")
+def _render_demo(d: dict[str, Any]) -> list[Block]:
+    rows = [[fam, len(tasks), ", ".join(tasks)] for fam, tasks in d["families"].items()]
+    return [("kv", "Demo collection", [("path", d["path"]), ("adapters", len(d["adapters"]))]),
+            ("table", "Families", ["family", "tasks", "names"], rows)]
+
+
+def render_adapter_info(d: dict[str, Any]) -> list[Block]:
+    kv = [
+        ("path", d["path"]), ("base model", d["base_model"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
+        ("rsLoRA", d["use_rslora"]), ("target modules", d["target_modules"]), ("modules", d["num_modules"]),
+        ("parameters", d["num_params"]), ("size", fmt_bytes(d["bytes"])), ("dtypes", d["dtypes"]),
+    ]
+    if d.get("extra_tensors"):
+        kv.append(("extra tensors", len(d["extra_tensors"])))
+    rows = [[m["name"], m["rank"], m["out_features"], m["in_features"], m["dtype"]] for m in d["modules"]]
+    return [("kv", "Adapter", kv), ("table", "Modules", ["module", "rank", "out", "in", "dtype"], rows)]
+
+
+def render_collection_info(d: dict[str, Any]) -> list[Block]:
+    rows = [
+        [a["name"], a.get("rank"), a.get("num_modules"), a.get("num_params"), fmt_bytes(a.get("bytes")),
+         a.get("base_model") if a["ok"] else "ERROR: " + str(a.get("error"))]
+        for a in d["adapters"]
+    ]
+    blocks: list[Block] = [
+        ("kv", "Collection", [("path", d["path"]), ("adapters", d["count"]), ("base models", d["base_models"]),
+                              ("ranks", d["ranks"]), ("total size", fmt_bytes(d["total_bytes"]))]),
+        ("table", "Adapters", ["name", "rank", "modules", "params", "size", "base model"], rows),
+    ]
+    if d["problems"]:
+        blocks.append(("lines", "Problems", [f"- {p}" for p in d["problems"]]))
+    return blocks
+
+
+@renderer("inspect")
+def _render_inspect(d: dict[str, Any]) -> list[Block]:
+    kv = [("path", d["path"]), ("base model", d["base_model"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
+          ("rsLoRA", d["use_rslora"]), ("parameters", d["num_params"]), ("size", fmt_bytes(d["bytes"])),
+          ("‖ΔW‖ total", d["norm_delta_total"])]
+    rows = [[m["name"], m["rank"], f"{m['out_features']}×{m['in_features']}", m["scale"], m["norm_a"], m["norm_b"],
+             m["norm_delta"], m["stable_rank"]] for m in d["modules"]]
+    blocks: list[Block] = [("kv", "Adapter", kv),
+                           ("table", "Modules", ["module", "rank", "shape", "scale", "‖A‖", "‖B‖", "‖ΔW‖", "stable rank"], rows)]
+    blocks.append(("lines", "Problems", [f"- {p}" for p in d["problems"]] or ["none"]))
+    return blocks
+
+
+@renderer("validate")
+def _render_validate(d: dict[str, Any]) -> list[Block]:
+    rows = [[a["name"], "ok" if a["ok"] else "INVALID", a["error"] or "; ".join(a["warnings"]) or "-"] for a in d["adapters"]]
+    lines = []
+    if d["compatible"] is True:
+        lines.append("compatible: yes" + (f" ({'; '.join(d['compat_warnings'])})" if d["compat_warnings"] else ""))
+    elif d["compatible"] is False:
+        lines.append(f"compatible: NO ({d['compatibility']})")
+    blocks: list[Block] = [("table", "Adapters", ["adapter", "status", "problems"], rows)]
+    if d.get("target"):
+        found = [f"- {a['name']}: {p}" for a in d["adapters"] for p in a.get("target_problems", [])]
+        blocks.append(("lines", f"For {d['target']}", found or ["nothing it refuses or misreads"]))
+    lines.append("result: " + ("all valid" if d["ok"] else "FAILED"))
+    return [*blocks, ("lines", None, lines)]
+
+
+@renderer("export")
+def _render_export(d: dict[str, Any]) -> list[Block]:
+    kv = [("path", d["path"]), ("task", d["task_id"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
+          ("base model", d["base_model"]), ("target modules", d["target_modules"]), ("dtype", d["dtype"]),
+          ("Modelfile", d["modelfile"]), ("ΔW error mean", d["mean_error"]), ("ΔW error max", d["max_error"])]
+    if d.get("target"):
+        kv.insert(2, ("target", d["target"]))
+    blocks: list[Block] = [("kv", "Adapter exported", kv)]
+    if d.get("target_warnings"):
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["target_warnings"]]))
+    return blocks
+
+
+@renderer("merge")
+def _render_merge(d: dict[str, Any]) -> list[Block]:
+    kv = [("output", d["path"]), ("method", d["method"]), ("inputs", d["inputs"]), ("rank", d["rank"]),
+          ("parameters", d["num_params"]), ("max ΔW error", d["max_error"]), ("overall ΔW error", d["overall_error"])]
+    kv += [(k, v) for k, v in d["params"].items() if k not in ("rank",)]
+    blocks: list[Block] = [("kv", "Merged adapter", kv)]
+    if not all(e == 0 for e in d["errors"].values()):
+        rows = [[m, d["ranks"].get(m), d["norms"].get(m), e] for m, e in d["errors"].items()]
+        blocks.append(("table", "Per-module truncation error", ["module", "rank", "‖ΔW‖", "rel. error"], rows))
+    if d.get("heads"):
+        blocks.append(("table", "Heads (modules_to_save, extra tensors)", ["head", "kept"],
+                       [[h, v] for h, v in d["heads"].items()]))
+    warnings = [*d["warnings"], *d.get("target_warnings", [])]
+    if warnings:
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in warnings]))
+    return blocks
+
+
+def _left_out_lines(left_out: dict[str, list[str]]) -> list[str]:
+    lines = []
+    for name, mods in left_out.items():
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in mods})
+        lines.append(f"- {name}: {len(mods)} module(s) ({', '.join(kinds)})")
+    return lines
+
+
+@renderer("analyze")
+def _render_analyze(d: dict[str, Any]) -> list[Block]:
+    names = d["names"]
+    short = [n if len(n) <= 10 else n[:9] + "…" for n in names]
+    sim_rows = [[names[i], *[f"{v:.2f}" if v is not None else "-" for v in row]] for i, row in enumerate(d["similarity"])]
+    cl_rows = [[i + 1, len(c["names"]), ", ".join(c["names"])] for i, c in enumerate(d["clusters"])]
+    out_names = {o["name"] for o in d["outliers"]}
+    per = [[n, d["max_similarity"][i], d["mean_similarity"][i], "outlier" if n in out_names else ""] for i, n in enumerate(names)]
+    var = d["variance"]["mean"]
+    blocks: list[Block] = [
+        ("table", "Cosine similarity of ΔW", ["adapter", *short], sim_rows),
+        ("table", f"Clusters (threshold {d['threshold']:g}, {d['linkage']} linkage)", ["#", "size", "members"], cl_rows),
+        ("table", f"Outliers (max |cos| < {d['outlier_threshold']:g})", ["adapter", "max |cos|", "mean cos", ""], per),
+        ("table", "Shared structure: energy of all ΔW captured by the top-k shared column directions (mean over modules)",
+         ["k", *var.keys()], [["share", *[f"{v:.1%}" for v in var.values()]]]),
+    ]
+    if d.get("left_out"):
+        blocks.append(("lines", f"Compared on the {len(d['compared_modules'])} modules every adapter has; left out:",
+                       _left_out_lines(d["left_out"])))
+    return blocks
+
+
+@renderer("diff")
+def _render_diff(d: dict[str, Any]) -> list[Block]:
+    rows = [[m["module"], m["rank_a"], m["rank_b"], m["norm_a"], m["norm_b"], m["cosine"], m["relative_difference"]]
+            for m in d["modules"]]
+    o = d["overall"]
+    blocks: list[Block] = [
+        ("kv", f"{d['a']} vs {d['b']}", [("cosine", o["cosine"]), ("relative difference", o["relative_difference"]),
+                                         ("‖ΔW‖ a", o["norm_a"]), ("‖ΔW‖ b", o["norm_b"])]),
+        ("table", "Per module", ["module", "rank a", "rank b", "‖ΔW_a‖", "‖ΔW_b‖", "cosine", "‖ΔW_a−ΔW_b‖/‖ΔW_a‖"], rows),
+    ]
+    if d["only_in_a"] or d["only_in_b"]:
+        blocks.append(("kv", "Not shared", [("only in a", d["only_in_a"]), ("only in b", d["only_in_b"])]))
+    return blocks

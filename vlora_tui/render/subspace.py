@@ -1,0 +1,141 @@
+"""Renderers of the jobs on subspaces (and ``info``, which may describe an adapter or a collection too)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adapters import render_adapter_info, render_collection_info
+from .base import Block, fmt, fmt_bytes, fmt_ratio, renderer
+
+
+@renderer("info")
+def _render_info(d: dict[str, Any]) -> list[Block]:
+    if d.get("type") == "collection":
+        return render_collection_info(d)
+    if d.get("type") == "subspace":
+        return _render_subspace_info(d)
+    return render_adapter_info(d)
+
+
+def _disk_kv(disk: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The engine's one ratio (engine.subspace.size.size_on_disk), as it gives it."""
+    if not disk:
+        return [("ratio", "n/a")]
+    kv = [("inputs on disk", fmt_bytes(disk["input_bytes"]) if disk["input_bytes"] is not None else "not recorded"),
+          ("size on disk", fmt_bytes(disk["bytes"])), ("ratio", disk["text"])]
+    return kv + ([("note", disk["note"])] if disk.get("note") else [])
+
+
+def _stats_kv(st: dict[str, Any]) -> list[tuple[str, Any]]:
+    err = st["error"]
+    kv = [("method", st["method"]), ("tasks", st["num_tasks"]), ("modules", st["num_modules"]), ("dtype", st["dtype"]),
+          *_disk_kv(st.get("disk")), ("ΔW error mean", err["mean"]), ("ΔW error max", err["max"])]
+    if err.get("is_bound"):
+        kv.append(("errors are", "upper bounds"))
+    q = st.get("quantization")
+    kv.append(("quantization", f"{q['bits']}-bit {q['method']}" + (" + double quant" if q.get("double_quant") else "") if q else None))
+    return kv
+
+
+def _task_rows(per_task: dict[str, Any]) -> list[list[Any]]:
+    return [[t, e["mean"], e["max"]] for t, e in per_task.items()]
+
+
+def _module_table(modules: list[dict[str, Any]]) -> Block:
+    rows = [[m["name"], m["stored"], f"{m['out_features']}×{m['in_features']}",
+             f"{m['explained_at_k']:.1%}" if m["explained_at_k"] is not None else "-", m["mean_error"], m["max_error"]]
+            for m in modules]
+    return ("table", "Modules (shared k_u×k_v, or stored per task at a rank)",
+            ["module", "stored", "shape", "explained at k", "mean error", "max error"], rows)
+
+
+def _storage_lines(st: dict[str, Any]) -> Block:
+    return ("lines", None, [st["storage"]["summary"]])
+
+
+def _render_subspace_info(d: dict[str, Any]) -> list[Block]:
+    st = d["stats"]
+    kv = [("path", d["path"]), ("base model", d["base_model"]), ("format", d["format_version"]), *_stats_kv(st)]
+    tasks = [[t["task_id"], t["rank"], t["mean_error"], t["max_error"], "bound" if t["error_is_bound"] else ""] for t in d["tasks"]]
+    return [("kv", "Subspace", kv),
+            ("table", "Tasks (relative ΔW error)", ["task", "rank", "mean", "max", ""], tasks),
+            _module_table(d["modules"]), _storage_lines(st)]
+
+
+@renderer("compress")
+def _render_compress(d: dict[str, Any]) -> list[Block]:
+    if d.get("grouped"):
+        rows = [[s["name"], s["path"], len(s["tasks"]), s["num_modules"], ", ".join(s["tasks"]),
+                 f"{s['stats']['ratio']:.2f}x", s["stats"]["error"]["mean"], s["stats"]["error"]["max"]] for s in d["sets"]]
+        return [("kv", "Subspaces written (one per compatible set, OUTPUT/<set name>)",
+                 [("path", d["path"]), ("method", d["method"]), ("sets", len(d["sets"])), ("tasks", len(d["tasks"]))]),
+                ("table", "Sets (relative ΔW error)", ["set", "path", "tasks", "modules", "members", "ratio", "mean", "max"], rows)]
+    st = d["stats"]
+    return [("kv", "Subspace written", [("path", d["path"]), *_stats_kv(st)]),
+            ("table", "Tasks (relative ΔW error)", ["task", "mean", "max"], _task_rows(st["error"]["per_task"])),
+            _module_table(d["modules"]), _storage_lines(st)]
+
+
+def _target_text(rule: dict[str, Any] | None) -> str:
+    if not rule:
+        return "-"
+    parts = [f"{k} {rule[k]:g}" for k in ("max_error", "mean_error") if rule.get(k) is not None]
+    if not parts:
+        parts = [f"k = {rule['num_components']} (no error target)" if rule["rule"] == "num_components"
+                 else f"variance {rule.get('variance_threshold') or 0.6:g} (no error target)"]
+    return ", ".join(parts) + (" (inferred)" if rule.get("inferred") else "")
+
+
+def _before_after(b: Any, a: Any) -> str:
+    return f"{fmt(b)} → {fmt(a)}" if b is not None else f"(new) {fmt(a)}"
+
+
+@renderer("add")
+def _render_add(d: dict[str, Any]) -> list[Block]:
+    t = d["task"]
+    kv = [("path", d["path"]), ("task", d["task_id"]), ("mode", d["mode"]), ("target", _target_text(d.get("target"))),
+          ("ΔW error mean", t["mean_error"]), ("ΔW error max", t["max_error"])]
+    if "before" in d:
+        kv += [("stored tasks mean", _before_after(d["before"]["mean"], d["stored_after"]["mean"])),
+               ("stored tasks max", _before_after(d["before"]["max"], d["stored_after"]["max"]))]
+    kv += [("tasks now", d["stats"]["num_tasks"]), *_disk_kv(d["stats"].get("disk"))]
+    blocks: list[Block] = [("kv", "Task added", kv)]
+    if d.get("tasks"):
+        rows = [[r["task_id"], _before_after(r["before"]["mean"] if r["before"] else None, r["after"]["mean"]),
+                 _before_after(r["before"]["max"] if r["before"] else None, r["after"]["max"]),
+                 ("BREAKS TARGET " if r["breaks_target"] else "") + ("bound" if r["error_is_bound"] else "")]
+                for r in d["tasks"]]
+        blocks.append(("table", "Tasks (relative ΔW error, before → after)", ["task", "mean", "max", ""], rows))
+    blocks.append(_storage_lines(d["stats"]))
+    return blocks
+
+
+@renderer("quantize")
+def _render_quantize(d: dict[str, Any]) -> list[Block]:
+    q = d["quantization"]
+    b, a = d["before"], d["after"]
+    rows = [["size on disk", fmt_bytes(b.get("disk_bytes")), fmt_bytes(a.get("disk_bytes"))],
+            ["ratio", fmt_ratio(b["ratio"]), fmt_ratio(a["ratio"])],
+            ["ΔW error mean", b["mean_error"], a["mean_error"]], ["ΔW error max", b["max_error"], a["max_error"]]]
+    return [("kv", "Quantized subspace", [("path", d["path"]), ("bits", q["bits"]), ("method", q["method"]),
+                                          ("double quant", q["double_quant"]), ("loadings quantized", q["quantize_loadings"]),
+                                          ("target", _target_text(d.get("target")))]),
+            ("table", "Before / after", ["", "before", "after"], rows)]
+
+
+@renderer("benchmark")
+def _render_benchmark(d: dict[str, Any]) -> list[Block]:
+    fp32 = d.get("input_bytes_fp16") is not None and d["input_bytes_fp16"] != d.get("input_bytes")
+    rows = [[r["method"], r["k"], fmt_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-", fmt_ratio(r["ratio"]),
+             *([fmt_ratio(r.get("ratio_vs_fp16"))] if fp32 else []), r["mean_error"], r["max_error"],
+             f"{r['seconds']:.2f}" if r["seconds"] is not None else "-", (r["error"] or "")[:60]] for r in d["rows"]]
+    kv = [("adapters", len(d["tasks"])),
+          ("inputs on disk", fmt_bytes(d["input_bytes"]) if d.get("input_bytes") is not None else "not recorded")]
+    blocks: list[Block] = [
+        ("kv", "Benchmark", kv),
+        ("table", "Fidelity and size over k (bytes on disk; relative ΔW error; svd = each task alone, the baseline)",
+         ["method", "k", "on disk", "ratio", *(["vs fp16 inputs"] if fp32 else []), "mean error", "max error", "s", "note"],
+         rows)]
+    if d.get("skipped"):
+        blocks.append(("lines", "Skipped", [f"- {s['method']}: {s['reason']}" for s in d["skipped"]]))
+    return blocks
