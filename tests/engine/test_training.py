@@ -200,3 +200,35 @@ def test_trainer_validates_and_trains_a_stored_task(family):
     model = tr.model
     with pytest.raises(ValueError, match="being trained"):
         model(input_ids=IDS, task_ids=["t1", "t0", None, "t1"])
+
+
+def test_callback_trains_the_task_in_a_trainer_loop(family, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from engine import VLoRACallback
+
+    sub = _shared(family)
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = VLoRAModel(base, sub)
+    data = [{"input_ids": IDS[i], "labels": LABELS[i]} for i in range(IDS.shape[0])]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=5e-2, save_strategy="steps", save_steps=1, report_to=[], use_cpu=True,
+                             logging_strategy="no", disable_tqdm=True)
+    cb = VLoRACallback(sub, "new")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+
+    assert cb.trainer is not None and model.trainable_task is cb.trainer.task
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the Trainer trained only the task
+    proj = sub.tasks["new"]  # written back at the end: the trained coefficients, rounded
+    for m, b in sub.modules.items():
+        assert proj.coeffs[m]["sigma"].abs().max() > 0
+        torch.testing.assert_close(proj.coeffs[m]["sigma"].float(), cb.trainer.params[f"{m}.sigma"].detach(),
+                                   rtol=1e-3, atol=1e-5)
+    # each checkpoint holds the subspace with the task as it was at that step
+    saved = [tmp_path / "run" / f"checkpoint-{s}" / "vlora-subspace" for s in (1, 2)]
+    assert cb.saved == saved
+    first, last = SharedSubspace.load(saved[0]), SharedSubspace.load(saved[1])
+    m = sorted(sub.modules)[0]
+    assert torch.equal(last.tasks["new"].coeffs[m]["sigma"], proj.coeffs[m]["sigma"])
+    assert not torch.equal(first.tasks["new"].coeffs[m]["sigma"], proj.coeffs[m]["sigma"])
