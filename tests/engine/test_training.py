@@ -232,3 +232,26 @@ def test_callback_trains_the_task_in_a_trainer_loop(family, tmp_path):
     m = sorted(sub.modules)[0]
     assert torch.equal(last.tasks["new"].coeffs[m]["sigma"], proj.coeffs[m]["sigma"])
     assert not torch.equal(first.tasks["new"].coeffs[m]["sigma"], proj.coeffs[m]["sigma"])
+
+
+@pytest.mark.parametrize("num_expand", [0, 1])
+def test_pca_subspace_trains_its_loadings(family, tmp_path, num_expand):
+    from peft import PeftModel
+
+    sub = SharedSubspace.from_adapters(family, [f"t{i}" for i in range(len(family))], method="pca", num_components=2)
+    recon = {t: sub.reconstruct(t) for t in sub.tasks}
+    torch.manual_seed(2)
+    tr = SubspaceTrainer(sub, "new", lr=2e-2, num_expand=num_expand, model=tiny_llama(), seed=2)
+    assert set(tr.params) == {f"{m}.loadings_{s}" for m in sub.modules for s in "ab"}
+    losses = _train(tr, 5)
+    assert losses[-1] < losses[0]
+    proj = tr.write_back()
+    assert all(0 <= e < 2e-3 for e in proj.fidelity.values())
+    for t, w in recon.items():
+        again = sub.reconstruct(t)
+        assert all(torch.equal(again.lora_a[m], w.lora_a[m]) and torch.equal(again.lora_b[m], w.lora_b[m]) for m in w.layer_names)
+    save_adapter(sub.reconstruct("new"), tmp_path / "new")
+    served = VLoRAModel(tiny_llama(), sub)
+    served.set_task("new")
+    ref = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "new")).eval()
+    torch.testing.assert_close(_logits(served), _logits(ref), rtol=1e-5, atol=1e-5)
