@@ -69,6 +69,12 @@ _EXPORTS: dict[str, str] = {
     "TaskProjection": ".subspace",
     # inference
     "VLoRAModel": ".inference",
+    # training and routing in the subspace
+    "orthogonal_init": ".training",
+    "SubspaceTrainer": ".training",
+    "VLoRACallback": ".training",
+    "TaskRouter": ".training",
+    "RoutedBlend": ".training",
     # pipeline helpers and jobs
     "init_subspace": ".pipeline",
     "absorb_task": ".pipeline",

@@ -156,9 +156,15 @@ class ModuleState:
     hook: Any = field(default=None, repr=False)
 
     # -- one task for every row -------------------------------------------------------
-    def single(self, x: Tensor, t: TaskModule) -> Tensor:
-        """The update of ``x`` (…×in) by one task (…×out, compute dtype)."""
+    def single(self, x: Tensor, t: Any) -> Tensor:
+        """The update of ``x`` (…×in) by one task (…×out, compute dtype).
+
+        ``t`` is a cached :class:`TaskModule`, or a module of a task under training
+        (:mod:`engine.inference.trainable`), whose ``update`` recomputes it from its parameters.
+        """
         xc = x if x.dtype == self.dtype else x.to(self.dtype)
+        if not isinstance(t, TaskModule):
+            return t.update(xc)
         if self.shared:
             return ((xc @ self.v) @ t.left) @ t.right @ self.ut
         return (xc @ t.left) @ t.right
@@ -185,6 +191,23 @@ class ModuleState:
             else:
                 out[rows] = (xc[rows] @ t.left) @ t.right
         return out
+
+    def blended_shared(self, x: Tensor, weights: Tensor, dense: Tensor) -> Tensor:
+        """Shared basis, a blend of tasks per row: ``x·V`` once, each row's blended core ``Σ_t w_t·Σ_tᵀ``, ``·Uᵀ`` once.
+
+        Args:
+            x: ``n×…×in``.
+            weights: ``n×T`` blend weights (compute dtype, on ``x``'s device).
+            dense: ``T×k_v×k_u``, each task's core as the single-task path applies it (``left·right``).
+        """
+        assert self.v is not None and self.ut is not None
+        xc = x if x.dtype == self.dtype else x.to(self.dtype)
+        h = xc @ self.v
+        n = h.shape[0]
+        h3 = h.reshape(n, -1, h.shape[-1])
+        cores = torch.einsum("nt,tvu->nvu", weights, dense)
+        g = torch.bmm(h3, cores)
+        return g.reshape(*h.shape[:-1], g.shape[-1]) @ self.ut
 
     def build_stacks(self, tasks: list[dict[str, TaskModule]], version: int) -> None:
         """Stack every cached task's ``left``/``right`` (zero-padded to the largest q) behind a zero slot."""

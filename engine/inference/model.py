@@ -69,6 +69,28 @@ class _Rows:
         return g
 
 
+@dataclass
+class _Blend:
+    """Per-row blend weights over tasks for one routed forward (rows expanded as :class:`_Rows` does)."""
+
+    task_ids: list[str]
+    weights: Tensor  # rows × tasks
+    _w: dict[tuple[Any, Any, int], Tensor] = field(default_factory=dict)
+
+    def weights_for(self, device: torch.device, dtype: torch.dtype, n: int, module: str) -> Tensor:
+        key = (device, dtype, n)
+        w = self._w.get(key)
+        if w is None:
+            b = self.weights.shape[0]
+            if n % b:
+                raise ValueError(f"module '{module}' sees {n} rows but the blend has {b} rows; give one row of weights per row of the batch")
+            w = self.weights.to(device=device, dtype=dtype)
+            if n != b:
+                w = w.repeat_interleave(n // b, dim=0)
+            self._w[key] = w
+        return w
+
+
 class VLoRAModel(nn.Module):
     """A base model serving the tasks of a :class:`~engine.SharedSubspace`.
 
@@ -90,6 +112,19 @@ class VLoRAModel(nn.Module):
     ``scaling·B·A`` with the task's original B, A); ``lora_alpha`` replaces
     alpha (ΔW = ``lora_alpha/r·B·A``, r each module's original rank).
 
+    Training (:class:`~engine.training.SubspaceTrainer`): :meth:`attach_trainable`
+    applies a task whose coefficients are ``nn.Parameter``\ s, recomputed on every
+    forward so that gradients reach them; the base model's parameters are frozen.
+
+    Routing: with ``router`` (a :class:`~engine.training.TaskRouter`), a forward
+    without ``task_ids`` and without an active task blends the tasks per row by
+    the router's weights over ``router.task_ids`` (features: ``router_features=``,
+    else the mean of the input embeddings over the attention mask); ``blend=``
+    (rows × tasks weights) gives the weights directly. A row's update is the blend
+    of the tasks' updates: shared modules blend the cores Σ per row (one ``x·V``
+    and one ``·Uᵀ`` for the batch), modules stored per task sum the weighted
+    per-task outputs.
+
     Args:
         base_model: Any torch model holding the subspace's modules (names matched by suffix).
         subspace: The tasks.
@@ -97,6 +132,8 @@ class VLoRAModel(nn.Module):
         lora_alpha: Replace each task's ``lora_alpha`` (and ``alpha_pattern``) by this.
         compute_dtype: dtype of the low-rank products (default: each layer's weight
             dtype; a quantised layer's compute dtype).
+        router: Routes rows without a task (see above); not a submodule (its parameters
+            are not the model's).
 
     Raises:
         IncompatibleAdaptersError: modules missing from the model, ambiguous, of
@@ -104,7 +141,8 @@ class VLoRAModel(nn.Module):
     """
 
     def __init__(self, base_model: nn.Module, subspace: SharedSubspace, scaling: float | None = None,
-                 lora_alpha: float | None = None, compute_dtype: torch.dtype | None = None) -> None:
+                 lora_alpha: float | None = None, compute_dtype: torch.dtype | None = None,
+                 router: Any = None) -> None:
         super().__init__()
         if scaling is not None and lora_alpha is not None:
             raise ValueError("give scaling or lora_alpha, not both")
@@ -127,7 +165,10 @@ class VLoRAModel(nn.Module):
         self._originals: dict[str, Tensor] = {}
         self._compiled: Any = None
         self._states: dict[str, ModuleState] = {}
+        self._blend: _Blend | None = None
+        self._dense: dict[str, tuple[Any, Tensor]] = {}  # module → (key, T×k_v×k_u cores) for routed rows
         self._attach()
+        self.router = router
 
     # -- wiring -----------------------------------------------------------------------
     def _attach(self) -> None:
@@ -169,6 +210,8 @@ class VLoRAModel(nn.Module):
             if me is None:
                 return None
             rows = me._rows
+            if me._blend is not None:
+                return output + me._blended(st, args[0], out_features).to(output.dtype)
             if rows is None:
                 active = me._active
                 if active is None:
@@ -183,6 +226,122 @@ class VLoRAModel(nn.Module):
             return output + d.to(output.dtype)
 
         return hook
+
+    # -- routing -----------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "router":  # kept out of the module tree: its parameters are not the model's
+            self._set_router(value)
+            return
+        super().__setattr__(name, value)
+
+    def _set_router(self, router: Any) -> None:
+        if router is not None:
+            ids = list(getattr(router, "task_ids", []) or [])
+            if not ids:
+                raise ValueError("the router names no tasks (router.task_ids is empty)")
+            for t in ids:
+                self.subspace._task(t)  # UnknownTaskError names a task the subspace lacks
+        self.__dict__["router"] = router
+
+    def _dense_for(self, st: ModuleState, task_ids: list[str]) -> Tensor:
+        """``T×k_v×k_u``: each task's core as the single-task path applies it, for one module (cached)."""
+        key = (tuple(task_ids), self._cache_version)
+        got = self._dense.get(st.name)
+        if got is not None and got[0] == key:
+            return got[1]
+        parts = [self._task(t)[st.name] for t in task_ids]
+        dense = torch.stack([p.left @ p.right for p in parts])
+        self._dense[st.name] = (key, dense)
+        return dense
+
+    def _blended(self, st: ModuleState, x: Tensor, out_features: int) -> Tensor:
+        blend = self._blend
+        assert blend is not None
+        w = blend.weights_for(x.device, st.dtype, x.shape[0], st.model_name)
+        if st.shared:
+            return st.blended_shared(x, w, self._dense_for(st, blend.task_ids))
+        xc = x if x.dtype == st.dtype else x.to(st.dtype)
+        out = xc.new_zeros(*xc.shape[:-1], out_features)
+        shape = (w.shape[0],) + (1,) * (xc.dim() - 1)
+        for j, t in enumerate(blend.task_ids):
+            col = w[:, j]
+            if not bool((col != 0).any()):
+                continue  # a task no row uses costs nothing (one-hot blends: one task per row)
+            out = out + col.reshape(shape) * st.single(xc, self._task(t)[st.name])
+        return out
+
+    def _pool_features(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The router's default features: the input embeddings averaged over the attention mask (rows × hidden)."""
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise ValueError("routing needs input_ids or inputs_embeds (or router_features=, or blend=)")
+            get = getattr(self.base_model, "get_input_embeddings", None)
+            if get is None or get() is None:
+                raise ValueError("the base model has no get_input_embeddings(); pass router_features= (rows × input_dim)")
+            emb = get()(ids)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return emb.float().mean(dim=1)
+        m = mask.to(emb.device, torch.float32).unsqueeze(-1)
+        return (emb.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+    def route(self, *args: Any, router_features: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The router's blend weights (rows × ``router.task_ids``) for a forward's inputs."""
+        router = self.router
+        if router is None:
+            raise ValueError("no router: VLoRAModel(..., router=TaskRouter…)")
+        feats = router_features if router_features is not None else self._pool_features(args, kwargs)
+        return router(feats)
+
+    # -- training --------------------------------------------------------------------
+    @property
+    def trainable_task(self) -> Any:
+        """The attached :class:`~engine.inference.trainable.TrainableTask` (``None``: none)."""
+        return self._modules.get("trainable")
+
+    def attach_trainable(self, task: Any) -> None:
+        """Apply ``task`` (a :class:`~engine.inference.trainable.TrainableTask`) live, from its parameters.
+
+        Its modules move to their layers' devices; it becomes the active task (and
+        :meth:`set_task` with its id selects it); every parameter of the base model is
+        frozen (``requires_grad=False``), so that gradients reach only the task's coefficients.
+        """
+        if self._merged is not None:
+            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() first")
+        missing = sorted(set(self._states) - set(task.names))
+        if missing:
+            raise ValueError(f"the trainable task {task.task_id!r} lacks module '{missing[0]}'")
+        for m, mod in task.by_module().items():
+            if m in self._states:
+                mod.to(self._states[m].device)
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        self._modules["trainable"] = task
+        self._drop_cache()
+        self.set_task(task.task_id)
+
+    def detach_trainable(self) -> Any:
+        """Stop applying the task under training (the subspace's stored version applies from now on); returns it."""
+        task = self._modules.pop("trainable", None)
+        if task is not None:
+            if self._active_id == task.task_id:
+                self._active, self._active_id = None, None
+            self._drop_cache()
+        return task
+
+    def _live(self, task_id: str | None) -> dict[str, Any] | None:
+        task = self._modules.get("trainable")
+        if task is None or task_id is None or task_id != task.task_id:
+            return None
+        return task.by_module()
+
+    def _drop_cache(self) -> None:
+        self._cache.clear()
+        self._slots.clear()
+        self._dense.clear()
+        self._cache_version += 1
 
     def unwrap(self) -> nn.Module:
         """Remove the hooks (unmerging first if merged) and return the base model as it was."""
@@ -335,9 +494,7 @@ class VLoRAModel(nn.Module):
         if self._merged is not None:
             raise RuntimeError("the model is merged; unmerge() before refresh()")
         active = self._active_id
-        self._cache.clear()
-        self._slots.clear()
-        self._cache_version += 1
+        self._drop_cache()
         self._active, self._active_id = None, None
         for st in self._states.values():
             st.stacks = None
@@ -348,7 +505,7 @@ class VLoRAModel(nn.Module):
                 st.ut = b.tensors["U"].T.to(device=st.device, dtype=st.dtype).contiguous()
             else:
                 st.v = st.ut = None
-        if active is not None and active in self.subspace.tasks:
+        if active is not None and (active in self.subspace.tasks or self._live(active) is not None):
             self.set_task(active)
         return self
 
@@ -362,7 +519,8 @@ class VLoRAModel(nn.Module):
         """
         if self._merged is not None:
             raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before set_task()")
-        self._active = self._task(task_id)
+        live = self._live(task_id)
+        self._active = live if live is not None else self._task(task_id)
         self._active_id = task_id
 
     def clear_task(self) -> None:
@@ -404,6 +562,8 @@ class VLoRAModel(nn.Module):
         tid = task_id if task_id is not None else self._active_id
         if tid is None:
             raise ValueError("no task to merge: pass task_id or call set_task() first")
+        if self._live(tid) is not None:
+            raise RuntimeError(f"task {tid!r} is being trained; detach_trainable() before merge()")
         proj = self.subspace._task(tid)
         factors = self.subspace.task_factors(tid)
         try:
@@ -460,6 +620,9 @@ class VLoRAModel(nn.Module):
         if self._merged is not None:
             raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before a mixed batch")
         for t in dict.fromkeys(x for x in ids if x is not None):
+            if self._live(t) is not None:
+                raise ValueError(f"task {t!r} is being trained: run it alone (set_task, or the same id on every row), "
+                                 "or detach_trainable() after write_back()")
             self._task(t)
         if any(st.shared and st.stacks_version != self._cache_version for st in self._states.values()):
             tasks = list(self._cache.values())
@@ -468,9 +631,43 @@ class VLoRAModel(nn.Module):
                     st.build_stacks(tasks, self._cache_version)
         return _Rows(ids, [self._slots[t] if t is not None else 0 for t in ids])
 
-    def _run(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], task_ids: Sequence[str | None] | None) -> Any:
+    def _blend_for(self, args: tuple[Any, ...], kwargs: dict[str, Any], blend: Any,
+                   router_features: Tensor | None) -> _Blend | None:
+        """The rows' blend for this call: ``blend`` given, else the router's when no task applies (``None``: no routing)."""
+        if blend is None and (self.router is None or self._active is not None or self._merged is not None):
+            return None
+        if self._merged is not None:
+            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before a routed batch")
+        ids = list(self.router.task_ids) if self.router is not None else self.available_tasks
+        if blend is None:
+            with torch.no_grad():
+                w = self.route(*args, router_features=router_features, **kwargs)
+        else:
+            w = blend.weights if isinstance(blend, _Blend) else getattr(blend, "weights", blend)
+            ids = list(getattr(blend, "task_ids", None) or ids)
+            w = torch.as_tensor(w)
+        if w.dim() != 2 or w.shape[1] != len(ids):
+            raise ValueError(f"blend weights must be rows × {len(ids)} tasks ({', '.join(ids[:4])}…), got shape {tuple(w.shape)}")
+        for t in ids:
+            if self._live(t) is not None:
+                raise ValueError(f"task {t!r} is being trained; detach_trainable() before routing over it")
+            self._task(t)
+        return _Blend(ids, w.detach())
+
+    def _run(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], task_ids: Sequence[str | None] | None,
+             blend: Any = None, router_features: Tensor | None = None) -> Any:
+        if task_ids is not None and blend is not None:
+            raise ValueError("give task_ids or blend, not both")
         if task_ids is None:
-            return fn(*args, **kwargs)
+            b = self._blend_for(args, kwargs, blend, router_features)
+            if b is None:
+                return fn(*args, **kwargs)
+            saved_blend = self._blend
+            self._blend = b
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._blend = saved_blend
         if isinstance(task_ids, str):
             raise ValueError("task_ids must be a sequence with one task id (or None) per row, not a string")
         distinct = set(task_ids)
@@ -488,11 +685,18 @@ class VLoRAModel(nn.Module):
         finally:
             self._active, self._active_id, self._rows = saved
 
-    def forward(self, *args: Any, task_ids: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``task_ids`` (one per row, ``None`` for the base model) overrides the active task."""
-        fn = self._compiled if self._compiled is not None else self.base_model
-        return self._run(fn, args, kwargs, task_ids)
+    def forward(self, *args: Any, task_ids: Sequence[str | None] | None = None, blend: Any = None,
+                router_features: Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``task_ids`` (one per row, ``None`` for the base model) overrides the active task.
 
-    def generate(self, *args: Any, task_ids: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
-        """The base model's ``generate``; ``task_ids`` as in :meth:`forward` (beams follow their row)."""
-        return self._run(self.base_model.generate, args, kwargs, task_ids)
+        ``blend`` (rows × tasks weights, or a :class:`~engine.training.RoutedBlend`) blends the tasks per row;
+        with a router and no task, the router's blend applies (``router_features``: its input, rows × input_dim).
+        """
+        fn = self._compiled if self._compiled is not None else self.base_model
+        return self._run(fn, args, kwargs, task_ids, blend, router_features)
+
+    def generate(self, *args: Any, task_ids: Sequence[str | None] | None = None, blend: Any = None,
+                 router_features: Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``; ``task_ids``/``blend`` as in :meth:`forward` (beams follow their row;
+        a router's blend is computed once, from the prompt)."""
+        return self._run(self.base_model.generate, args, kwargs, task_ids, blend, router_features)
