@@ -366,12 +366,15 @@ def session(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> 
                         moved.append((t["after"]["max"] - t["before"]["max"], t))
                 moved.sort(key=lambda x: -x[0])
                 broke = [t["task_id"] for t in d["tasks"] if t.get("breaks_target")]
+                over = [t["task_id"] for t in d["tasks"] if (d.get("target") or {}).get("max_error") is not None
+                        and t["after"]["max"] > d["target"]["max_error"]]
                 tgt = d.get("target") or {}
                 rule = f"{tgt.get('rule')} {tgt.get(tgt.get('rule') or '', '')}"
                 T.add(f"add {last} (absorb) -o", rc, **_stats_cells(d["stats"], work / "c-added", [P(m) for m in regular]),
                       note=f"new task {_pct(d['task']['mean_error'])}/{_pct(d['task']['max_error'])}; stored tasks mean "
                            f"{_pct(d['before']['mean'])} → {_pct(d['stored_after']['mean'])}, max {_pct(d['before']['max'])} → "
-                           f"{_pct(d['stored_after']['max'])}; target ({rule}) held: {'yes' if not broke else 'NO: ' + ', '.join(broke)}")
+                           f"{_pct(d['stored_after']['max'])}; target ({rule}) held (breaks_target): {'yes' if not broke else 'NO: ' + ', '.join(broke)}"
+                           f"; tasks whose reported max is over max_error: {', '.join(over) or 'none'}")
                 T.add_lines.append(f"\n`add {last}` (absorb): every task's ΔW error (mean / max) before → after, "
                                    f"target {rule}\n")
                 T.add_lines.append("| task | before | after | after is a bound | breaks target |")
