@@ -65,7 +65,11 @@ def _show(value: Any) -> str:
 
 
 def method_kwargs(kind: str, method: str, params: dict[str, Any], fixed: tuple[str, ...]) -> dict[str, Any]:
-    """Keyword arguments for ``method`` from the job parameters; refuse ones it does not take."""
+    """Keyword arguments for ``method`` from the job parameters; refuse ones it does not take.
+
+    A parameter left unset gets the method's own registered default (the job's merged
+    parameter defaults to ``None`` because methods disagree on it).
+    """
     from ..registry import get_method
 
     info = get_method(kind, method)
@@ -77,6 +81,9 @@ def method_kwargs(kind: str, method: str, params: dict[str, Any], fixed: tuple[s
         if name not in accepted:
             raise ValueError(f"{name}: does not apply to {kind} method {method!r} (it takes {', '.join(accepted) or 'no parameters'})")
         kwargs[name] = accepted[name].validate(value)
+    for name, p in accepted.items():  # unset: the method's own registered default (nf4 double-quantizes)
+        if name not in fixed and name not in kwargs and p.default is not None:
+            kwargs[name] = p.default
     return kwargs
 
 

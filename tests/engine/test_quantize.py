@@ -38,3 +38,18 @@ def test_bad_arguments():
         quantize_tensor(torch.zeros(4), bits=3)
     with pytest.raises(ValueError, match="method"):
         quantize_tensor(torch.zeros(4), method="int2")
+
+
+def test_nf4_job_double_quantizes_by_default_as_documented(tmp_path, demo_dir) -> None:
+    """The nf4 method's registered default (double_quant=True) applies when the flag is not given."""
+    from engine.jobs import InlineRunner, JobRequest
+
+    sub = tmp_path / "s"
+    r = InlineRunner().run(JobRequest("compress", {"adapters": [str(demo_dir)], "output": str(sub), "max_error": 0.05}))
+    assert r.ok, r.error
+    r = InlineRunner().run(JobRequest("quantize", {"subspace": str(sub), "output": str(tmp_path / "q"), "bits": 4, "method": "nf4"}))
+    assert r.ok, r.error
+    assert r.data["quantization"]["double_quant"] is True
+    r = InlineRunner().run(JobRequest("quantize", {"subspace": str(sub), "output": str(tmp_path / "q2"), "bits": 4,
+                                                   "method": "nf4", "double_quant": False}))
+    assert r.ok and r.data["quantization"]["double_quant"] is False
