@@ -14,6 +14,7 @@ Torch is imported only by the functions that touch tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection
 from typing import Any
@@ -139,7 +140,11 @@ def for_target(weights: LoRAWeights, target: str = "portable", *,
     if target not in EXPORT_TARGETS:
         raise ValueError(f"target: expected one of {', '.join(EXPORT_TARGETS)}, got {target!r}")
     if target == "peft":
-        return weights, []
+        note = _headless_task_type(weights)
+        if note is None:
+            return weights, []
+        w = dataclasses.replace(weights, metadata={**weights.metadata, "task_type": None})
+        return w, [note]
     notes: list[str] = []
     if target == "ollama":
         r = max(max(weights.ranks.values(), default=1), 1)
@@ -157,12 +162,34 @@ def for_target(weights: LoRAWeights, target: str = "portable", *,
             notes.append(f"dropped modules_to_save head(s) {names} ({why}; --target peft keeps them)")
             w.extra_tensors = {k: t for k, t in w.extra_tensors.items() if k not in heads}
             w.metadata["modules_to_save"] = None
+    note = _headless_task_type(w)
+    if note is not None:
+        notes.append(note)
+        w.metadata["task_type"] = None
     checks = ("vllm", "tgi") if target == "portable" else (target,)
     for t in checks:
         for p in target_problems(w.metadata, w.ranks, list(w.extra_tensors), t, max_lora_rank=max_lora_rank):
             if p not in notes and not (target == "portable" and p.startswith("modules_to_save ")):  # said above
                 notes.append(p)
     return w, notes
+
+
+#: PEFT task types whose model carries a head saved as ``modules_to_save`` (PEFT adds it to the
+#: modules to save itself and fails to load such an adapter when the head's tensors are missing).
+HEAD_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
+
+
+def _headless_task_type(w: LoRAWeights) -> str | None:
+    """A note when ``w`` names a head-bearing task type but holds no head (merged or dropped): ``None`` otherwise.
+
+    Such a folder is written without its ``task_type`` so that PEFT loads it onto the
+    base model (whose own head then applies) instead of failing on the missing head.
+    """
+    task_type = (w.metadata or {}).get("task_type")
+    if task_type not in HEAD_TASK_TYPES or head_keys(w.extra_tensors):
+        return None
+    return (f"task_type {task_type} removed: the adapter holds no {task_type} head (modules_to_save), so PEFT "
+            f"loads it as a plain LoRA on the base model and its own head applies")
 
 
 def _suggest_max_rank(r: int) -> int:
