@@ -176,3 +176,21 @@ def test_quantize_job_warns_when_nf4_breaks_a_tight_target(tmp_path):
     assert len(d["warnings"]) == 1 and "breaks the subspace's error target (max_error 0.005)" in d["warnings"][0]
     loose = run_job(JobRequest("quantize", {"subspace": tmp_path / "sub", "output": tmp_path / "q8", "bits": 8}))
     assert loose.data["warnings"] == [] or loose.data["after"]["max_error"] > 0.005 + tolerance(torch.float32)
+
+
+def test_add_names_stored_tasks_whose_bound_is_over_the_cap_within_rounding(tmp_path, demo_dir) -> None:
+    """A stored task reported at 0.0501 under a 0.05 cap (inside the rounding tolerance) is named in a warning."""
+    from engine.jobs import InlineRunner, JobRequest
+
+    paths = sorted(p for p in demo_dir.iterdir() if p.is_dir())
+    sub = tmp_path / "s"
+    r = InlineRunner().run(JobRequest("compress", {"adapters": [str(p) for p in paths[:-1]], "output": str(sub),
+                                                   "max_error": 0.0125}))
+    assert r.ok, r.error
+    r = InlineRunner().run(JobRequest("add", {"subspace": str(sub), "adapter": str(paths[-1]), "task_id": "new",
+                                              "output": str(tmp_path / "o")}))
+    assert r.ok, r.error
+    over = [t["task_id"] for t in r.data["tasks"] if t["after"]["max"] > 0.0125 and not t["breaks_target"]]
+    named = " ".join(w for w in r.data["warnings"] if "by less than the storage rounding" in w)
+    assert all(t in named for t in over[:5])
+    assert bool(over) == bool(named)

@@ -67,6 +67,14 @@ def run_add(params: dict[str, Any], *, progress: ProgressFn | None = None, cance
     breaks = sub.target_breaks(before, after)
     warnings = [breaks_message(f"adding {task_id!r}", sub.k_rule, breaks, before, after).replace(" would break ", " breaks ")
                 + " (accepted: --allow-worse)"] if breaks else []
+    mx = sub.k_rule.get("max_error")
+    blamed = {t for b_ in breaks for t in b_.tasks}
+    over = {t: max(f.values()) for t, f in after.items() if f and mx is not None and t not in blamed and max(f.values()) > mx}
+    if over:  # within the rounding tolerance, so not a break: say so rather than print 0.0501 under a 0.05 cap
+        listed = ", ".join(f"{t} {e:.4g}" for t, e in sorted(over.items(), key=lambda kv: -kv[1])[:5])
+        warnings.append(f"{len(over)} task(s) report an error above max_error {mx:g} by less than the storage "
+                        f"rounding ({listed}): reported errors of stored tasks are upper bounds that include "
+                        f"the rounding of the rebuilt bases")
     target = params["output"] or params["subspace"]
     tick(stages.stage("save"), cancel, 0, 1, f"writing {target}")
     out = sub.save(target, force=True if params["output"] is None else params["force"])

@@ -71,6 +71,6 @@ KIND = JobKind(
         export_target(),
         FORCE,
     ),
-    writes=("output",), func=run_merge,
+    writes=("output",), func=run_merge, stderr_warnings=True,
     positionals=("adapters",), process=True, min_adapters=2, needs="adapters|subspace", form_rank=2, view="adapters_written",
 )
