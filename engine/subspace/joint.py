@@ -35,6 +35,7 @@ from .common import (
     config_template,
     effective_factors,
 )
+from .precision import choose_core, choose_separate, finish, shared_bases
 
 
 def _core(coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
@@ -132,6 +133,12 @@ class JointParams:
     sketch_rank: int = 256
     dtype: torch.dtype = torch.float16
     separate_only: bool = False  # the "svd" baseline: every module stored alone
+    #: ``fp16``: every tensor at ``dtype``; ``auto``: with an error target, each module's rank/core and the
+    #: precision of each stored tensor chosen together, the fewest bytes meeting it (:mod:`.precision`)
+    precision: str = "fp16"
+    block_size: int = 64  # values per fp16 scale of the integer precisions
+    #: out: ``(module, key)`` / ``(task, module, key)`` → QuantizedTensor of the tensors ``auto`` quantised
+    quantized_out: dict[tuple[str, ...], Any] = field(default_factory=dict)
     #: task → module → ``(offset, scale)``: a task's error counts as ``offset + scale·error`` against the
     #: target (``absorb``: a stored task enters as its reconstruction, whose own error is ``offset``, and
     #: ``scale`` = ‖reconstruction‖/‖original‖ turns an error relative to it into one relative to the original)
@@ -623,6 +630,9 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
 
     # final pass: coefficients in the stored (rounded) bases and the measured errors
     grams = {m: basis_grams(b.tensors["U"], b.tensors["V"]) for m, b in bases.items() if b.kind == "joint"}
+    auto = p.precision == "auto" and target is not None
+    cands = {m: shared_bases(b.tensors["U"].double(), b.tensors["V"].double(), block_size=p.block_size)
+             for m, b in bases.items() if auto and b.kind == "joint" and b.k > 0}
     tasks: dict[str, TaskProjection] = {}
     for idx, tid, ad in source:
         t(f"coefficients: {tid}")
@@ -641,8 +651,22 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 if target is None:
                     _, s, _ = ops.lowrank_svd(sb, a)
                     q_fixed = _separate_rank(s, p, r)
+                if auto:
+                    ch = choose_separate(sb, a, task_target(target, *p.prior_of(tid, m)), q_fixed=q_fixed,
+                                         block_size=p.block_size)
+                    proj.coeffs[m], proj.fidelity[m] = ch.coeffs(), ch.error
+                    p.quantized_out.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
+                    continue
                 proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, task_target(target, *p.prior_of(tid, m)),
                                                                    q_fixed, p.dtype)
+                continue
+            if m in cands:
+                tt = task_target(target, *p.prior_of(tid, m))
+                with _one_thread():
+                    for cand in cands[m]:
+                        ch = choose_core(cand, sb, a, r, tt, n2, block_size=p.block_size)
+                        cand.cores[tid] = ch
+                        cand.feasible = cand.feasible and ch.met
                 continue
             if b.k == 0:
                 proj.coeffs[m] = {"sigma": torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1], dtype=p.dtype)}
@@ -652,6 +676,16 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype,
                                                                 grams=grams[m], n2=n2)
         tasks[tid] = proj
+    for m, cs in cands.items():  # the shared module's cheapest basis precision at which every task meets its target
+        ok = [c for c in cs if c.feasible] or cs[:1]
+        best = min(ok, key=lambda c: c.nbytes)
+        bases[m].tensors = {"U": best.u.value, "V": best.v.value}
+        for key, st_ in (("U", finish(best.u)), ("V", finish(best.v))):
+            if st_.qt is not None:
+                p.quantized_out[(m, key)] = st_.qt
+        for tid, ch in best.cores.items():
+            tasks[tid].coeffs[m], tasks[tid].fidelity[m] = ch.coeffs(), ch.error
+            p.quantized_out.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
     return bases, tasks
 
 
