@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,8 +33,8 @@ DEFAULT_BLOCK_SIZE = 64
 #: ``precision`` values a build takes: ``fp16`` (every tensor at the storage dtype, as before) or ``auto``.
 PRECISION_MODES = ("fp16", "auto")
 #: Bytes a quantised tensor costs beyond its codes and scales: the scales' entry in the safetensors
-#: header and its entry in the manifest's ``quantized`` map (measured on saved folders: 180–220).
-QUANT_OVERHEAD_BYTES = 200
+#: header and its entry in the manifest's ``quantized`` map (measured on the demo collection: 228).
+QUANT_OVERHEAD_BYTES = 230
 
 
 def check_precision(precision: str, block_size: int) -> None:
@@ -281,3 +282,37 @@ def check_build_precision(precision: str, block_size: int, method: str, dtype: t
         raise ValueError("precision='auto' needs method joint, share or svd (pca stores its loadings at dtype)")
     if precision == "auto" and dtype != torch.float16:
         raise ValueError(f"precision='auto' stores unquantised tensors at float16; got dtype {dtype} (use dtype float16)")
+
+
+def module_breakdown(sub: Any) -> dict[str, dict[str, Any]]:
+    """Per module of a :class:`~engine.subspace.core.SharedSubspace`: how many bits each stored tensor has and its bytes.
+
+    Returns:
+        ``{module: {"bits": {tensor key: [distinct bits over tasks]}, "bytes": tensor bytes of the module
+        (its basis plus every task's coefficients, as stored: codes and scales of quantised tensors)}}``.
+    """
+    elem = torch.empty(0, dtype=sub.dtype).element_size()
+    out: dict[str, dict[str, Any]] = {}
+    for m, b in sorted(sub.modules.items()):
+        bits: dict[str, set[int]] = {}
+        total = 0
+
+        def count(key: str, t: Tensor, qt: Any) -> None:
+            nonlocal total
+            if qt is not None:
+                bits.setdefault(key, set()).add(int(qt.bits))
+                total += int(qt.nbytes)
+            else:
+                e = t.element_size() if not t.is_floating_point() else elem
+                bits.setdefault(key, set()).add(8 * e)
+                total += t.numel() * e
+
+        for key, t in b.tensors.items():
+            if not key.startswith("sv_"):
+                count(key, t, sub.quantized.get((m, key)))
+        for tid, proj in sub.tasks.items():
+            for key, t in proj.coeffs.get(m, {}).items():
+                if t.numel():
+                    count(key, t, sub.quantized.get((tid, m, key)))
+        out[m] = {"bits": {k: sorted(v) for k, v in sorted(bits.items())}, "bytes": int(total)}
+    return out
