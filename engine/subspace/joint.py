@@ -633,6 +633,7 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
     auto = p.precision == "auto" and target is not None
     cands = {m: shared_bases(b.tensors["U"].double(), b.tensors["V"].double(), block_size=p.block_size)
              for m, b in bases.items() if auto and b.kind == "joint" and b.k > 0}
+    plain: dict[str, dict[str, Any]] = {m: {} for m in cands}
     tasks: dict[str, TaskProjection] = {}
     for idx, tid, ad in source:
         t(f"coefficients: {tid}")
@@ -664,9 +665,8 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 tt = task_target(target, *p.prior_of(tid, m))
                 with _one_thread():
                     for cand in cands[m]:
-                        ch = choose_core(cand, sb, a, r, tt, n2, block_size=p.block_size)
-                        cand.cores[tid] = ch
-                        cand.feasible = cand.feasible and ch.met
+                        cand.cores[tid] = choose_core(cand, sb, a, r, tt, n2, block_size=p.block_size)
+                    plain[m][tid] = choose_core(cands[m][0], sb, a, r, None, n2)  # all fp16: as precision fp16 stores it
                 continue
             if b.k == 0:
                 proj.coeffs[m] = {"sigma": torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1], dtype=p.dtype)}
@@ -676,9 +676,15 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype,
                                                                 grams=grams[m], n2=n2)
         tasks[tid] = proj
-    for m, cs in cands.items():  # the shared module's cheapest basis precision at which every task meets its target
-        ok = [c for c in cs if c.feasible] or cs[:1]
-        best = min(ok, key=lambda c: c.nbytes)
+    for m, cs in cands.items():  # the shared module's cheapest basis and core precisions that meet the rule
+        for c in cs:
+            c.feasible = _meets_rule(p, [(c.cores[tid].error, *p.prior_of(tid, m)) for tid in c.cores])
+        ok = [c for c in cs if c.feasible]
+        if ok:
+            best = min(ok, key=lambda c: c.nbytes)
+        else:  # no precision meets it (nor fp16 does): stored as precision fp16 stores it
+            best = cs[0]
+            best.cores = plain[m]
         bases[m].tensors = {"U": best.u.value, "V": best.v.value}
         for key, st_ in (("U", finish(best.u)), ("V", finish(best.v))):
             if st_.qt is not None:
@@ -687,6 +693,15 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
             tasks[tid].coeffs[m], tasks[tid].fidelity[m] = ch.coeffs(), ch.error
             p.quantized_out.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
     return bases, tasks
+
+
+def _meets_rule(p: JointParams, errs: list[tuple[float, float, float]]) -> bool:
+    """Whether ``(error, offset, scale)`` per task meet the build's rule: every counted error ≤ ``max_error``,
+    their mean ≤ ``mean_error`` (a task's error counts as ``offset + scale·error``, see :attr:`JointParams.prior`)."""
+    counted = [off + sc * e for e, off, sc in errs]
+    if p.max_error is not None and any(e > p.max_error + 1e-12 for e in counted):
+        return False
+    return not (p.mean_error is not None and counted and sum(counted) / len(counted) > p.mean_error + 1e-12)
 
 
 def _separate_rank(s: Tensor, p: JointParams, r: int) -> int:

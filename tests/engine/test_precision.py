@@ -158,3 +158,12 @@ def test_precision_validation(peft_family_dirs):
         SharedSubspace.from_adapters(ads, max_error=0.1, precision="int4")
     with pytest.raises(ValueError, match="pca"):
         SharedSubspace.from_adapters(ads, max_error=0.1, precision="auto", method="pca")
+
+
+def test_auto_keeps_the_mean_error_rule(peft_family_dirs):
+    originals = [load_adapter(p) for p in peft_family_dirs]
+    sub = SharedSubspace.from_adapters(originals, method="joint", mean_error=0.06, precision="auto")
+    for m in sub.modules:
+        errs = [t.fidelity[m] for t in sub.tasks.values()]
+        assert sum(errs) / len(errs) <= 0.06 + 1e-9
+    assert sub.target_breaks({}, sub.fidelity()) == []
