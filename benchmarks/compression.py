@@ -310,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-int8-rows", dest="int8_rows", action="store_false", default=True,
                     help="skip the joint rows whose bases are then quantised to int8 (SharedSubspace.quantize(bits=8))")
     ap.add_argument("--mean-error", default="0.05", help="mean-error target(s) for the lib methods, comma list ('' for none)")
+    ap.add_argument("--precision", default="fp16",
+                    help="storage precision(s) of the lib rows, comma list of fp16, auto (pca: fp16 only)")
     ap.add_argument("--methods", default="auto", help="SharedSubspace methods (default: all the library has)")
     ap.add_argument("--k", default=None, help="override the k sweep of the lib methods (comma list)")
     ap.add_argument("--peers", dest="peers", action="store_true", default=True)
@@ -465,13 +467,16 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
                 hk = n - 2 if m == "pca" else min((n - 1) * rank, kmin_dim)  # the N−1 build's largest k
                 go(m, f"k={k}", {"kind": "ours", "kwargs": {"method": m, "num_components": k},
                                  "heldout": args.heldout and not big, "heldout_k": hk})
-        for t in targets:
-            go(m, f"err≤{t:g}", {"kind": "ours", "kwargs": {"method": m, "max_error": t}})
-        for t in args.mean_targets:
-            go(m, f"mean≤{t:g}", {"kind": "ours", "kwargs": {"method": m, "mean_error": t}})
-            if m == "joint" and args.int8_rows:  # the same build, its bases then quantised to int8 blocks
-                go(m, f"mean≤{t:g} +int8", {"kind": "ours", "kwargs": {"method": m, "mean_error": t},
-                                            "quantize": {"bits": 8}, "heldout": False})
+        precs = [pr for pr in args.precision.split(",") if pr] if m != "pca" else ["fp16"]
+        for pr in precs:  # precision auto: rank and per-tensor precision chosen together (engine/subspace/precision.py)
+            tag, extra_kw = ("", {}) if pr == "fp16" else (f" {pr}", {"precision": pr})
+            for t in targets:
+                go(m, f"err≤{t:g}{tag}", {"kind": "ours", "kwargs": {"method": m, "max_error": t, **extra_kw}})
+            for t in args.mean_targets:
+                go(m, f"mean≤{t:g}{tag}", {"kind": "ours", "kwargs": {"method": m, "mean_error": t, **extra_kw}})
+                if m == "joint" and args.int8_rows and pr == "fp16":  # the same build, its bases then quantised to int8
+                    go(m, f"mean≤{t:g} +int8", {"kind": "ours", "kwargs": {"method": m, "mean_error": t},
+                                                "quantize": {"bits": 8}, "heldout": False})
     for t in targets:
         go("baseline (per-task SVD)", f"err≤{t:g}", {"kind": "baseline", "target": t})
     for name, peer in peers.items():

@@ -64,7 +64,10 @@ def subspace_info(path: Path, *, progress: ProgressFn | None = None, cancel: Can
 
 def module_rows(sub: Any, storage: dict[str, Any], fidelity: dict[str, dict[str, float]],
                  variance: dict[str, list[float]]) -> list[dict[str, Any]]:
-    """Per module: how it is stored (shared k_u×k_v, or per task at a rank), shape, variance and errors."""
+    """Per module: how it is stored (shared k_u×k_v, or per task at a rank), bits and bytes, shape, variance and errors."""
+    from ..subspace.precision import module_breakdown
+
+    sizes = module_breakdown(sub)
     modules = []
     for m in sub.layer_names:
         b = sub.modules[m]
@@ -78,6 +81,9 @@ def module_rows(sub: Any, storage: dict[str, Any], fidelity: dict[str, dict[str,
             "k_v": how["k_v"] if how["shared"] else 0,
             "shared": how["shared"],
             "stored": how["form"],
+            "rank": how["rank"],
+            "bits": sizes[m]["bits"],
+            "bytes": sizes[m]["bytes"],
             "out_features": b.shape[0],
             "in_features": b.shape[1],
             "explained_at_k": (variance[m][b.k - 1] if b.k and len(variance[m]) >= b.k else None),

@@ -35,6 +35,13 @@ _K = (
 )
 
 
+#: rank and precision chosen together (``auto``) or every tensor at ``dtype`` (``fp16``); joint, share and svd
+PRECISION = Param("precision", "choice", "fp16",
+                  "fp16: every tensor at dtype; auto: with an error target, each module's rank and each tensor's "
+                  "precision (fp16, int8…int3 per 64 values) chosen together, the fewest bytes meeting it after rounding",
+                  choices=("fp16", "auto"))
+
+
 def _run(method: str, adapters: Sequence[Any], task_ids: Sequence[str] | None, progress: Any, cancel: Any,
          params: dict[str, Any]) -> Any:
     from ..subspace import SharedSubspace
@@ -58,7 +65,7 @@ def _run(method: str, adapters: Sequence[Any], task_ids: Sequence[str] | None, p
      Param("refine", "int", 1, "alternating refinement rounds of U and V (inside the sketched spaces)", minimum=0, maximum=10),
      Param("sketch_rank", "int", 256, "width of the column/row range sketch per module: the largest k "
            "(exact while the summed ranks fit)", minimum=1, maximum=8192),
-     Param("hybrid", "bool", True, "with max_error, store a module per task (truncated SVD) when smaller")),
+     Param("hybrid", "bool", True, "with max_error, store a module per task (truncated SVD) when smaller"), PRECISION),
 )
 def joint(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
           cancel: Any = None, **params: Any) -> Any:
@@ -73,7 +80,7 @@ def joint(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, pro
     "coefficients as in joint.",
     (*_K, Param("hybrid", "bool", True, "with max_error, store a module per task when smaller"),
      Param("sketch_rank", "int", 256, "width of the column/row range sketch per module: the largest k", minimum=1,
-           maximum=8192)),
+           maximum=8192), PRECISION),
 )
 def share(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
           cancel: Any = None, **params: Any) -> Any:
@@ -99,7 +106,7 @@ def pca(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progr
     "svd",
     "Honest baseline: each task alone, each module's ΔW as its truncated SVD (rank by max_error, "
     "num_components or variance_threshold).",
-    _K,
+    (*_K, PRECISION),
 )
 def svd(adapters: Sequence[Any], *, task_ids: Sequence[str] | None = None, progress: Any = None,
         cancel: Any = None, **params: Any) -> Any:

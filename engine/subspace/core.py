@@ -42,6 +42,7 @@ from .joint import (
     joint_factors,
 )
 from .pca import PCAParams, encode_pca, pca_factors
+from .precision import check_build_precision
 from .quant import QuantizedTensor, quantize_tensor
 from .rule import RuleBreak, breaks_message, complete_params, k_rule, rule_breaks, tolerance
 
@@ -151,6 +152,8 @@ class SharedSubspace:
         dtype: Any = torch.float16,
         sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+        precision: str = "fp16",
+        block_size: int = 64,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
         _prior: dict[str, dict[str, tuple[float, float]]] | None = None,
@@ -180,6 +183,12 @@ class SharedSubspace:
                 components) are estimated to stay under this many MiB; each chunk reads
                 only its modules' tensors. The result is the same as one build over all
                 modules (``None``), which holds every module's statistics at once.
+            precision: ``fp16`` (every tensor at ``dtype``) or ``auto``: with an error target, each
+                module's rank (per-task form) or core and basis (shared form) and the precision of every
+                stored tensor (fp16, int8…int3 per ``block_size`` values with fp16 scales) are chosen
+                together: the fewest bytes whose error after rounding meets the target
+                (:mod:`engine.subspace.precision`). joint, share and svd; needs ``dtype`` float16.
+            block_size: Values per scale of the integer precisions.
             progress: Called with ``Progress`` once per adapter per pass and per module.
             cancel: ``is_set()`` → ``JobCancelled``.
 
@@ -200,7 +209,7 @@ class SharedSubspace:
         source = AdapterSource(ids, adapters=adapters)
         return cls._build(source, report.shapes, method, num_components, variance_threshold, adaptive_k, max_error,
                           mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=report.ranks,
-                          memory_budget_mb=memory_budget_mb, prior=_prior)
+                          memory_budget_mb=memory_budget_mb, prior=_prior, precision=precision, block_size=block_size)
 
     @classmethod
     def from_adapters_streaming(
@@ -219,6 +228,8 @@ class SharedSubspace:
         dtype: Any = torch.float16,
         sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+        precision: str = "fp16",
+        block_size: int = 64,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
     ) -> SharedSubspace:
@@ -279,14 +290,15 @@ class SharedSubspace:
         source = AdapterSource(ids, paths=ps)
         return cls._build(source, shapes, method, num_components, variance_threshold, adaptive_k, max_error,
                           mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=module_ranks,
-                          memory_budget_mb=memory_budget_mb)
+                          memory_budget_mb=memory_budget_mb, precision=precision, block_size=block_size)
 
     @classmethod
     def _build(cls, source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
                num_components: int | None, variance_threshold: float, adaptive_k: bool, max_error: float | None,
                mean_error: float | None, refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any, *,
                ranks: dict[str, list[int]], memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
-               prior: dict[str, dict[str, tuple[float, float]]] | None = None) -> SharedSubspace:
+               prior: dict[str, dict[str, tuple[float, float]]] | None = None, precision: str = "fp16",
+               block_size: int = 64) -> SharedSubspace:
         if method not in METHODS:
             raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
         if num_components is not None and num_components < 1:
@@ -304,8 +316,10 @@ class SharedSubspace:
         if memory_budget_mb is not None and not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be > 0 (or None for no limit), got {memory_budget_mb}")
         dt = parse_dtype(dtype)
+        check_build_precision(precision, block_size, method, dt)
         params = {"num_components": num_components, "variance_threshold": variance_threshold, "adaptive_k": adaptive_k,
-                  "max_error": max_error, "mean_error": mean_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank}
+                  "max_error": max_error, "mean_error": mean_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank,
+                  "precision": precision, "block_size": block_size}
         bp: JointParams | PCAParams
         if method == "pca":
             bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt, mean_error, prior=prior)
@@ -313,14 +327,17 @@ class SharedSubspace:
             bp = JointParams(basis="factors" if method == "share" else "delta", num_components=num_components,
                              variance_threshold=variance_threshold, adaptive_k=adaptive_k, max_error=max_error,
                              mean_error=mean_error, refine=refine if method == "joint" else 0, hybrid=hybrid and method != "svd",
-                             sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd", prior=prior)
+                             sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd", prior=prior,
+                             precision=precision, block_size=block_size)
         bases, tasks = build_in_chunks(source, shapes, method, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
                                        checked=_CheckedSource, progress=progress, cancel=cancel)
         srcs: list[Any] = list(source.paths) if source.paths is not None else [a.source for a in source.adapters or []]
         for tid, src in zip(source.task_ids, srcs):
             if tid in tasks:
                 _record_input(tasks[tid], src)
-        return cls(method, bases, tasks, params, dt)
+        sub = cls(method, bases, tasks, params, dt)
+        sub.quantized.update(getattr(bp, "quantized_out", {}))
+        return sub
 
     # -- tasks ----------------------------------------------------------------
     def _check_adapter(self, adapter: LoRAWeights, label: str) -> None:
@@ -403,6 +420,7 @@ class SharedSubspace:
         new = SharedSubspace.from_adapters(
             adapters, ids, p["num_components"], p["variance_threshold"], p["adaptive_k"], p["max_error"], self.method,
             mean_error=p.get("mean_error"), refine=p["refine"], hybrid=p["hybrid"], dtype=self.dtype, sketch_rank=p["sketch_rank"],
+            precision=p.get("precision", "fp16"), block_size=p.get("block_size", 64),
             progress=progress, cancel=cancel, _prior=self._absorb_prior(olds))
         for tid, old_w in olds.items():
             prev = self.tasks[tid]
@@ -416,7 +434,7 @@ class SharedSubspace:
             proj.error_is_bound = True
         self._refuse_breaks(f"absorbing {new_task_id!r}", before, new.fidelity(), allow_worse)
         self.modules, self.tasks = new.modules, new.tasks
-        self.quantized, self.quantization = {}, None
+        self.quantized, self.quantization = new.quantized, None
         self.saved_path = None
 
     def _absorb_prior(self, olds: dict[str, LoRAWeights]) -> dict[str, dict[str, tuple[float, float]]] | None:

@@ -35,6 +35,7 @@ from .common import (
     config_template,
     effective_factors,
 )
+from .precision import choose_core, choose_separate, finish, shared_bases
 
 
 def _core(coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
@@ -132,6 +133,12 @@ class JointParams:
     sketch_rank: int = 256
     dtype: torch.dtype = torch.float16
     separate_only: bool = False  # the "svd" baseline: every module stored alone
+    #: ``fp16``: every tensor at ``dtype``; ``auto``: with an error target, each module's rank/core and the
+    #: precision of each stored tensor chosen together, the fewest bytes meeting it (:mod:`.precision`)
+    precision: str = "fp16"
+    block_size: int = 64  # values per fp16 scale of the integer precisions
+    #: out: ``(module, key)`` / ``(task, module, key)`` → QuantizedTensor of the tensors ``auto`` quantised
+    quantized_out: dict[tuple[str, ...], Any] = field(default_factory=dict)
     #: task → module → ``(offset, scale)``: a task's error counts as ``offset + scale·error`` against the
     #: target (``absorb``: a stored task enters as its reconstruction, whose own error is ``offset``, and
     #: ``scale`` = ‖reconstruction‖/‖original‖ turns an error relative to it into one relative to the original)
@@ -613,6 +620,10 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
 
     # final pass: coefficients in the stored (rounded) bases and the measured errors
     grams = {m: basis_grams(b.tensors["U"], b.tensors["V"]) for m, b in bases.items() if b.kind == "joint"}
+    auto = p.precision == "auto" and target is not None
+    cands = {m: shared_bases(b.tensors["U"].double(), b.tensors["V"].double(), block_size=p.block_size)
+             for m, b in bases.items() if auto and b.kind == "joint" and b.k > 0}
+    plain: dict[str, dict[str, Any]] = {m: {} for m in cands}
     tasks: dict[str, TaskProjection] = {}
     for idx, tid, ad in source:
         t(f"coefficients: {tid}")
@@ -631,8 +642,21 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 if target is None:
                     _, s, _ = ops.lowrank_svd(sb, a)
                     q_fixed = _separate_rank(s, p, r)
+                if auto:
+                    ch = choose_separate(sb, a, task_target(target, *p.prior_of(tid, m)), q_fixed=q_fixed,
+                                         block_size=p.block_size)
+                    proj.coeffs[m], proj.fidelity[m] = ch.coeffs(), ch.error
+                    p.quantized_out.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
+                    continue
                 proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, task_target(target, *p.prior_of(tid, m)),
                                                                    q_fixed, p.dtype)
+                continue
+            if m in cands:
+                tt = task_target(target, *p.prior_of(tid, m))
+                with _one_thread():
+                    for cand in cands[m]:
+                        cand.cores[tid] = choose_core(cand, sb, a, r, tt, n2, block_size=p.block_size)
+                    plain[m][tid] = choose_core(cands[m][0], sb, a, r, None, n2)  # all fp16: as precision fp16 stores it
                 continue
             if b.k == 0:
                 proj.coeffs[m] = {"sigma": torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1], dtype=p.dtype)}
@@ -642,7 +666,32 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
                 proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype,
                                                                 grams=grams[m], n2=n2)
         tasks[tid] = proj
+    for m, cs in cands.items():  # the shared module's cheapest basis and core precisions that meet the rule
+        for c in cs:
+            c.feasible = _meets_rule(p, [(c.cores[tid].error, *p.prior_of(tid, m)) for tid in c.cores])
+        ok = [c for c in cs if c.feasible]
+        if ok:
+            best = min(ok, key=lambda c: c.nbytes)
+        else:  # no precision meets it (nor fp16 does): stored as precision fp16 stores it
+            best = cs[0]
+            best.cores = plain[m]
+        bases[m].tensors = {"U": best.u.value, "V": best.v.value}
+        for key, st_ in (("U", finish(best.u)), ("V", finish(best.v))):
+            if st_.qt is not None:
+                p.quantized_out[(m, key)] = st_.qt
+        for tid, ch in best.cores.items():
+            tasks[tid].coeffs[m], tasks[tid].fidelity[m] = ch.coeffs(), ch.error
+            p.quantized_out.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
     return bases, tasks
+
+
+def _meets_rule(p: JointParams, errs: list[tuple[float, float, float]]) -> bool:
+    """Whether ``(error, offset, scale)`` per task meet the build's rule: every counted error ≤ ``max_error``,
+    their mean ≤ ``mean_error`` (a task's error counts as ``offset + scale·error``, see :attr:`JointParams.prior`)."""
+    counted = [off + sc * e for e, off, sc in errs]
+    if p.max_error is not None and any(e > p.max_error + 1e-12 for e in counted):
+        return False
+    return not (p.mean_error is not None and counted and sum(counted) / len(counted) > p.mean_error + 1e-12)
 
 
 def _separate_rank(s: Tensor, p: JointParams, r: int) -> int:

@@ -1,8 +1,10 @@
-"""Block quantisation of subspace tensors: symmetric int8/int4 and NF4, with double-quantised scales.
+"""Block quantisation of subspace tensors: symmetric int8/int6/int5/int4/int3 and NF4, with double-quantised scales.
 
-A :class:`QuantizedTensor` holds what goes on disk (codes, 4-bit codes packed
-two a byte, block scales, optionally themselves quantised to 8 bits as in
-QLoRA) and dequantises to the float tensor the math uses.
+A :class:`QuantizedTensor` holds what goes on disk (codes, 3–6-bit codes
+bit-packed (:mod:`engine.subspace.packing`; 4-bit: two a byte), block scales
+(fp32, or fp16 for the precision search), optionally themselves quantised to
+8 bits as in QLoRA) and dequantises to the float tensor the math uses. The
+manifest's ``bits`` says how the codes are packed, so loading detects it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .packing import pack_bits, unpack_bits
 
 QUANT_METHODS = ("symmetric", "nf4")
 #: Block size of the second-level quantisation of block scales (QLoRA uses 256).
 SCALE_BLOCK = 256
+#: Bit widths of the symmetric method (3, 5 and 6 bit-packed; 4 two a byte; 8 a byte each).
+SYMMETRIC_BITS = (8, 6, 5, 4, 3)
 
 
 @dataclass
@@ -27,10 +32,10 @@ class QuantizedTensor:
     Attributes:
         shape: Original shape.
         method: ``symmetric`` or ``nf4``.
-        bits: 8 or 4 (NF4 is 4).
+        bits: 8, 6, 5, 4 or 3 (NF4 is 4).
         block_size: Elements per scale block.
-        codes: uint8 codes; for 4 bits packed two a byte.
-        scales: float32 per-block scales (absent when double-quantised).
+        codes: uint8 codes; below 8 bits bit-packed (4 bits: two a byte).
+        scales: float32 (or float16) per-block scales (absent when double-quantised).
         scale_codes: int8 codes of ``scale - scale_mean`` (double quantisation).
         scale_absmax: float32 absmax per :data:`SCALE_BLOCK` scales.
         scale_mean: float32 scalar mean of the scales.
@@ -103,6 +108,8 @@ class QuantizedTensor:
             return ops.nf4_unpack(self.codes, scales, self.shape, self.block_size, dtype)
         if self.bits == 4:
             q = ops.unpack_nibbles(self.codes, n).to(torch.int16) - 8
+        elif self.bits < 8:
+            q = unpack_bits(self.codes, n, self.bits).to(torch.int16) - (1 << (self.bits - 1))
         else:
             q = self.codes.view(torch.int8).to(torch.int16)
         q = q.float()
@@ -134,24 +141,29 @@ def _double_quantize(scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def quantize_tensor(
-    tensor: Tensor, *, bits: int = 8, method: str = "symmetric", block_size: int = 64, double_quant: bool = False
+    tensor: Tensor, *, bits: int = 8, method: str = "symmetric", block_size: int = 64, double_quant: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> QuantizedTensor:
     """Quantise one tensor per block of ``block_size`` elements.
 
     Args:
         tensor: Any float tensor.
-        bits: 8 or 4 for ``symmetric``; NF4 is always 4.
+        bits: 8, 6, 5, 4 or 3 for ``symmetric``; NF4 is always 4.
         method: ``symmetric`` (absmax → int) or ``nf4`` (QLoRA's levels).
         block_size: Elements per scale.
         double_quant: Quantise the fp32 block scales to int8 per 256 (QLoRA's double quantisation).
+        scale_dtype: Storage dtype of the block scales (``float16`` halves them; the codes are
+            computed against the rounded scales, so dequantising gives what was measured).
 
     Raises:
         ValueError: unknown method, bits, or block size.
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"quantization method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
-    if method == "symmetric" and bits not in (4, 8):
-        raise ValueError(f"symmetric quantization needs bits 8 or 4, got {bits}")
+    if method == "symmetric" and bits not in SYMMETRIC_BITS:
+        raise ValueError(f"symmetric quantization needs bits {', '.join(map(str, SYMMETRIC_BITS))}, got {bits}")
+    if scale_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"scale_dtype must be float32 or float16, got {scale_dtype}")
     if method == "nf4":
         bits = 4
     if block_size < 2 or block_size % 2:
@@ -159,15 +171,38 @@ def quantize_tensor(
     shape = tuple(int(d) for d in tensor.shape)
     if method == "nf4":
         codes, scales = ops.nf4_pack(tensor, block_size)
+        scales = scales.to(scale_dtype)
     else:
         blocks, n = _blocks(tensor.detach().float().reshape(-1), block_size)
-        scales = blocks.abs().amax(dim=1)
+        scales = blocks.abs().amax(dim=1).to(scale_dtype)  # rounded first: the codes are made against what is stored
         qmax = (1 << (bits - 1)) - 1
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        sf = scales.float()
+        safe = torch.where(sf > 0, sf, torch.ones_like(sf))
         q = torch.round(blocks / safe[:, None] * qmax).clamp(-qmax, qmax).reshape(-1)[:n]
-        codes = ops.pack_nibbles((q + 8).to(torch.uint8)) if bits == 4 else q.to(torch.int8).view(torch.uint8).contiguous()
-    qt = QuantizedTensor(shape=shape, method=method, bits=bits, block_size=block_size, codes=codes, scales=scales.float())
+        if bits == 8:
+            codes = q.to(torch.int8).view(torch.uint8).contiguous()
+        elif bits == 4:
+            codes = ops.pack_nibbles((q + 8).to(torch.uint8))
+        else:
+            codes = pack_bits((q + (1 << (bits - 1))).to(torch.int64), bits)
+    qt = QuantizedTensor(shape=shape, method=method, bits=bits, block_size=block_size, codes=codes,
+                         scales=scales if scale_dtype == torch.float16 else scales.float())
     if double_quant:
         qt.scale_codes, qt.scale_absmax, qt.scale_mean = _double_quantize(scales.float())
         qt.scales = None
     return qt
+
+
+def fake_quantize(tensor: Tensor, bits: int, block_size: int = 64, scale_dtype: torch.dtype = torch.float16) -> Tensor:
+    """``quantize_tensor(tensor, bits=bits, block_size=block_size, scale_dtype=scale_dtype).dequantize()`` without packing.
+
+    The same float32 values, bit for bit (the same operations in the same order), for
+    trying many precisions cheaply; the one kept is then quantised for real.
+    """
+    blocks, n = _blocks(tensor.detach().float().reshape(-1), block_size)
+    scales = blocks.abs().amax(dim=1).to(scale_dtype).float()
+    qmax = (1 << (bits - 1)) - 1
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(blocks / safe[:, None] * qmax).clamp(-qmax, qmax)
+    deq = q * (scales[:, None] / qmax)
+    return deq.reshape(-1)[:n].reshape(tensor.shape)

@@ -22,7 +22,8 @@ import torch
 RULE_KEYS = ("max_error", "mean_error", "num_components", "variance_threshold", "adaptive_k")
 #: Defaults of the build parameters absent from an older manifest.
 PARAM_DEFAULTS: dict[str, Any] = {"num_components": None, "variance_threshold": 0.6, "adaptive_k": False,
-                                  "max_error": None, "mean_error": None, "refine": 1, "hybrid": True, "sketch_rank": 256}
+                                  "max_error": None, "mean_error": None, "refine": 1, "hybrid": True, "sketch_rank": 256,
+                                  "precision": "fp16", "block_size": 64}
 
 
 def k_rule(params: dict[str, Any]) -> dict[str, Any]:

@@ -223,7 +223,11 @@ def _read_tensors(path: Path, quant: dict[str, Any]) -> tuple[dict[str, Tensor],
         if name not in parts or "codes" not in parts[name]:
             raise SubspaceFormatError(f"{path}: quantized tensor '{name}' is missing its codes")
         qts[name] = QuantizedTensor.from_parts(info, parts[name])
-        plain[name] = qts[name].dequantize(torch.float32)
+        try:  # bits say how the codes are packed (8: a byte each, 4: two a byte, 3/5/6: bit-packed)
+            plain[name] = qts[name].dequantize(torch.float32)
+        except (ValueError, RuntimeError) as exc:
+            raise SubspaceFormatError(f"{path}: quantized tensor '{name}' does not match its manifest entry "
+                                      f"({info.get('bits')} bits, shape {info.get('shape')}): {exc}") from exc
     return plain, qts
 
 

@@ -1,0 +1,169 @@
+"""precision="auto": rank and precision chosen together (brute force on small cases), packed codes, exported errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from engine.io.local import load_adapter, save_adapter
+from engine.subspace import SharedSubspace
+from engine.subspace.packing import PACKED_BITS, pack_bits, packed_nbytes, unpack_bits
+from engine.subspace.precision import (
+    BITS,
+    PRECISIONS,
+    QUANT_OVERHEAD_BYTES,
+    choose_core,
+    choose_separate,
+    shared_bases,
+    store,
+    tensor_bytes,
+)
+from engine.subspace.quant import SYMMETRIC_BITS, fake_quantize, quantize_tensor
+
+
+@pytest.mark.parametrize("bits", PACKED_BITS)
+def test_pack_bits_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    for n in (0, 1, 7, 8, 9, 333):
+        codes = torch.randint(0, 1 << bits, (n,), generator=g).to(torch.uint8)
+        packed = pack_bits(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits) == (n * bits + 7) // 8
+        assert torch.equal(unpack_bits(packed, n, bits), codes)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_bits(torch.tensor([1 << bits]), bits)
+
+
+@pytest.mark.parametrize("bits", SYMMETRIC_BITS)
+def test_symmetric_every_width_round_trip_and_bound(bits):
+    g = torch.Generator().manual_seed(100 + bits)
+    x = torch.randn(37, 19, generator=g)
+    qt = quantize_tensor(x, bits=bits, block_size=64, scale_dtype=torch.float16)
+    assert qt.codes.numel() == packed_nbytes(x.numel(), bits) and qt.scales.dtype == torch.float16
+    again = type(qt).from_parts(qt.info(), qt.tensors()).dequantize()
+    y = qt.dequantize()
+    assert torch.equal(again, y)
+    assert torch.equal(fake_quantize(x, bits, 64), y)  # the trial values are the stored ones, bit for bit
+    qmax = (1 << (bits - 1)) - 1
+    flat = torch.cat([x.reshape(-1), torch.zeros((-x.numel()) % 64)]).view(-1, 64)
+    bound = (flat.abs().amax(1) * (1 + 1e-3) / qmax / 2).repeat_interleave(64)[: x.numel()]  # fp16 scale rounding
+    assert bool(((y - x).abs().reshape(-1) <= bound + 1e-6).all())
+    assert tensor_bytes(x.numel(), f"int{bits}") == qt.nbytes + QUANT_OVERHEAD_BYTES
+
+
+def _brute_separate(sb, a, target):
+    """Every (rank, precision of B, precision of A), quantised for real; the cheapest meeting ``target``."""
+    from engine import ops
+
+    uu, s, vh = ops.lowrank_svd(sb, a)
+    order = {p: i for i, p in enumerate(PRECISIONS)}
+    best = None
+    for q in range(s.numel() + 1):
+        for pb, pa in itertools.product(PRECISIONS, PRECISIONS):
+            if q == 0 and (pb, pa) != ("fp16", "fp16"):
+                continue
+            b, aa = store(uu[:, :q], pb), store(s[:q, None] * vh[:q], pa)
+            err = ops.lowrank_rel_error(sb, a, b.value, aa.value)
+            if err > target + 1e-12:
+                continue
+            key = (b.nbytes + aa.nbytes, q, order[pb], order[pa])
+            if best is None or key < best[0]:
+                best = (key, err)
+    return best
+
+
+@pytest.mark.parametrize("seed,target", [(0, 0.05), (1, 0.1), (2, 0.2), (3, 0.02)])
+def test_separate_choice_equals_brute_force(seed, target):
+    g = torch.Generator().manual_seed(seed)
+    r, out_f, in_f = 5, 96, 80
+    decay = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.05], dtype=torch.float64)
+    sb = torch.randn(out_f, r, generator=g, dtype=torch.float64) * decay
+    a = torch.randn(r, in_f, generator=g, dtype=torch.float64)
+    got = choose_separate(sb, a, target)
+    (nbytes, q, ib, ia), err = _brute_separate(sb, a, target)
+    assert got.met and got.rank == q and got.nbytes == nbytes
+    assert got.bits == {"b": BITS[PRECISIONS[ib]], "a": BITS[PRECISIONS[ia]]}
+    assert got.error == pytest.approx(err, rel=1e-9, abs=1e-12) and got.error <= target
+
+
+def test_core_choice_equals_brute_force():
+    g = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(64, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(48, 6, generator=g, dtype=torch.float64))
+    sb = u @ torch.randn(6, 4, generator=g, dtype=torch.float64) + 0.01 * torch.randn(64, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 6, generator=g, dtype=torch.float64) @ v.T
+    dense = sb @ a
+    n2 = float((dense ** 2).sum())
+    for basis in shared_bases(u, v):
+        ud, vd = basis.u.value.double(), basis.v.value.double()
+        for target in (0.02, 0.05, 0.1):
+            got = choose_core(basis, sb, a, 4, target, n2)
+            best = None
+            for p in PRECISIONS:  # quantised for real, errors from the dense ΔW: an independent check
+                parts = {k: store(t, p) for k, t in _parts(ud, vd, sb, a, 4).items()}
+                core = (parts["c"].value.double() @ parts["d"].value.double() if "c" in parts
+                        else parts["sigma"].value.double())
+                err = float((dense - ud @ core @ vd.T).norm() / dense.norm())
+                nb = sum(x.nbytes for x in parts.values())
+                if err <= target + 1e-9 and (best is None or nb < best[0]):
+                    best = (nb, err)
+            if best is None:
+                assert not got.met
+                continue
+            assert got.met and got.nbytes == best[0]
+            assert got.error == pytest.approx(best[1], rel=1e-6, abs=1e-9)
+
+
+def _parts(ud, vd, sb, a, rank):
+    sigma = (ud.T @ sb) @ (a @ vd)
+    ku, kv = sigma.shape
+    q = min(rank, ku, kv)
+    if q * (ku + kv) < ku * kv:
+        p, s, qh = torch.linalg.svd(sigma, full_matrices=False)
+        return {"c": p[:, :q] * s[:q], "d": qh[:q]}
+    return {"sigma": sigma}
+
+
+def _dense_error(orig, exported, m):
+    d0 = orig.lora_b[m].double() @ orig.lora_a[m].double() * orig.scale(m)
+    d1 = exported.lora_b[m].double() @ exported.lora_a[m].double() * exported.scale(m)
+    return float((d0 - d1).norm() / d0.norm())
+
+
+@pytest.mark.parametrize("method", ["joint", "svd"])
+def test_auto_errors_equal_exported_and_meet_target(method, peft_family_dirs, tmp_path):
+    originals = [load_adapter(p) for p in peft_family_dirs]
+    target = 0.08
+    plain = SharedSubspace.from_adapters(originals, method=method, max_error=target)
+    auto = SharedSubspace.from_adapters(originals, method=method, max_error=target, precision="auto")
+    assert auto.params["precision"] == "auto" and auto.k_rule["max_error"] == target
+    assert auto.quantized, "some tensor is stored below fp16"
+    assert auto._tensor_bytes()[0] < plain._tensor_bytes()[0]
+    out = auto.save(tmp_path / "sub")
+    loaded = SharedSubspace.load(out)
+    for orig in originals:
+        tid = orig.name
+        exp = save_adapter(loaded.reconstruct(tid), tmp_path / "exp" / tid)
+        back = load_adapter(exp)
+        for m in orig.layer_names:
+            e = _dense_error(orig, back, m)
+            assert e == pytest.approx(loaded.tasks[tid].fidelity[m], rel=1e-4, abs=1e-6)
+            assert e <= target + 1e-6
+
+
+def test_precision_validation(peft_family_dirs):
+    ads = [load_adapter(p) for p in peft_family_dirs[:2]]
+    with pytest.raises(ValueError, match="precision"):
+        SharedSubspace.from_adapters(ads, max_error=0.1, precision="int4")
+    with pytest.raises(ValueError, match="pca"):
+        SharedSubspace.from_adapters(ads, max_error=0.1, precision="auto", method="pca")
+
+
+def test_auto_keeps_the_mean_error_rule(peft_family_dirs):
+    originals = [load_adapter(p) for p in peft_family_dirs]
+    sub = SharedSubspace.from_adapters(originals, method="joint", mean_error=0.06, precision="auto")
+    for m in sub.modules:
+        errs = [t.fidelity[m] for t in sub.tasks.values()]
+        assert sum(errs) / len(errs) <= 0.06 + 1e-9
+    assert sub.target_breaks({}, sub.fidelity()) == []
