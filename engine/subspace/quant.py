@@ -158,7 +158,7 @@ def quantize_tensor(
         raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
     shape = tuple(int(d) for d in tensor.shape)
     if method == "nf4":
-        codes, scales = ops.nf4_pack(tensor, block_size)
+        codes, scales, _ = ops.nf4_pack(tensor, block_size)
     else:
         blocks, n = _blocks(tensor.detach().float().reshape(-1), block_size)
         scales = blocks.abs().amax(dim=1)
