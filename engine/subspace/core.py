@@ -46,6 +46,28 @@ from .quant import QuantizedTensor, quantize_tensor
 from .rule import RuleBreak, breaks_message, complete_params, k_rule, rule_breaks, tolerance
 
 
+def resolve_method(method: str | None, max_error: float | None, mean_error: float | None) -> str:
+    """The method a build uses when ``method`` is not given.
+
+    The seed's call, ``from_adapters(adapters, num_components=k)`` (or with
+    ``variance_threshold``/``adaptive_k``), keeps the seed's meaning: ``pca`` of the
+    flattened factors with k components. With an error target (``max_error`` /
+    ``mean_error``, this project's parameters) the build is ``joint``. The job layer,
+    the CLI and the TUI always pass ``method`` explicitly.
+    """
+    if method is not None:
+        return method
+    return DEFAULT_METHOD if (max_error is not None or mean_error is not None) else "pca"
+
+
+def resolve_dtype(dtype: Any, method: str) -> Any:
+    """Storage precision when ``dtype`` is not given: float32 for ``pca`` (the seed stores the
+    factors' own precision), float16 for the others."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if method == "pca" else torch.float16
+
+
 def _task_ids(n: int, task_ids: Sequence[str] | None, names: Sequence[str | None]) -> list[str]:
     if task_ids is not None:
         ids = [str(t) for t in task_ids]
@@ -124,8 +146,76 @@ class SharedSubspace:
         return {m: b.shape for m, b in self.modules.items()}
 
     def __repr__(self) -> str:
-        return (f"SharedSubspace(method={self.method!r}, modules={len(self.modules)}, tasks={len(self.tasks)}, "
-                f"k_max={self.num_components}, dtype={dtype_name(self.dtype)})")
+        return (f"SharedSubspace(method={self.method!r}, layers={len(self.modules)}, k={self.num_components}, "
+                f"rank={self.rank}, tasks={len(self.tasks)}, dtype={dtype_name(self.dtype)})")
+
+    # -- the seed's attributes ----------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """The adapters' LoRA rank (the largest module rank of the stored tasks), as the seed's ``rank``."""
+        rs = [r for p in self.tasks.values() for r in p.ranks.values()]
+        rs += [b.rank for b in self.modules.values() if b.kind == "pca" and b.rank]
+        return max(rs, default=0)
+
+    @property
+    def adaptive_k(self) -> bool:
+        return bool(self.params.get("adaptive_k", False))
+
+    @property
+    def variance_threshold(self) -> float:
+        return float(self.params.get("variance_threshold") or 0.6)
+
+    def _pca_view(self, key: str, what: str) -> dict[str, Tensor]:
+        """The seed's per-module tensors of a ``pca`` subspace (module → tensor, storage precision)."""
+        if self.method != "pca":
+            raise AttributeError(
+                f"{what} exists on method='pca' subspaces (the seed's flattened-factor PCA); this one is "
+                f"{self.method!r}: its bases are .modules[m].tensors (U, V)")
+        return {m: self.modules[m].tensors[key] for m in self.layer_names if self.modules[m].kind == "pca"}
+
+    @property
+    def components_a(self) -> dict[str, Tensor]:
+        """Module → ``(k, r·in)`` orthonormal rows spanning the flattened A factors (pca)."""
+        return self._pca_view("comp_a", "components_a")
+
+    @property
+    def components_b(self) -> dict[str, Tensor]:
+        """Module → ``(k, out·r)`` orthonormal rows spanning the flattened B factors (pca)."""
+        return self._pca_view("comp_b", "components_b")
+
+    @property
+    def means_a(self) -> dict[str, Tensor]:
+        """Module → mean flattened A over the build's adapters (pca)."""
+        return self._pca_view("mean_a", "means_a")
+
+    @property
+    def means_b(self) -> dict[str, Tensor]:
+        """Module → mean flattened B over the build's adapters (pca)."""
+        return self._pca_view("mean_b", "means_b")
+
+    @property
+    def singular_values_a(self) -> dict[str, Tensor]:
+        return self._pca_view("sv_a", "singular_values_a")
+
+    @property
+    def singular_values_b(self) -> dict[str, Tensor]:
+        return self._pca_view("sv_b", "singular_values_b")
+
+    @property
+    def shapes_a(self) -> dict[str, tuple[int, int]]:
+        """Module → shape of A, ``(r, in)`` (pca: the basis rank; else the largest task rank)."""
+        return {m: (self._module_rank(m), b.shape[1]) for m, b in sorted(self.modules.items())}
+
+    @property
+    def shapes_b(self) -> dict[str, tuple[int, int]]:
+        """Module → shape of B, ``(out, r)``."""
+        return {m: (b.shape[0], self._module_rank(m)) for m, b in sorted(self.modules.items())}
+
+    def _module_rank(self, m: str) -> int:
+        b = self.modules[m]
+        if b.kind == "pca" and b.rank:
+            return int(b.rank)
+        return max((p.ranks.get(m, 0) for p in self.tasks.values()), default=0)
 
     def _task(self, task_id: str) -> TaskProjection:
         if task_id not in self.tasks:
@@ -143,12 +233,12 @@ class SharedSubspace:
         variance_threshold: float = 0.6,
         adaptive_k: bool = False,
         max_error: float | None = None,
-        method: str = DEFAULT_METHOD,
+        method: str | None = None,
         *,
         mean_error: float | None = None,
         refine: int = 1,
         hybrid: bool = True,
-        dtype: Any = torch.float16,
+        dtype: Any = None,
         sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         progress: ProgressFn | None = None,
@@ -168,10 +258,13 @@ class SharedSubspace:
                 a module is stored per task (truncated SVD) when that is smaller.
             mean_error: Like ``max_error`` for the mean error over tasks (per module,
                 so the overall mean meets it too); with both, k meets both.
-            method: ``joint`` (default), ``share``, ``pca`` or ``svd``.
+            method: ``joint``, ``share``, ``pca`` or ``svd``. Not given: ``pca`` (the seed's
+                meaning of ``num_components``/``variance_threshold``/``adaptive_k``), or
+                ``joint`` when ``max_error``/``mean_error`` is given (see :func:`resolve_method`).
             refine: Alternating refinement rounds of the joint basis.
             hybrid: See ``max_error``.
-            dtype: Storage precision (float16 default); errors are measured after rounding.
+            dtype: Storage precision (default float32 for pca, as the seed, float16 for the
+                others); errors are measured after rounding.
             sketch_rank: Width of the randomized range sketch of each module's column
                 and row space, hence the largest k (joint/share). Exact while the summed
                 ranks of the adapters fit in it; above, the leading directions are found
@@ -189,6 +282,8 @@ class SharedSubspace:
         """
         from ..io.local import check_compatible
 
+        method = resolve_method(method, max_error, mean_error)
+        dtype = resolve_dtype(dtype, method)
         if not adapters:
             raise ValueError("from_adapters: no adapters given")
         ids = _task_ids(len(adapters), task_ids, [a.name for a in adapters])
@@ -211,12 +306,12 @@ class SharedSubspace:
         variance_threshold: float = 0.6,
         adaptive_k: bool = False,
         max_error: float | None = None,
-        method: str = DEFAULT_METHOD,
+        method: str | None = None,
         *,
         mean_error: float | None = None,
         refine: int = 1,
         hybrid: bool = True,
-        dtype: Any = torch.float16,
+        dtype: Any = None,
         sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         progress: ProgressFn | None = None,
@@ -236,6 +331,8 @@ class SharedSubspace:
             strip_prefix,
         )
 
+        method = resolve_method(method, max_error, mean_error)
+        dtype = resolve_dtype(dtype, method)
         if not paths:
             raise ValueError("from_adapters_streaming: no adapter paths given")
         _return_freed_memory()
@@ -539,11 +636,13 @@ class SharedSubspace:
             out[m] = _module_factors(b, proj.coeffs[m], proj, m)
         return out
 
-    def reconstruct(self, task_id: str, *, pad_to_vllm: bool = True, dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    def reconstruct(self, task_id: str, *, pad_to_vllm: bool = False, dtype: torch.dtype = torch.float32) -> LoRAWeights:
         """The task as a PEFT-ready ``LoRAWeights`` with its original alpha, rsLoRA, targets, base model and extras.
 
-        Module ranks are at most the original's; with ``pad_to_vllm`` every module is
-        padded with zero rows/columns to one rank vLLM accepts.
+        Module ranks are at most the original's (the seed's meaning: a rank-r adapter comes
+        back at rank r, or lower where a module is stored truncated); with ``pad_to_vllm``
+        every module is padded with zero rows/columns to one rank vLLM accepts (export does
+        this through :func:`engine.io.targets.for_target`).
         """
         proj = self._task(task_id)
         factors = self.task_factors(task_id)
