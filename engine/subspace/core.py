@@ -445,11 +445,18 @@ class SharedSubspace:
             return encode_separate(sb, a, me, None, self.dtype)
         return encode_joint(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), self.dtype)
 
-    def project(self, adapter: LoRAWeights, task_id: str, *, progress: ProgressFn | None = None,
-                cancel: CancelLike | None = None) -> TaskProjection:
+    def project(self, adapter: LoRAWeights, task_id: str, warn_threshold: float | None = None, *,
+                progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> TaskProjection:
         """Coefficients of ``adapter`` in the current bases (they do not change), with its measured error.
 
         Modules stored per task (``separate``) keep the adapter's truncated SVD at the subspace's error target.
+
+        Args:
+            adapter: The adapter to project.
+            task_id: Its id.
+            warn_threshold: As the seed: warn (``UserWarning``, "Low subspace coverage") when the
+                mean coverage is below this. Coverage is the seed's ``1 − ‖residual‖/‖x‖`` of the
+                centred flattened factors for ``pca`` modules, ``1 −`` the ΔW error for the others.
         """
         validate_task_id(task_id)
         label = f"adapter {task_id!r}"
@@ -464,7 +471,31 @@ class SharedSubspace:
             sb, a = effective_factors(adapter, m)
             proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
             proj.coeffs[m], proj.fidelity[m] = self._encode(m, adapter, tmpl)
+        if warn_threshold is not None:
+            cov = self._coverage(adapter, proj)
+            if cov < warn_threshold:
+                import warnings
+
+                warnings.warn(f"Low subspace coverage ({cov:.1%}) for adapter '{task_id}'. Reconstruction quality "
+                              "may be poor. Consider absorb() to expand the basis.", stacklevel=2)
         return proj
+
+    def _coverage(self, adapter: LoRAWeights, proj: TaskProjection) -> float:
+        """Mean coverage over modules (and, for pca, sides): see :meth:`project`."""
+        vals: list[float] = []
+        for m, b in sorted(self.modules.items()):
+            if b.kind != "pca":
+                vals.append(1.0 - min(1.0, float(proj.fidelity[m])))
+                continue
+            for side, x in (("a", adapter.lora_a[m]), ("b", adapter.lora_b[m])):
+                c = x.double().reshape(-1) - b.tensors[f"mean_{side}"].double()
+                n = float(c.norm())
+                if n < 1e-8:
+                    vals.append(1.0)
+                    continue
+                comp = b.tensors[f"comp_{side}"].double()
+                vals.append(1.0 - float((c - (c @ comp.T) @ comp).norm()) / n)
+        return sum(vals) / len(vals) if vals else 1.0
 
     def add_task(self, projection: TaskProjection) -> None:
         """Store a projection made by :meth:`project` (replaces a task of the same id)."""
@@ -851,6 +882,17 @@ class SharedSubspace:
             summary = f"{total} of {total} modules shared"
         return {"modules": mods, "shared": total - sep, "per_task": sep, "total": total, "summary": summary}
 
+    def _components_per_layer(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for m, b in sorted(self.modules.items()):
+            if b.kind == "pca":
+                out[m] = (int(b.tensors["comp_a"].shape[0]), int(b.tensors["comp_b"].shape[0]))
+            elif b.kind == "joint":
+                out[m] = (int(b.tensors["V"].shape[1]), int(b.tensors["U"].shape[1]))
+            else:
+                out[m] = (0, 0)  # stored per task: nothing shared
+        return out
+
     def _target_text(self) -> str:
         """The build's error target in words (``a 5 % max ΔW error``), or ``""``."""
         parts = [f"{float(self.params[k]) * 100:g} % {w}" for k, w in (("max_error", "max"), ("mean_error", "mean"))
@@ -891,7 +933,8 @@ class SharedSubspace:
             "dtype": dtype_name(self.dtype),
             "quantization": self.quantization,
             "k": self.k_per_module,
-            "components_per_layer": self.k_per_module,
+            # the seed's (k_a, k_b): basis rows of the A side (row space V) and the B side (column space U)
+            "components_per_layer": self._components_per_layer(),
             "module_kinds": {m: b.kind for m, b in sorted(self.modules.items())},
             "original_bytes": int(orig),
             "stored_bytes": int(stored),
@@ -900,6 +943,8 @@ class SharedSubspace:
             "ratio_vs_fp16": 2 * orig_params / stored if stored else 0.0,
             "original_params": int(orig_params),
             "stored_params": int(stored_params),
+            "total_params_original": int(orig_params),
+            "total_params_compressed": int(stored_params),
             "disk": size_on_disk(self.saved_path) if self.saved_path is not None and Path(self.saved_path).is_dir() else None,
             "storage": self.storage(),
             "error": {

@@ -151,7 +151,7 @@ def quantize_tensor(
     if method not in QUANT_METHODS:
         raise ValueError(f"quantization method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
     if method == "symmetric" and bits not in (4, 8):
-        raise ValueError(f"symmetric quantization needs bits 8 or 4, got {bits}")
+        raise ValueError(f"bits must be 4 or 8 for symmetric quantization, got {bits}")
     if method == "nf4":
         bits = 4
     if block_size < 2 or block_size % 2:
