@@ -61,6 +61,9 @@ class _Loader(importlib.abc.Loader):
         pass
 
 
+SEED_MODULES = set(__SEED_MODULES__)
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "vlora" and not fullname.startswith("vlora."):
@@ -70,6 +73,8 @@ class _Finder(importlib.abc.MetaPathFinder):
             found = importlib.util.find_spec(real)
         except (ImportError, ValueError):
             found = None
+        if found is None and fullname not in SEED_MODULES:
+            return None  # not a module of the seed either (e.g. `from vlora.model import Name`)
         spec = importlib.util.spec_from_loader(
             fullname, _Loader(real if found is not None else None), is_package=True)
         return spec
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", dest="keyword", help="pytest -k expression")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--failing", action="store_true", help="list the failing tests")
+    ap.add_argument("--repo", type=Path, default=REPO, help="the checkout whose engine is tested (default: this one)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="seed-parity-"))
@@ -135,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         sdist = _download(tmp)
         alias = tmp / "alias"
         alias.mkdir()
-        (alias / "sitecustomize.py").write_text(ALIAS)
+        seed_modules = sorted(
+            "vlora" + "".join("." + part for part in p.relative_to(sdist / "src" / "vlora").with_suffix("").parts
+                              if part != "__init__")
+            for p in (sdist / "src" / "vlora").rglob("*.py"))
+        (alias / "sitecustomize.py").write_text(ALIAS.replace("__SEED_MODULES__", repr(seed_modules)))
         (sdist / "tests" / "test_cli.py").unlink(missing_ok=True)
         for cfg in ("pyproject.toml", "setup.cfg", "pytest.ini", "tox.ini"):
             # the seed's own pytest config (rootdir, pythonpath=src) must not load the real seed
@@ -152,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         seed_ids = [ln.strip() for ln in collected.splitlines() if "::" in ln]
         shutil.rmtree(sdist / "src", ignore_errors=True)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(alias), str(REPO)])
+        env["PYTHONPATH"] = os.pathsep.join([str(alias), str(args.repo.resolve())])
         env["HOME"] = str(tmp / "home")
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-q",
-               "--tb=no", "-o", "addopts=", "tests"]
+               "--tb=no", "-o", "addopts=", "--continue-on-collection-errors", "tests"]
         if args.keyword:
             cmd += ["-k", args.keyword]
         proc = subprocess.run(cmd, cwd=sdist, env=env, capture_output=True, text=True)
+        (tmp / "pytest.log").write_text(proc.stdout + proc.stderr)
         rows, failing = _table(proc.stdout, seed_ids)
         if not rows:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in failing:
                 print("  " + t)
         if args.keep:
-            print(f"\nkept: {tmp}")
+            print(f"\nkept: {tmp} (pytest.log: the run's output)")
         return 0
     finally:
         if not args.keep:

@@ -808,7 +808,7 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     have (same shape); ``left_out`` lists, per adapter, the modules that leaves out
     (empty when every adapter has the same modules).
     """
-    from ..analysis import compute_similarity_matrix, explained_variance, find_clusters, find_outliers
+    from ..analysis import explained_variance, find_clusters, outlier_report, similarity_report
     from ..io.local import common_modules
     from ..subspace.common import restrict_modules
     from .common import load_adapters
@@ -820,9 +820,9 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     overlap = common_modules(adapters)
     if not overlap.complete:
         adapters = [restrict_modules(a, overlap.modules) for a in adapters]
-    sim = compute_similarity_matrix(adapters, progress=stages.stage("similarity"), cancel=cancel)
+    sim = similarity_report(adapters, progress=stages.stage("similarity"), cancel=cancel)
     clusters = find_clusters(sim, params["threshold"], linkage=params["linkage"])
-    outliers = find_outliers(sim, params["outlier_threshold"])
+    outliers = outlier_report(sim, params["outlier_threshold"])
     variance = explained_variance(adapters, progress=stages.stage("variance"), cancel=cancel)
     stages.done()
     sd = sim.to_dict(modules=params["per_module"])
@@ -858,14 +858,14 @@ def run_diff(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
     "rank_a", "rank_b"}, "modules": [same per module], "only_in_a": [module…], "only_in_b": [module…]}``
     (``relative_difference`` is ``‖ΔW_a − ΔW_b‖/‖ΔW_a‖``, ``null`` when ΔW_a is zero and ΔW_b is not).
     """
-    from ..analysis import adapter_diff
+    from ..analysis import diff_report
     from .common import load_one
 
     a = load_one(str(params["a"]))
     b = load_one(str(params["b"]))
     if a.name == b.name:
         a.name, b.name = str(params["a"]), str(params["b"])
-    d = adapter_diff(a, b, progress=progress, cancel=cancel).to_dict()
+    d = diff_report(a, b, progress=progress, cancel=cancel).to_dict()
     o = d["overall"]
     rel = o["relative_difference"]
     rel_s = "n/a" if rel is None else f"{rel:.3g}"

@@ -782,7 +782,8 @@ class SharedSubspace:
             b = self.modules[m]
             old = ModuleBasis(b.kind, b.shape, dict(b.tensors), rank=b.rank, explained=b.explained)
             old_coeffs: dict[str, dict[str, Tensor]] = {}
-            keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b", "mean_a", "mean_b")}.get(b.kind, ())
+            # pca: the components, as the seed (its means stay at storage precision: they carry the factors' scale)
+            keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b")}.get(b.kind, ())
             for key in keys:
                 if b.tensors[key].numel():
                     qt = quantize_tensor(b.tensors[key], **kw)
