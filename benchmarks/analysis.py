@@ -4,7 +4,7 @@ Prints tables (not a test). Synthetic adapters shaped like LoRA on a 7B Llama
 (q_proj and v_proj on every layer, hidden 4096, rank 16), in families so that
 similarities are not all zero.
 
-1. Similarity of N adapters: ``engine.analysis.compute_similarity_matrix`` (R×R
+1. Similarity of N adapters: ``engine.analysis.similarity_report`` (R×R
    Gram products) against the dense way (form every ΔW, flatten, Gram). The dense
    way is run on ``--dense-n`` adapters and ``--dense-modules`` modules and
    extrapolated (form ∝ N, Gram ∝ N², memory ∝ N per module) when the full
@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from engine.analysis import compute_similarity_matrix  # noqa: E402
+from engine.analysis import similarity_report  # noqa: E402
 from engine.merge import merge_adapters  # noqa: E402
 from engine.types import LoRAWeights  # noqa: E402
 
@@ -182,14 +182,14 @@ def bench_similarity(adapters: list[LoRAWeights], args: argparse.Namespace) -> s
     mods = adapters[0].layer_names
     out, inn = adapters[0].shapes(mods[0])
     with PeakRSS() as mem:
-        sim = compute_similarity_matrix(adapters)
+        sim = similarity_report(adapters)
     ours_s, ours_peak = mem.seconds, mem.peak
 
     nd = min(n, args.dense_n)
     dmods = mods[: min(len(mods), args.dense_modules)]
     t_form, t_gram, d_peak, d_gram = dense_similarity(adapters[:nd], dmods)
     # check: ours on the same adapters and modules
-    check = compute_similarity_matrix(subset(adapters[:nd], dmods))
+    check = similarity_report(subset(adapters[:nd], dmods))
     norms = d_gram.diagonal().sqrt()
     d_cos = d_gram / (norms[:, None] * norms[None, :])
     max_dev = float((d_cos - check.matrix).abs().max())

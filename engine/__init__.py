@@ -62,6 +62,10 @@ _EXPORTS: dict[str, str] = {
     "adapter_diff": ".analysis",
     "subspace_coverage": ".analysis",
     "explained_variance": ".analysis",
+    "similarity_report": ".analysis",
+    "outlier_report": ".analysis",
+    "diff_report": ".analysis",
+    "coverage_report": ".analysis",
     "SimilarityResult": ".analysis",
     "DiffResult": ".analysis",
     # shared subspace

@@ -124,6 +124,28 @@ def compute_similarity_matrix(
     *,
     progress: ProgressFn | None = None,
     cancel: CancelLike | None = None,
+) -> Tensor:
+    """The seed's call: the N×N cosine similarity of the adapters (a float32 tensor).
+
+    The cosine is of the updates ΔW (all modules as one vector), not of the
+    flattened factors as in the seed (docs/MIGRATING.md); :func:`similarity_report`
+    returns the same matrix with names, norms and per-module matrices.
+
+    Raises:
+        ValueError: fewer than 2 adapters.
+        IncompatibleAdaptersError: different base models, modules or shapes.
+    """
+    adapters = list(adapters)
+    if len(adapters) < 2:
+        raise ValueError(f"Need at least 2 adapters for similarity, got {len(adapters)}")
+    return similarity_report(adapters, progress=progress, cancel=cancel).matrix.to(torch.float32)
+
+
+def similarity_report(
+    adapters: Sequence[LoRAWeights],
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelLike | None = None,
 ) -> SimilarityResult:
     """Cosine similarity of the adapters' updates ΔW, per module and overall.
 
@@ -198,6 +220,16 @@ class ClusterResult:
     def __getitem__(self, i: int) -> list[int]:
         return self.clusters[i]
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ClusterResult):
+            return (self.clusters, self.names, self.threshold, self.linkage) == (
+                other.clusters, other.names, other.threshold, other.linkage)
+        if isinstance(other, list):
+            return self.clusters == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
     def labels(self) -> list[int]:
         """Cluster number of each adapter."""
         out = [0] * len(self.names)
@@ -214,7 +246,7 @@ class ClusterResult:
         }
 
 
-def find_clusters(sim: SimilarityResult | Tensor | Any, threshold: float = 0.5, *, linkage: str = "average") -> ClusterResult:
+def find_clusters(sim: SimilarityResult | Tensor | Any, threshold: float = 0.9, *, linkage: str = "average") -> ClusterResult:
     """Agglomerative clustering of adapters by similarity.
 
     With ``average`` linkage two clusters merge while the mean similarity between
@@ -223,8 +255,11 @@ def find_clusters(sim: SimilarityResult | Tensor | Any, threshold: float = 0.5, 
 
     Args:
         sim: A :class:`SimilarityResult` or an N×N matrix (tensor, array, nested lists).
-        threshold: Similarity at which adapters belong together.
+        threshold: Similarity at which adapters belong together (default 0.9, the seed's).
         linkage: ``average`` or ``single``.
+
+    The result behaves as the seed's ``list[list[int]]`` (iterates, indexes and
+    compares equal to it).
     """
     if linkage not in ("average", "single"):
         raise ValueError(f"linkage: expected 'average' or 'single', got {linkage!r}")
@@ -294,6 +329,48 @@ class OutlierResult:
 
 
 def find_outliers(
+    adapters: Sequence[LoRAWeights],
+    threshold: float = 2.0,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelLike | None = None,
+) -> list[dict[str, Any]]:
+    """The seed's call: adapters far from the group's centroid, by z-score.
+
+    Each adapter's distance to the mean update is ``‖ΔW_i − mean_j ΔW_j‖_F`` (all
+    modules as one vector, through the Gram matrix of the updates; the seed uses the
+    flattened factors, docs/MIGRATING.md). An adapter whose distance is more than
+    ``threshold`` standard deviations (unbiased) above the mean distance is an outlier.
+
+    Returns:
+        One dict per outlier, ``{"index", "distance", "z_score", "name"}``, in input
+        order; ``[]`` for fewer than 3 adapters or when all distances are equal.
+    """
+    adapters = list(adapters)
+    if len(adapters) < 3:
+        return []
+    report = check_compatible(adapters)
+    n = len(adapters)
+    gram = torch.zeros(n, n, dtype=_DTYPE)
+    for i, m in enumerate(report.modules):
+        tick(progress, cancel, i, len(report.modules), f"outliers: {m}")
+        gram += module_gram(adapters, m, dtype=_DTYPE)
+    tick(progress, cancel, len(report.modules), len(report.modules), "outliers: done")
+    # ‖x_i − x̄‖² = G_ii − 2/N Σ_j G_ij + 1/N² Σ_jk G_jk
+    d2 = gram.diagonal() - 2.0 * gram.mean(dim=1) + gram.mean()
+    dist = d2.clamp(min=0).sqrt()
+    mean, std = float(dist.mean()), float(dist.std())
+    if std < 1e-8 * max(1.0, mean):
+        return []
+    out = []
+    for i in range(n):
+        z = (float(dist[i]) - mean) / std
+        if z > threshold:
+            out.append({"index": i, "distance": float(dist[i]), "z_score": z, "name": _label(adapters[i], i)})
+    return out
+
+
+def outlier_report(
     adapters_or_sim: Sequence[LoRAWeights] | SimilarityResult | Tensor | Any,
     threshold: float = 0.1,
     *,
@@ -311,7 +388,7 @@ def find_outliers(
         threshold: Largest similarity that still counts as unrelated.
     """
     if isinstance(adapters_or_sim, (list, tuple)) and adapters_or_sim and isinstance(adapters_or_sim[0], LoRAWeights):
-        sim: Any = compute_similarity_matrix(adapters_or_sim, progress=progress, cancel=cancel)
+        sim: Any = similarity_report(adapters_or_sim, progress=progress, cancel=cancel)
     else:
         sim = adapters_or_sim
     mat, names = _as_matrix(sim)
@@ -413,6 +490,28 @@ def _diff_figures(module: str, gram: Tensor, rank_a: int, rank_b: int) -> Module
 
 
 def adapter_diff(
+    a: LoRAWeights,
+    b: LoRAWeights,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelLike | None = None,
+) -> dict[str, dict[str, float]]:
+    """The seed's call: module → ``{"l2_distance", "cosine_sim"}`` for the modules both have.
+
+    ``l2_distance = ‖ΔW_a − ΔW_b‖_F`` and ``cosine_sim = cos(ΔW_a, ΔW_b)`` (the seed
+    compares the flattened factors, docs/MIGRATING.md); extra keys ``norm_a``,
+    ``norm_b`` and ``relative_difference``. :func:`diff_report` gives the full result.
+    """
+    res = diff_report(a, b, progress=progress, cancel=cancel)
+    out: dict[str, dict[str, float]] = {}
+    for d in res.modules:
+        l2 = math.sqrt(max(d.norm_a ** 2 + d.norm_b ** 2 - 2.0 * d.cosine * d.norm_a * d.norm_b, 0.0))
+        out[d.module] = {"l2_distance": l2, "cosine_sim": d.cosine, "norm_a": d.norm_a, "norm_b": d.norm_b,
+                         "relative_difference": d.relative_difference}
+    return out
+
+
+def diff_report(
     a: LoRAWeights,
     b: LoRAWeights,
     *,
@@ -530,6 +629,63 @@ class CoverageResult:
 
 
 def subspace_coverage(
+    subspace: Any,
+    adapter: LoRAWeights,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelLike | None = None,
+) -> dict[str, dict[str, float]]:
+    """The seed's call: module → ``{"coverage_a", "coverage_b", "coverage_mean"}``.
+
+    Coverage of a side is ``1 − ‖x − P x‖/‖x‖`` (1.0 for a zero ``x``). On a ``pca``
+    subspace (the seed's), ``x`` is the side's flattened factor minus the mean and ``P``
+    the projection on its components, exactly as the seed. On a subspace with column and
+    row bases (``joint``/``share``) ``x`` is ΔW: ``coverage_b`` is its column space
+    (``P x = UUᵀΔW``, the B side) and ``coverage_a`` its row space (``ΔW VVᵀ``, the A
+    side). Modules without a shared basis are left out. :func:`coverage_report` gives
+    the ΔW energy share per module.
+    """
+    out: dict[str, dict[str, float]] = {}
+    mods = getattr(subspace, "modules", None)
+    names = [m for m in adapter.layer_names if not isinstance(mods, Mapping) or m in mods]
+    for i, m in enumerate(names):
+        tick(progress, cancel, i, len(names), f"coverage: {m}")
+        basis = mods.get(m) if isinstance(mods, Mapping) else None
+        if basis is not None and getattr(basis, "kind", None) == "pca":
+            cov = {}
+            for side, x in (("a", adapter.lora_a[m]), ("b", adapter.lora_b[m])):
+                c = x.to(_DTYPE).reshape(-1) - basis.tensors[f"mean_{side}"].to(_DTYPE)
+                comp = basis.tensors[f"comp_{side}"].to(_DTYPE)
+                n = float(c.norm())
+                cov[f"coverage_{side}"] = 1.0 if n < 1e-8 else 1.0 - float((c - (c @ comp.T) @ comp).norm()) / n
+        else:
+            u, v = _module_bases(subspace, m)
+            if u is None and v is None:
+                continue
+            out_f, in_f = adapter.shapes(m)
+            b = adapter.lora_b[m].to(_DTYPE) * adapter.scale(m)
+            a = adapter.lora_a[m].to(_DTYPE)
+            e = max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0)
+            cov = {}
+            for side, basis_t, dim, what in (("b", u, out_f, "column"), ("a", v, in_f, "row")):
+                if basis_t is None or e <= 0:
+                    cov[f"coverage_{side}"] = 1.0 if e <= 0 else 0.0
+                    continue
+                q = _orthonormal(basis_t, dim, what, m)
+                if side == "b":
+                    p = q.T @ b  # k×r: ‖UᵀΔW‖² = tr((UᵀB)ᵀ(UᵀB) AAᵀ)
+                    cap = float(((p.T @ p) * (a @ a.T)).sum())
+                else:
+                    p = a @ q  # r×k
+                    cap = float(((b.T @ b) * (p @ p.T)).sum())
+                cov[f"coverage_{side}"] = 1.0 - math.sqrt(max(e - cap, 0.0) / e)
+        cov["coverage_mean"] = (cov["coverage_a"] + cov["coverage_b"]) / 2.0
+        out[m] = cov
+    tick(progress, cancel, len(names), len(names), "coverage: done")
+    return out
+
+
+def coverage_report(
     subspace: Any,
     adapter: LoRAWeights,
     *,
@@ -725,9 +881,13 @@ __all__ = [
     "SimilarityResult",
     "adapter_diff",
     "compute_similarity_matrix",
+    "coverage_report",
+    "diff_report",
     "explained_variance",
     "find_clusters",
     "find_outliers",
     "module_gram",
+    "outlier_report",
+    "similarity_report",
     "subspace_coverage",
 ]

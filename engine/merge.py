@@ -46,7 +46,10 @@ from .types import LoRAWeights
 EXACT_METHODS = ("linear", "task_arithmetic", "cat")
 #: Methods that act on single entries of ΔW (dense per module).
 DENSE_METHODS = ("ties", "dare")
-MERGE_METHODS = EXACT_METHODS + DENSE_METHODS
+#: Every method name :func:`merge_adapters` takes.
+METHOD_NAMES = EXACT_METHODS + DENSE_METHODS
+#: Methods whose weights default to ``1/N`` each (the seed's default: a weighted average).
+_MEAN_DEFAULT = ("linear", "task_arithmetic", "dare")
 
 #: Below this ``min(out, in)`` a dense module is truncated with a full SVD; above
 #: it with a seeded randomized SVD (the error reported is measured either way).
@@ -128,10 +131,10 @@ class MergeResult:
 
 def _resolve_weights(method: str, n: int, weights: Sequence[float] | None) -> list[float]:
     if weights is None:
-        return [1.0 / n] * n if method == "linear" else [1.0] * n
+        return [1.0 / n] * n if method in _MEAN_DEFAULT else [1.0] * n
     ws = [float(w) for w in weights]
     if len(ws) != n:
-        raise ValueError(f"weights: got {len(ws)} weight(s) for {n} adapter(s)")
+        raise ValueError(f"weights length ({len(ws)}) must match adapters ({n})")
     bad = [w for w in ws if not math.isfinite(w)]
     if bad:
         raise ValueError(f"weights: not finite: {bad}")
@@ -169,10 +172,11 @@ def _resolve_rank(method: str, rank: int | str | None) -> int | str:
     return rank
 
 
-def _check_fraction(name: str, value: float, *, upper_open: bool = False) -> float:
+def _check_fraction(name: str, value: float, *, upper_open: bool = False, lower_open: bool = False) -> float:
     v = float(value)
-    if not math.isfinite(v) or v < 0.0 or v > 1.0 or (upper_open and v >= 1.0):
-        bound = "[0, 1)" if upper_open else "[0, 1]"
+    if (not math.isfinite(v) or v < 0.0 or v > 1.0 or (upper_open and v >= 1.0)
+            or (lower_open and v <= 0.0)):
+        bound = ("(0" if lower_open else "[0") + (", 1)" if upper_open else ", 1]")
         raise ValueError(f"{name}: must be in {bound}, got {value!r}")
     return v
 
@@ -493,11 +497,13 @@ def merge_adapters(
         adapters: Two or more (one is allowed) adapters on the same base model,
             with the same modules and shapes; ranks, alphas and rsLoRA may differ.
         method: ``linear`` (weighted mean, weights normalized to sum 1; default the
-            plain mean), ``task_arithmetic`` (``Σ w_i ΔW_i``, default weights 1),
-            ``cat`` (task arithmetic, always exact), ``ties`` or ``dare``.
+            plain mean), ``task_arithmetic`` (``Σ w_i ΔW_i``, weights used as given,
+            default ``1/N`` each: the mean, as the seed), ``cat`` (``Σ w_i ΔW_i``,
+            always exact, default weights 1), ``ties`` (default weights 1) or
+            ``dare`` (default ``1/N``, so that its expectation is task arithmetic's).
         weights: One weight per adapter; negative weights subtract.
         rank: ``"exact"``, ``"auto"``/``None`` or an int (truncated SVD).
-        density: TIES: fraction of entries of each ΔW kept by magnitude.
+        density: TIES: fraction of entries of each ΔW kept by magnitude, in (0, 1].
         drop_rate: DARE: probability of dropping each entry (kept ones are
             rescaled by ``1/(1 − drop_rate)``).
         seed: DARE: seed of the drop masks; ``None`` draws one (recorded in
@@ -520,17 +526,17 @@ def merge_adapters(
         ValueError: an unknown method or a bad weight, rank, density or drop rate.
         IncompatibleAdaptersError: different base models, modules or shapes.
     """
-    if method not in MERGE_METHODS:
-        raise ValueError(f"method: unknown merge method {method!r}; choose from {', '.join(MERGE_METHODS)}")
+    if method not in METHOD_NAMES:
+        raise ValueError(f"method: unknown merge method {method!r}; choose from {', '.join(METHOD_NAMES)}")
     adapters = list(adapters)
     if not adapters:
-        raise ValueError("adapters: no adapters given")
+        raise ValueError("adapters: no adapters given (need at least one adapter to merge)")
     n = len(adapters)
     ws = _resolve_weights(method, n, weights)
     rk = _resolve_rank(method, rank)
     params: dict[str, Any] = {"weights": ws, "rank": rk}
     if method == "ties":
-        params["density"] = _check_fraction("density", density)
+        params["density"] = _check_fraction("density", density, lower_open=True)
     if method == "dare":
         params["drop_rate"] = _check_fraction("drop_rate", drop_rate, upper_open=True)
         if seed is None:
@@ -596,10 +602,15 @@ def task_arithmetic(
     progress: ProgressFn | None = None,
     cancel: CancelLike | None = None,
 ) -> LoRAWeights:
-    """``Σ w_i ΔW_i`` (weights default to 1: the sum of task vectors).
+    """``Σ w_i ΔW_i``, weights used as given; by default ``1/N`` each: the mean update (the seed's meaning).
 
     ``rank="exact"`` concatenates (PEFT's ``cat``); an int truncates by SVD (PEFT's
-    ``svd``, same definition). See :func:`merge_adapters` for the errors.
+    ``svd``, same definition). See :func:`merge_adapters` for the errors. Unlike the
+    seed, the updates ΔW are merged, not A and B separately (docs/MIGRATING.md).
+
+    Raises:
+        ValueError: no adapters (``"need at least one adapter"``) or a weight count
+            that does not match (``"weights length"``).
     """
     return merge_adapters(
         adapters, "task_arithmetic", weights=weights, rank=rank, name=name, progress=progress, cancel=cancel
@@ -677,7 +688,8 @@ def dare_merge(
 ) -> LoRAWeights:
     """DARE: drop each entry of each ΔW with probability ``drop_rate``, rescale, then sum.
 
-    ``τ_i = w_i · mask_i ⊙ ΔW_i / (1 − drop_rate)``; the result is ``Σ τ_i``
+    ``τ_i = w_i · mask_i ⊙ ΔW_i / (1 − drop_rate)`` with ``w_i = 1/N`` by default (the
+    seed's weighted average); the result is ``Σ τ_i``
     (DARE-linear, PEFT's ``dare_linear_svd``) or, with ``elect_sign``, TIES' sign
     election and disjoint mean (DARE-TIES, PEFT's ``dare_ties_svd``; the same
     weighting caveat as :func:`ties_merge`). The expectation over masks equals
@@ -698,8 +710,17 @@ def dare_merge(
     ).weights
 
 
+#: The seed's registry: name → merge function (``"average"`` is task arithmetic's weighted average).
+MERGE_METHODS = {
+    "average": task_arithmetic,
+    "ties": ties_merge,
+    "dare": dare_merge,
+}
+
+
 __all__ = [
     "MERGE_METHODS",
+    "METHOD_NAMES",
     "MergeResult",
     "cat_merge",
     "dare_mask",

@@ -19,6 +19,10 @@ NF4_LEVELS: tuple[float, ...] = (
 )
 
 
+#: The seed's name for the NF4 levels, as a float32 tensor.
+NF4_QUANT_TABLE: Tensor = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+
+
 def _nf4_table(device: torch.device | str | None = None) -> Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
@@ -102,12 +106,15 @@ def gram_schmidt(basis: Tensor, new_vectors: Tensor, tol: float = 1e-6) -> Tenso
 
 
 def explained_variance_ratio(singular_values: Tensor) -> Tensor:
-    """Cumulative share of variance ``Σ_{j<=k} s_j² / Σ s_j²`` for each k (zeros if all are zero)."""
+    """Cumulative share of variance ``Σ_{j<=k} s_j² / Σ s_j²`` for each k (zeros if all are zero).
+
+    Summed in float64, returned in the input's dtype (as the seed does).
+    """
     v = singular_values.double() ** 2
     total = v.sum()
     if total <= 0:
-        return torch.zeros_like(v)
-    return torch.cumsum(v, 0) / total
+        return torch.zeros_like(singular_values)
+    return (torch.cumsum(v, 0) / total).to(singular_values.dtype)
 
 
 def select_num_components(singular_values: Tensor, threshold: float = 0.6) -> int:
@@ -186,10 +193,35 @@ def _nf4_codes(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return codes, absmax
 
 
-def nf4_quantize_dequantize(tensor: Tensor, block_size: int = 64) -> Tensor:
-    """Round ``tensor`` to NF4 (per-block absmax scaling) and back; same shape and dtype."""
+def _double_quant(absmax: Tensor, group: int) -> Tensor:
+    """QLoRA's double quantisation of the block scales, simulated: 8-bit per group of ``group`` scales."""
+    if group < 1:
+        raise ValueError(f"double_quant_block_size must be >= 1, got {group}")
+    n = absmax.numel()
+    pad = (-n) % group
+    flat = torch.cat([absmax, absmax.new_ones(pad)]) if pad else absmax
+    g = flat.view(-1, group)
+    gmax = g.abs().amax(dim=1, keepdim=True).clamp_min(1e-10)
+    q = (g / gmax * 127.0).round().clamp(-127.0, 127.0) / 127.0
+    return (q * gmax).reshape(-1)[:n]
+
+
+def nf4_quantize_dequantize(
+    tensor: Tensor, block_size: int = 64, double_quant: bool = False, double_quant_block_size: int = 256
+) -> Tensor:
+    """Round ``tensor`` to NF4 (per-block absmax scaling) and back; same shape and dtype.
+
+    Args:
+        tensor: Any float tensor.
+        block_size: Elements per absmax block.
+        double_quant: Also round the block scales to 8 bits per group of
+            ``double_quant_block_size`` scales (QLoRA's double quantisation).
+        double_quant_block_size: Scales per second-level group.
+    """
     blocks, n = _blocks(tensor, block_size)
     codes, absmax = _nf4_codes(blocks)
+    if double_quant:
+        absmax = _double_quant(absmax, double_quant_block_size)
     deq = _nf4_table(blocks.device)[codes.long()] * absmax[:, None]
     return deq.reshape(-1)[:n].reshape(tensor.shape).to(tensor.dtype)
 
@@ -212,21 +244,34 @@ def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
     return out[:numel]
 
 
-def nf4_pack(tensor: Tensor, block_size: int = 64) -> tuple[Tensor, Tensor]:
+def nf4_pack(tensor: Tensor, block_size: int = 64) -> tuple[Tensor, Tensor, int]:
     """NF4-quantise ``tensor`` into packed bytes (two codes a byte) and per-block absmax scales.
 
     Returns:
-        ``(packed uint8 (ceil(numel/2),), absmax float32 (num_blocks,))``.
+        ``(packed uint8 (ceil(numel/2),), absmax float32 (num_blocks,), numel)`` (the seed's triple).
     """
     blocks, n = _blocks(tensor, block_size)
     codes, absmax = _nf4_codes(blocks)
-    return pack_nibbles(codes.reshape(-1)[:n]), absmax
+    return pack_nibbles(codes.reshape(-1)[:n]), absmax, n
 
 
 def nf4_unpack(
-    packed: Tensor, absmax: Tensor, shape: tuple[int, ...] | torch.Size, block_size: int = 64, dtype: torch.dtype = torch.float32
+    packed: Tensor,
+    absmax: Tensor,
+    numel: int | tuple[int, ...] | torch.Size,
+    block_size: int = 64,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Dequantise the output of :func:`nf4_pack` back to a tensor of ``shape``."""
+    """Dequantise the output of :func:`nf4_pack`.
+
+    Args:
+        packed: The packed codes.
+        absmax: The block scales.
+        numel: The element count (returns a flat tensor, as the seed) or a shape.
+        block_size: The block size used to pack.
+        dtype: The output dtype.
+    """
+    shape = (int(numel),) if isinstance(numel, int) else tuple(numel)
     n = 1
     for d in shape:
         n *= int(d)
@@ -282,6 +327,7 @@ def lowrank_svd(b: Tensor, a: Tensor, rtol: float = 0.0) -> tuple[Tensor, Tensor
 
 __all__ = [
     "NF4_LEVELS",
+    "NF4_QUANT_TABLE",
     "compute_svd",
     "explained_variance_ratio",
     "gram_schmidt",

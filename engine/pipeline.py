@@ -40,7 +40,8 @@ def init_subspace(
         num_components: k for every module.
         adaptive_k: Choose k per module by ``variance_threshold``.
         max_error: Choose k per module so every task's ‖ΔW−ΔŴ‖/‖ΔW‖ is at most this.
-        method: Compression method (default: the subspace's default).
+        method: Compression method (not given: as :meth:`SharedSubspace.from_adapters`: the
+            seed's ``pca``, or ``joint`` with ``max_error``).
         streaming: Read one adapter at a time (memory bounded by one adapter plus the basis).
         progress: Called with ``Progress`` events.
         cancel: ``is_set()`` → ``JobCancelled``.
@@ -49,14 +50,14 @@ def init_subspace(
         The subspace (not saved; call ``.save(path)``).
     """
     from .jobs.common import load_adapters, resolve_local_paths
-    from .subspace import DEFAULT_METHOD, SharedSubspace
+    from .subspace import SharedSubspace
 
     kw: dict[str, Any] = {
         "num_components": num_components,
         "variance_threshold": variance_threshold,
         "adaptive_k": adaptive_k,
         "max_error": max_error,
-        "method": method or DEFAULT_METHOD,
+        "method": method,  # None: the seed's pca, or joint with max_error (SharedSubspace.from_adapters)
         "progress": progress,
         "cancel": cancel,
     }

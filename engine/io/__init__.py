@@ -10,6 +10,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "LoRAWeights": "..types",
+    "parse_state_dict": ".factors",
+    "stack_lora_weights": ".factors",
     "load_adapter": ".local",
     "save_adapter": ".local",
     "check_compatible": ".local",

@@ -375,7 +375,8 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         sweep_siblings(self.path)
-        if self.path.exists() and not self.force:
+        # an existing empty folder (mkdtemp) holds nothing to overwrite
+        if self.path.exists() and not self.force and not (self.path.is_dir() and not any(self.path.iterdir())):
             raise OutputExistsError(f"{self.path}: already exists (use --force / force=True to overwrite)")
         if self.path.exists() and not self.path.is_dir():
             raise OutputExistsError(f"{self.path}: exists and is not a folder")

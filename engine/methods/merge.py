@@ -12,7 +12,14 @@ from typing import Any
 
 from ..registry import Param, register
 
-_WEIGHTS_SUM = Param("weights", "floats", None, "one weight per adapter (default 1 each); negative subtracts")
+# One help text for every method: the job layer shows the first method's text for all of them.
+_WEIGHTS = Param(
+    "weights",
+    "floats",
+    None,
+    "one weight per adapter, negative subtracts; linear normalizes them to sum 1; the others use them as given; "
+    "default 1/N each (the mean) for linear, task_arithmetic and dare, 1 each for cat and ties",
+)
 _RANK_EXACT = Param(
     "rank",
     "str",
@@ -38,7 +45,7 @@ def _run(method: str, adapters: Sequence[Any], progress: Any, cancel: Any, param
     "linear",
     "Weighted mean of the updates ΔW (weights normalized to sum 1; default the plain mean).",
     (
-        Param("weights", "floats", None, "one weight per adapter (default equal); normalized to sum 1"),
+        _WEIGHTS,
         _RANK_EXACT,
     ),
 )
@@ -50,8 +57,8 @@ def linear(adapters: Sequence[Any], *, progress: Any = None, cancel: Any = None,
 @register(
     "merge",
     "task_arithmetic",
-    "Task arithmetic: Σ w_i ΔW_i; exact by concatenation or truncated by SVD.",
-    (_WEIGHTS_SUM, _RANK_EXACT),
+    "Task arithmetic: Σ w_i ΔW_i (default w_i = 1/N: the mean); exact by concatenation or truncated by SVD.",
+    (_WEIGHTS, _RANK_EXACT),
 )
 def task_arithmetic(adapters: Sequence[Any], *, progress: Any = None, cancel: Any = None, **params: Any) -> Any:
     """Σ w_i ΔW_i."""
@@ -62,7 +69,7 @@ def task_arithmetic(adapters: Sequence[Any], *, progress: Any = None, cancel: An
     "merge",
     "cat",
     "Concatenate the LoRAs: exact Σ w_i ΔW_i at rank Σ r_i (PEFT's 'cat').",
-    (_WEIGHTS_SUM,),
+    (_WEIGHTS,),
 )
 def cat(adapters: Sequence[Any], *, progress: Any = None, cancel: Any = None, **params: Any) -> Any:
     """Exact concatenation."""
@@ -74,8 +81,9 @@ def cat(adapters: Sequence[Any], *, progress: Any = None, cancel: Any = None, **
     "ties",
     "TIES: keep each ΔW's largest entries, elect a sign per entry, average those that agree.",
     (
-        Param("density", "float", 0.5, "fraction of each update's entries kept by magnitude", minimum=0.0, maximum=1.0),
-        _WEIGHTS_SUM,
+        Param("density", "float", 0.5, "fraction of each update's entries kept by magnitude", minimum=0.0, maximum=1.0,
+              exclusive_minimum=True),
+        _WEIGHTS,
         _RANK_DENSE,
     ),
 )
@@ -90,7 +98,7 @@ def ties(adapters: Sequence[Any], *, progress: Any = None, cancel: Any = None, *
     "DARE: drop random entries of each ΔW, rescale the rest, then sum (or TIES-elect signs).",
     (
         Param("drop_rate", "float", 0.5, "probability of dropping each entry", minimum=0.0, maximum=0.99),
-        _WEIGHTS_SUM,
+        _WEIGHTS,
         Param("seed", "int", None, "seed of the drop masks (default: drawn and reported)"),
         Param("elect_sign", "bool", False, "combine with TIES sign election (DARE-TIES)"),
         _RANK_DENSE,

@@ -47,6 +47,28 @@ from .quant import QuantizedTensor, quantize_tensor
 from .rule import RuleBreak, breaks_message, complete_params, k_rule, rule_breaks, tolerance
 
 
+def resolve_method(method: str | None, max_error: float | None, mean_error: float | None) -> str:
+    """The method a build uses when ``method`` is not given.
+
+    The seed's call, ``from_adapters(adapters, num_components=k)`` (or with
+    ``variance_threshold``/``adaptive_k``), keeps the seed's meaning: ``pca`` of the
+    flattened factors with k components. With an error target (``max_error`` /
+    ``mean_error``, this project's parameters) the build is ``joint``. The job layer,
+    the CLI and the TUI always pass ``method`` explicitly.
+    """
+    if method is not None:
+        return method
+    return DEFAULT_METHOD if (max_error is not None or mean_error is not None) else "pca"
+
+
+def resolve_dtype(dtype: Any, method: str) -> Any:
+    """Storage precision when ``dtype`` is not given: float32 for ``pca`` (the seed stores the
+    factors' own precision), float16 for the others."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if method == "pca" else torch.float16
+
+
 def _task_ids(n: int, task_ids: Sequence[str] | None, names: Sequence[str | None]) -> list[str]:
     if task_ids is not None:
         ids = [str(t) for t in task_ids]
@@ -125,8 +147,76 @@ class SharedSubspace:
         return {m: b.shape for m, b in self.modules.items()}
 
     def __repr__(self) -> str:
-        return (f"SharedSubspace(method={self.method!r}, modules={len(self.modules)}, tasks={len(self.tasks)}, "
-                f"k_max={self.num_components}, dtype={dtype_name(self.dtype)})")
+        return (f"SharedSubspace(method={self.method!r}, layers={len(self.modules)}, k={self.num_components}, "
+                f"rank={self.rank}, tasks={len(self.tasks)}, dtype={dtype_name(self.dtype)})")
+
+    # -- the seed's attributes ----------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """The adapters' LoRA rank (the largest module rank of the stored tasks), as the seed's ``rank``."""
+        rs = [r for p in self.tasks.values() for r in p.ranks.values()]
+        rs += [b.rank for b in self.modules.values() if b.kind == "pca" and b.rank]
+        return max(rs, default=0)
+
+    @property
+    def adaptive_k(self) -> bool:
+        return bool(self.params.get("adaptive_k", False))
+
+    @property
+    def variance_threshold(self) -> float:
+        return float(self.params.get("variance_threshold") or 0.6)
+
+    def _pca_view(self, key: str, what: str) -> dict[str, Tensor]:
+        """The seed's per-module tensors of a ``pca`` subspace (module → tensor, storage precision)."""
+        if self.method != "pca":
+            raise AttributeError(
+                f"{what} exists on method='pca' subspaces (the seed's flattened-factor PCA); this one is "
+                f"{self.method!r}: its bases are .modules[m].tensors (U, V)")
+        return {m: self.modules[m].tensors[key] for m in self.layer_names if self.modules[m].kind == "pca"}
+
+    @property
+    def components_a(self) -> dict[str, Tensor]:
+        """Module → ``(k, r·in)`` orthonormal rows spanning the flattened A factors (pca)."""
+        return self._pca_view("comp_a", "components_a")
+
+    @property
+    def components_b(self) -> dict[str, Tensor]:
+        """Module → ``(k, out·r)`` orthonormal rows spanning the flattened B factors (pca)."""
+        return self._pca_view("comp_b", "components_b")
+
+    @property
+    def means_a(self) -> dict[str, Tensor]:
+        """Module → mean flattened A over the build's adapters (pca)."""
+        return self._pca_view("mean_a", "means_a")
+
+    @property
+    def means_b(self) -> dict[str, Tensor]:
+        """Module → mean flattened B over the build's adapters (pca)."""
+        return self._pca_view("mean_b", "means_b")
+
+    @property
+    def singular_values_a(self) -> dict[str, Tensor]:
+        return self._pca_view("sv_a", "singular_values_a")
+
+    @property
+    def singular_values_b(self) -> dict[str, Tensor]:
+        return self._pca_view("sv_b", "singular_values_b")
+
+    @property
+    def shapes_a(self) -> dict[str, tuple[int, int]]:
+        """Module → shape of A, ``(r, in)`` (pca: the basis rank; else the largest task rank)."""
+        return {m: (self._module_rank(m), b.shape[1]) for m, b in sorted(self.modules.items())}
+
+    @property
+    def shapes_b(self) -> dict[str, tuple[int, int]]:
+        """Module → shape of B, ``(out, r)``."""
+        return {m: (b.shape[0], self._module_rank(m)) for m, b in sorted(self.modules.items())}
+
+    def _module_rank(self, m: str) -> int:
+        b = self.modules[m]
+        if b.kind == "pca" and b.rank:
+            return int(b.rank)
+        return max((p.ranks.get(m, 0) for p in self.tasks.values()), default=0)
 
     def _task(self, task_id: str) -> TaskProjection:
         if task_id not in self.tasks:
@@ -144,12 +234,12 @@ class SharedSubspace:
         variance_threshold: float = 0.6,
         adaptive_k: bool = False,
         max_error: float | None = None,
-        method: str = DEFAULT_METHOD,
+        method: str | None = None,
         *,
         mean_error: float | None = None,
         refine: int = 1,
         hybrid: bool = True,
-        dtype: Any = torch.float16,
+        dtype: Any = None,
         sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         precision: str = "fp16",
@@ -171,10 +261,13 @@ class SharedSubspace:
                 a module is stored per task (truncated SVD) when that is smaller.
             mean_error: Like ``max_error`` for the mean error over tasks (per module,
                 so the overall mean meets it too); with both, k meets both.
-            method: ``joint`` (default), ``share``, ``pca`` or ``svd``.
+            method: ``joint``, ``share``, ``pca`` or ``svd``. Not given: ``pca`` (the seed's
+                meaning of ``num_components``/``variance_threshold``/``adaptive_k``), or
+                ``joint`` when ``max_error``/``mean_error`` is given (see :func:`resolve_method`).
             refine: Alternating refinement rounds of the joint basis.
             hybrid: See ``max_error``.
-            dtype: Storage precision (float16 default); errors are measured after rounding.
+            dtype: Storage precision (default float32 for pca, as the seed, float16 for the
+                others); errors are measured after rounding.
             sketch_rank: Width of the randomized range sketch of each module's column
                 and row space, hence the largest k (joint/share). Exact while the summed
                 ranks of the adapters fit in it; above, the leading directions are found
@@ -198,6 +291,8 @@ class SharedSubspace:
         """
         from ..io.local import check_compatible
 
+        method = resolve_method(method, max_error, mean_error)
+        dtype = resolve_dtype(dtype, method)
         if not adapters:
             raise ValueError("from_adapters: no adapters given")
         ids = _task_ids(len(adapters), task_ids, [a.name for a in adapters])
@@ -220,12 +315,12 @@ class SharedSubspace:
         variance_threshold: float = 0.6,
         adaptive_k: bool = False,
         max_error: float | None = None,
-        method: str = DEFAULT_METHOD,
+        method: str | None = None,
         *,
         mean_error: float | None = None,
         refine: int = 1,
         hybrid: bool = True,
-        dtype: Any = torch.float16,
+        dtype: Any = None,
         sketch_rank: int = 256,
         memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
         precision: str = "fp16",
@@ -247,6 +342,8 @@ class SharedSubspace:
             strip_prefix,
         )
 
+        method = resolve_method(method, max_error, mean_error)
+        dtype = resolve_dtype(dtype, method)
         if not paths:
             raise ValueError("from_adapters_streaming: no adapter paths given")
         _return_freed_memory()
@@ -365,11 +462,18 @@ class SharedSubspace:
             return encode_separate(sb, a, me, None, self.dtype)
         return encode_joint(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), self.dtype)
 
-    def project(self, adapter: LoRAWeights, task_id: str, *, progress: ProgressFn | None = None,
-                cancel: CancelLike | None = None) -> TaskProjection:
+    def project(self, adapter: LoRAWeights, task_id: str, warn_threshold: float | None = None, *,
+                progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> TaskProjection:
         """Coefficients of ``adapter`` in the current bases (they do not change), with its measured error.
 
         Modules stored per task (``separate``) keep the adapter's truncated SVD at the subspace's error target.
+
+        Args:
+            adapter: The adapter to project.
+            task_id: Its id.
+            warn_threshold: As the seed: warn (``UserWarning``, "Low subspace coverage") when the
+                mean coverage is below this. Coverage is the seed's ``1 − ‖residual‖/‖x‖`` of the
+                centred flattened factors for ``pca`` modules, ``1 −`` the ΔW error for the others.
         """
         validate_task_id(task_id)
         label = f"adapter {task_id!r}"
@@ -384,7 +488,31 @@ class SharedSubspace:
             sb, a = effective_factors(adapter, m)
             proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
             proj.coeffs[m], proj.fidelity[m] = self._encode(m, adapter, tmpl)
+        if warn_threshold is not None:
+            cov = self._coverage(adapter, proj)
+            if cov < warn_threshold:
+                import warnings
+
+                warnings.warn(f"Low subspace coverage ({cov:.1%}) for adapter '{task_id}'. Reconstruction quality "
+                              "may be poor. Consider absorb() to expand the basis.", stacklevel=2)
         return proj
+
+    def _coverage(self, adapter: LoRAWeights, proj: TaskProjection) -> float:
+        """Mean coverage over modules (and, for pca, sides): see :meth:`project`."""
+        vals: list[float] = []
+        for m, b in sorted(self.modules.items()):
+            if b.kind != "pca":
+                vals.append(1.0 - min(1.0, float(proj.fidelity[m])))
+                continue
+            for side, x in (("a", adapter.lora_a[m]), ("b", adapter.lora_b[m])):
+                c = x.double().reshape(-1) - b.tensors[f"mean_{side}"].double()
+                n = float(c.norm())
+                if n < 1e-8:
+                    vals.append(1.0)
+                    continue
+                comp = b.tensors[f"comp_{side}"].double()
+                vals.append(1.0 - float((c - (c @ comp.T) @ comp).norm()) / n)
+        return sum(vals) / len(vals) if vals else 1.0
 
     def add_task(self, projection: TaskProjection) -> None:
         """Store a projection made by :meth:`project` (replaces a task of the same id)."""
@@ -557,11 +685,13 @@ class SharedSubspace:
             out[m] = _module_factors(b, proj.coeffs[m], proj, m)
         return out
 
-    def reconstruct(self, task_id: str, *, pad_to_vllm: bool = True, dtype: torch.dtype = torch.float32) -> LoRAWeights:
+    def reconstruct(self, task_id: str, *, pad_to_vllm: bool = False, dtype: torch.dtype = torch.float32) -> LoRAWeights:
         """The task as a PEFT-ready ``LoRAWeights`` with its original alpha, rsLoRA, targets, base model and extras.
 
-        Module ranks are at most the original's; with ``pad_to_vllm`` every module is
-        padded with zero rows/columns to one rank vLLM accepts.
+        Module ranks are at most the original's (the seed's meaning: a rank-r adapter comes
+        back at rank r, or lower where a module is stored truncated); with ``pad_to_vllm``
+        every module is padded with zero rows/columns to one rank vLLM accepts (export does
+        this through :func:`engine.io.targets.for_target`).
         """
         proj = self._task(task_id)
         factors = self.task_factors(task_id)
@@ -670,7 +800,8 @@ class SharedSubspace:
             b = self.modules[m]
             old = ModuleBasis(b.kind, b.shape, dict(b.tensors), rank=b.rank, explained=b.explained)
             old_coeffs: dict[str, dict[str, Tensor]] = {}
-            keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b", "mean_a", "mean_b")}.get(b.kind, ())
+            # pca: the components, as the seed (its means stay at storage precision: they carry the factors' scale)
+            keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b")}.get(b.kind, ())
             for key in keys:
                 if b.tensors[key].numel():
                     qt = quantize_tensor(b.tensors[key], **kw)
@@ -770,6 +901,17 @@ class SharedSubspace:
             summary = f"{total} of {total} modules shared"
         return {"modules": mods, "shared": total - sep, "per_task": sep, "total": total, "summary": summary}
 
+    def _components_per_layer(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for m, b in sorted(self.modules.items()):
+            if b.kind == "pca":
+                out[m] = (int(b.tensors["comp_a"].shape[0]), int(b.tensors["comp_b"].shape[0]))
+            elif b.kind == "joint":
+                out[m] = (int(b.tensors["V"].shape[1]), int(b.tensors["U"].shape[1]))
+            else:
+                out[m] = (0, 0)  # stored per task: nothing shared
+        return out
+
     def _target_text(self) -> str:
         """The build's error target in words (``a 5 % max ΔW error``), or ``""``."""
         parts = [f"{float(self.params[k]) * 100:g} % {w}" for k, w in (("max_error", "max"), ("mean_error", "mean"))
@@ -810,7 +952,8 @@ class SharedSubspace:
             "dtype": dtype_name(self.dtype),
             "quantization": self.quantization,
             "k": self.k_per_module,
-            "components_per_layer": self.k_per_module,
+            # the seed's (k_a, k_b): basis rows of the A side (row space V) and the B side (column space U)
+            "components_per_layer": self._components_per_layer(),
             "module_kinds": {m: b.kind for m, b in sorted(self.modules.items())},
             "original_bytes": int(orig),
             "stored_bytes": int(stored),
@@ -819,6 +962,8 @@ class SharedSubspace:
             "ratio_vs_fp16": 2 * orig_params / stored if stored else 0.0,
             "original_params": int(orig_params),
             "stored_params": int(stored_params),
+            "total_params_original": int(orig_params),
+            "total_params_compressed": int(stored_params),
             "disk": size_on_disk(self.saved_path) if self.saved_path is not None and Path(self.saved_path).is_dir() else None,
             "storage": self.storage(),
             "error": {

@@ -76,8 +76,6 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
     n = len(source)
     if n < 2:
         raise ValueError("method 'pca' needs at least 2 adapters (it centres the stack); use method='joint' for one")
-    if p.num_components is not None and p.num_components > n - 1 and not p.adaptive_k and not p.by_error:
-        raise ValueError(f"num_components={p.num_components} is too large for pca over {n} adapters: at most N-1 = {n - 1}")
     step = [0]
     total = pca_steps(p, n, len(modules))
 
@@ -157,7 +155,12 @@ def build_pca(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: PCAP
             k = max(ops.select_num_components(b.tensors["sv_a"], p.variance_threshold) if b.tensors["sv_a"].numel() else 0,
                     ops.select_num_components(b.tensors["sv_b"], p.variance_threshold) if b.tensors["sv_b"].numel() else 0)
         else:
-            k = p.num_components
+            # the seed's k: min(num_components, N) — beyond the N−1 directions of the centred
+            # stack the basis is completed with directions of zero variance, as its full SVD does
+            k = min(p.num_components, n)
+            if k > kmax:
+                bases[m] = _completed(b, k)
+                continue
         bases[m] = _truncated(b, min(k, kmax))
     if not p.by_error and not p.adaptive_k:
         kk = max(b.k for b in bases.values())
@@ -184,6 +187,22 @@ def _at(seq: list[float], j: int) -> float:
     if not seq:
         return 1.0
     return seq[min(j, len(seq) - 1)]
+
+
+def _completed(b: ModuleBasis, k: int) -> ModuleBasis:
+    """``b`` with each side's basis completed to ``k`` orthonormal rows (at most the side's width)."""
+    t = dict(b.tensors)
+    g = torch.Generator().manual_seed(k)
+    for side in ("a", "b"):
+        comp = t[f"comp_{side}"].double()
+        want = min(k, comp.shape[1])
+        while comp.shape[0] < want:
+            extra = torch.randn(want - comp.shape[0], comp.shape[1], generator=g, dtype=torch.float64)
+            comp = ops.gram_schmidt(comp, extra)
+        t[f"comp_{side}"] = comp[:want]
+        sv = t[f"sv_{side}"].double()
+        t[f"sv_{side}"] = torch.cat([sv, sv.new_zeros(want - sv.shape[0])])
+    return ModuleBasis("pca", b.shape, t, rank=b.rank, explained=b.explained)
 
 
 def _truncated(b: ModuleBasis, k: int) -> ModuleBasis:

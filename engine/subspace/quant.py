@@ -170,7 +170,7 @@ def quantize_tensor(
         raise ValueError(f"block_size must be an even number >= 2, got {block_size}")
     shape = tuple(int(d) for d in tensor.shape)
     if method == "nf4":
-        codes, scales = ops.nf4_pack(tensor, block_size)
+        codes, scales, _ = ops.nf4_pack(tensor, block_size)
         scales = scales.to(scale_dtype)
     else:
         blocks, n = _blocks(tensor.detach().float().reshape(-1), block_size)

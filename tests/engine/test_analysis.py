@@ -8,13 +8,14 @@ import threading
 import pytest
 import torch
 
+# the rich results under engine's own names (the seed-named functions: test_seed_parity.py)
 from engine.analysis import (
-    adapter_diff,
-    compute_similarity_matrix,
+    coverage_report,
+    diff_report,
     explained_variance,
     find_clusters,
-    find_outliers,
-    subspace_coverage,
+    outlier_report,
+    similarity_report,
 )
 from engine.errors import IncompatibleAdaptersError, JobCancelled
 from engine.io import load_adapter
@@ -65,7 +66,7 @@ def mixed() -> list[LoRAWeights]:
 
 
 def test_similarity_equals_dense_cosine(mixed):
-    res = compute_similarity_matrix(mixed)
+    res = similarity_report(mixed)
     flats = [_dense_flat(a) for a in mixed]
     for i in range(len(mixed)):
         assert res.norms[i] == pytest.approx(float(flats[i].norm()), rel=1e-5)
@@ -79,14 +80,14 @@ def test_similarity_equals_dense_cosine(mixed):
 def test_similarity_on_peft_written_adapters(peft_family_dirs, peft_variant_dirs):
     adapters = [load_adapter(d) for d in peft_family_dirs[:3]] + [load_adapter(peft_variant_dirs["patterns"])]
     mods = tuple(adapters[0].layer_names)
-    res = compute_similarity_matrix(adapters)
+    res = similarity_report(adapters)
     flats = [_dense_flat(a, mods) for a in adapters]
     want = torch.tensor([[_dense_cos(x, y) for y in flats] for x in flats], dtype=torch.float64)
     assert torch.allclose(res.matrix, want, atol=1e-5)
 
 
 def test_similarity_is_invariant_to_rotation_and_scale_of_factors(mixed):
-    before = compute_similarity_matrix(mixed).matrix
+    before = similarity_report(mixed).matrix
     g = torch.Generator().manual_seed(9)
     rotated = []
     for a in mixed:
@@ -99,18 +100,18 @@ def test_similarity_is_invariant_to_rotation_and_scale_of_factors(mixed):
             lora_b={m: a.lora_b[m] @ q * c for m in a.layer_names},
             rank=r, lora_alpha=a.lora_alpha, use_rslora=a.use_rslora, name=a.name,
         ))
-    after = compute_similarity_matrix(rotated).matrix
+    after = similarity_report(rotated).matrix
     assert torch.allclose(before, after, atol=1e-5)
     # a negated copy is perfectly anti-similar
     neg = LoRAWeights(layer_names=list(MODS), lora_a=dict(mixed[0].lora_a),
                       lora_b={m: -t for m, t in mixed[0].lora_b.items()}, rank=3, lora_alpha=6.0)
-    assert float(compute_similarity_matrix([mixed[0], neg]).matrix[0, 1]) == pytest.approx(-1.0, abs=1e-6)
+    assert float(similarity_report([mixed[0], neg]).matrix[0, 1]) == pytest.approx(-1.0, abs=1e-6)
 
 
 def test_zero_update_has_zero_similarity(mixed):
     zero = LoRAWeights(layer_names=list(MODS), lora_a=dict(mixed[0].lora_a),
                        lora_b={m: torch.zeros_like(t) for m, t in mixed[0].lora_b.items()}, rank=3, lora_alpha=6.0)
-    res = compute_similarity_matrix([mixed[0], zero])
+    res = similarity_report([mixed[0], zero])
     assert res.matrix.tolist() == [[1.0, 0.0], [0.0, 0.0]]
 
 
@@ -118,23 +119,23 @@ def test_huge_shapes_never_form_dense_updates():
     # 200k × 150k updates would need 120 GB each if formed densely
     mods = ("big",)
     ads = [_adapter(i, r=2, out=200_000, inn=150_000, modules=mods) for i in range(3)]
-    sim = compute_similarity_matrix(ads)
+    sim = similarity_report(ads)
     assert sim.matrix.shape == (3, 3)
-    d = adapter_diff(ads[0], ads[1])
+    d = diff_report(ads[0], ads[1])
     assert d.overall.relative_difference > 0
     u = torch.linalg.qr(ads[0].lora_b["big"].double()).Q
-    assert subspace_coverage({"big": (u, None)}, ads[0]).overall == pytest.approx(1.0, abs=1e-6)
+    assert coverage_report({"big": (u, None)}, ads[0]).overall == pytest.approx(1.0, abs=1e-6)
     ev = explained_variance(ads)
     assert ev.ratio("big", 6) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_incompatible_adapters_raise(mixed):
     with pytest.raises(IncompatibleAdaptersError):
-        compute_similarity_matrix([mixed[0], _adapter(5, inn=11)])
+        similarity_report([mixed[0], _adapter(5, inn=11)])
     with pytest.raises(IncompatibleAdaptersError):
-        compute_similarity_matrix([mixed[0], _adapter(5, modules=("m.0.q",))])
+        similarity_report([mixed[0], _adapter(5, modules=("m.0.q",))])
     with pytest.raises(ValueError):
-        compute_similarity_matrix([])
+        similarity_report([])
 
 
 # -- clusters and outliers ------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_incompatible_adapters_raise(mixed):
 
 def test_find_clusters_recovers_families():
     fams = _family(100, 3, 0.3, 200) + _family(101, 4, 0.3, 300) + _family(102, 2, 0.3, 400)
-    sim = compute_similarity_matrix(fams)
+    sim = similarity_report(fams)
     clusters = find_clusters(sim, 0.6)
     assert clusters.clusters == [[3, 4, 5, 6], [0, 1, 2], [7, 8]]
     assert clusters.labels() == [1, 1, 1, 0, 0, 0, 0, 2, 2]
@@ -165,16 +166,16 @@ def test_average_linkage_does_not_chain_single_does():
         find_clusters([[1.0, 0.5]], 0.5)
 
 
-def test_find_outliers():
+def test_outlier_report():
     fams = _family(100, 3, 0.3, 200) + [_adapter(999, name="odd")]
-    res = find_outliers(fams, 0.3)
+    res = outlier_report(fams, 0.3)
     assert res.outliers == [3] and res.names[3] == "odd"
     assert res.max_similarity[3] < 0.3 < min(res.max_similarity[:3])
     json.dumps(res.to_dict(), allow_nan=False)
     # a negated copy is not an outlier: |cos| = 1
     sim = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.05], [0.0, 0.05, 1.0]])
-    assert find_outliers(sim, 0.1).outliers == [2]
-    assert find_outliers(torch.ones(1, 1), 0.5).outliers == []
+    assert outlier_report(sim, 0.1).outliers == [2]
+    assert outlier_report(torch.ones(1, 1), 0.5).outliers == []
 
 
 # -- diff -------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_find_outliers():
 
 def test_adapter_diff_matches_dense(mixed):
     a, b = mixed[0], mixed[2]
-    res = adapter_diff(a, b)
+    res = diff_report(a, b)
     for d in res.modules:
         wa, wb = a.delta_weight(d.module).double(), b.delta_weight(d.module).double()
         assert d.norm_a == pytest.approx(float(wa.norm()), rel=1e-6)
@@ -192,21 +193,21 @@ def test_adapter_diff_matches_dense(mixed):
         assert (d.rank_a, d.rank_b) == (3, 5)
     fa, fb = _dense_flat(a), _dense_flat(b)
     assert res.overall.relative_difference == pytest.approx(float((fa - fb).norm() / fa.norm()), rel=1e-6)
-    same = adapter_diff(a, a)
+    same = diff_report(a, a)
     assert same.overall.relative_difference == pytest.approx(0.0, abs=1e-6) and same.overall.cosine == pytest.approx(1.0)
     json.dumps(res.to_dict(), allow_nan=False)
 
 
 def test_adapter_diff_lists_unshared_modules_and_rejects_shape_mismatch(mixed):
     other = _adapter(7, modules=("m.0.q", "m.2.o"))
-    res = adapter_diff(mixed[0], other)
+    res = diff_report(mixed[0], other)
     assert [d.module for d in res.modules] == ["m.0.q"]
     assert res.only_in_a == ["m.0.v", "m.1.q"] and res.only_in_b == ["m.2.o"]
     with pytest.raises(IncompatibleAdaptersError, match="m.0.q"):
-        adapter_diff(mixed[0], _adapter(8, out=13))
+        diff_report(mixed[0], _adapter(8, out=13))
     zero = LoRAWeights(layer_names=list(MODS), lora_a=dict(mixed[0].lora_a),
                        lora_b={m: torch.zeros_like(t) for m, t in mixed[0].lora_b.items()}, rank=3, lora_alpha=6.0)
-    d = adapter_diff(zero, mixed[0]).to_dict()
+    d = diff_report(zero, mixed[0]).to_dict()
     assert d["overall"]["relative_difference"] is None  # inf is not JSON
     json.dumps(d, allow_nan=False)
 
@@ -232,7 +233,7 @@ def test_subspace_coverage_matches_dense_for_each_basis_kind(mixed):
     u = torch.randn(12, 4, generator=g)
     v = torch.randn(10, 5, generator=g)
     bases = {"m.0.q": (u, v), "m.0.v": (u, None), "m.1.q": (None, v)}
-    res = subspace_coverage(bases, a)
+    res = coverage_report(bases, a)
     for m, (bu, bv) in bases.items():
         assert res.modules[m] == pytest.approx(_dense_coverage(a, m, bu, bv), abs=1e-6)
     energy = {m: float(a.delta_weight(m).double().norm() ** 2) for m in MODS}
@@ -259,21 +260,21 @@ def test_subspace_coverage_extremes_and_protocols(mixed):
         bases = {m: Basis(own_u[m], own_v[m].T) for m in MODS}
 
     for sub in (VloraStyle(), WithBases()):
-        assert subspace_coverage(sub, a).overall == pytest.approx(1.0, abs=1e-6)
+        assert coverage_report(sub, a).overall == pytest.approx(1.0, abs=1e-6)
     # the orthogonal complement of the column space captures nothing
     comp = {}
     for m in MODS:
         q = torch.linalg.qr(a.lora_b[m].double(), mode="complete").Q
         comp[m] = (q[:, 3:], None)
-    assert subspace_coverage(comp, a).overall == pytest.approx(0.0, abs=1e-6)
-    partial = subspace_coverage({"m.0.q": comp["m.0.q"]}, a)
+    assert coverage_report(comp, a).overall == pytest.approx(0.0, abs=1e-6)
+    partial = coverage_report({"m.0.q": comp["m.0.q"]}, a)
     assert partial.missing == ["m.0.v", "m.1.q"]
     with pytest.raises(IncompatibleAdaptersError, match="column"):
-        subspace_coverage({"m.0.q": (torch.randn(11, 2), None)}, a)
+        coverage_report({"m.0.q": (torch.randn(11, 2), None)}, a)
     with pytest.raises(ValueError, match="no column/row bases"):
-        subspace_coverage({"other": (torch.randn(12, 2), None)}, a)
+        coverage_report({"other": (torch.randn(12, 2), None)}, a)
     with pytest.raises(ValueError, match="offers no"):
-        subspace_coverage(object(), a)
+        coverage_report(object(), a)
 
 
 # -- explained variance ----------------------------------------------------------------------
@@ -314,26 +315,26 @@ def test_explained_variance_sees_peft_families(peft_family_dirs):
 
 def test_progress_and_cancel(mixed):
     seen = []
-    compute_similarity_matrix(mixed, progress=seen.append)
+    similarity_report(mixed, progress=seen.append)
     assert [p.step for p in seen] == [0, 1, 2, 3]
     ev = threading.Event()
     ev.set()
     for call in (
-        lambda: compute_similarity_matrix(mixed, cancel=ev),
-        lambda: adapter_diff(mixed[0], mixed[1], cancel=ev),
+        lambda: similarity_report(mixed, cancel=ev),
+        lambda: diff_report(mixed[0], mixed[1], cancel=ev),
         lambda: explained_variance(mixed, cancel=ev),
-        lambda: subspace_coverage({"m.0.q": (torch.randn(12, 2), None)}, mixed[0], cancel=ev),
+        lambda: coverage_report({"m.0.q": (torch.randn(12, 2), None)}, mixed[0], cancel=ev),
     ):
         with pytest.raises(JobCancelled):
             call()
 
 
 def test_similarity_to_dict_is_json(mixed):
-    d = compute_similarity_matrix(mixed).to_dict()
+    d = similarity_report(mixed).to_dict()
     text = json.dumps(d, allow_nan=False)
     assert set(json.loads(text)) == {"names", "matrix", "norms", "modules"}
     assert len(d["modules"]["m.0.q"]["matrix"]) == 4
-    assert "modules" not in compute_similarity_matrix(mixed).to_dict(modules=False)
+    assert "modules" not in similarity_report(mixed).to_dict(modules=False)
 
 
 def test_coverage_of_a_real_shared_subspace(peft_family_dirs):
@@ -344,9 +345,9 @@ def test_coverage_of_a_real_shared_subspace(peft_family_dirs):
     stranger = load_adapter(peft_family_dirs[3])
     sub = SharedSubspace.from_adapters(family, num_components=4, method="joint", hybrid=False)
     for a, tid in zip(family, sub.task_ids):
-        cov = subspace_coverage(sub, a)
+        cov = coverage_report(sub, a)
         fidelity = sub.tasks[tid].fidelity
         for m, c in cov.modules.items():
             assert c == pytest.approx(1.0 - fidelity[m] ** 2, abs=1e-3)
         assert cov.overall > 0.7 and not cov.missing
-    assert subspace_coverage(sub, stranger).overall < 0.05
+    assert coverage_report(sub, stranger).overall < 0.05

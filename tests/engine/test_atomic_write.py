@@ -73,7 +73,7 @@ def test_save_adapter_and_subspace_files_readable_by_others(tmp_path, umask, pef
     umask(0o022)
     adapters = [load_adapter(d) for d in peft_family_dirs[:3]]
     out = save_adapter(adapters[0], tmp_path / "adapter")
-    coll = SharedSubspace.from_adapters(adapters, num_components=2).save(tmp_path / "coll")
+    coll = SharedSubspace.from_adapters(adapters, num_components=2, method="joint").save(tmp_path / "coll")
     for p in [*out.rglob("*"), *coll.rglob("*")]:
         assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
 

@@ -32,7 +32,7 @@ def adapters(peft_family_dirs):
 def saved(tmp_path_factory, adapters) -> Path:
     """Three tasks (ids task_0..task_2), joint, k=2, float32."""
     out = tmp_path_factory.mktemp("crafted") / "sub"
-    SharedSubspace.from_adapters(adapters[:3], num_components=2, dtype=torch.float32).save(out)
+    SharedSubspace.from_adapters(adapters[:3], num_components=2, dtype=torch.float32, method="joint").save(out)
     return out
 
 
@@ -172,7 +172,7 @@ def test_swapped_task_configs_are_detected(tmp_path, saved):
 
 
 def test_basis_of_another_subspace_is_detected(tmp_path, saved, adapters):
-    other = SharedSubspace.from_adapters(adapters[3:], num_components=2, dtype=torch.float32).save(tmp_path / "other")
+    other = SharedSubspace.from_adapters(adapters[3:], num_components=2, dtype=torch.float32, method="joint").save(tmp_path / "other")
     sub = _copy(saved, tmp_path)
     shutil.copy(other / "basis.safetensors", sub / "basis.safetensors")
     _rehash(sub)
@@ -182,7 +182,7 @@ def test_basis_of_another_subspace_is_detected(tmp_path, saved, adapters):
 
 def test_basis_with_the_manifest_modules_of_another_subspace_is_detected(tmp_path, saved, adapters):
     """Basis and ``modules`` both taken from another subspace: the task files were projected onto another basis."""
-    other = SharedSubspace.from_adapters(adapters[3:], num_components=2, dtype=torch.float32).save(tmp_path / "other")
+    other = SharedSubspace.from_adapters(adapters[3:], num_components=2, dtype=torch.float32, method="joint").save(tmp_path / "other")
     sub = _copy(saved, tmp_path)
     shutil.copy(other / "basis.safetensors", sub / "basis.safetensors")
     modules = json.loads((other / SUBSPACE_MANIFEST_NAME).read_text())["modules"]

@@ -62,7 +62,8 @@ def test_incremental_svd_equals_batch():
 def test_nf4_pack_unpack_and_levels():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(7, 19, generator=g)
-    packed, absmax = ops.nf4_pack(x, 64)
+    packed, absmax, numel = ops.nf4_pack(x, 64)
+    assert numel == x.numel()
     assert packed.dtype == torch.uint8 and packed.numel() == (x.numel() + 1) // 2
     y = ops.nf4_unpack(packed, absmax, x.shape, 64)
     assert torch.allclose(y, ops.nf4_quantize_dequantize(x, 64))

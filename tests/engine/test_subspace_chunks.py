@@ -75,7 +75,7 @@ def test_chunked_equals_whole_in_memory(demo, method, setting):
 
 def test_one_k_for_all_holds_across_chunks(demo):
     """With k by variance every module gets the largest k any module needs, also when built one module at a time."""
-    sub = SharedSubspace.from_adapters(demo, memory_budget_mb=TINY)
+    sub = SharedSubspace.from_adapters(demo, memory_budget_mb=TINY, method="joint")
     ks = set(sub.k_per_module.values())
     assert len(ks) == 1
 
@@ -116,7 +116,7 @@ def test_7b_estimate_splits_into_several_chunks():
 
 def test_bad_budget(demo):
     with pytest.raises(ValueError, match="memory_budget_mb"):
-        SharedSubspace.from_adapters(demo, memory_budget_mb=0)
+        SharedSubspace.from_adapters(demo, memory_budget_mb=0, method="joint")
 
 
 def test_cancel_in_a_later_chunk(demo):

@@ -45,7 +45,7 @@ def test_save_load_roundtrip(tmp_path, family_adapters, method):
 
 
 def test_quantized_save_is_packed_and_detected(tmp_path, family_adapters):
-    sub = SharedSubspace.from_adapters(family_adapters, num_components=3)
+    sub = SharedSubspace.from_adapters(family_adapters, num_components=3, method="joint")
     out = sub.save_quantized(tmp_path / "q")
     assert sub.quantization is None  # self untouched
     man = json.loads((out / SUBSPACE_MANIFEST_NAME).read_text())
@@ -66,7 +66,7 @@ def test_quantized_save_is_packed_and_detected(tmp_path, family_adapters):
 
 
 def test_flipped_byte_and_truncation_are_named(tmp_path, family_adapters):
-    sub = SharedSubspace.from_adapters(family_adapters, num_components=2)
+    sub = SharedSubspace.from_adapters(family_adapters, num_components=2, method="joint")
     out = sub.save(tmp_path / "s")
     f = out / "tasks" / "task_3.safetensors"
     data = bytearray(f.read_bytes())
@@ -88,7 +88,7 @@ def test_flipped_byte_and_truncation_are_named(tmp_path, family_adapters):
 def test_failed_save_leaves_nothing(tmp_path, family_adapters, monkeypatch):
     from engine.subspace import storage
 
-    sub = SharedSubspace.from_adapters(family_adapters, num_components=2)
+    sub = SharedSubspace.from_adapters(family_adapters, num_components=2, method="joint")
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -112,17 +112,18 @@ def test_streaming_names_bad_files(tmp_path, peft_family_dirs, peft_variant_dirs
     from engine.errors import AdapterFormatError, IncompatibleAdaptersError
 
     with pytest.raises(IncompatibleAdaptersError, match="qkvo"):
-        SharedSubspace.from_adapters_streaming([peft_family_dirs[0], peft_variant_dirs["qkvo"]])
+        SharedSubspace.from_adapters_streaming([peft_family_dirs[0], peft_variant_dirs["qkvo"]], method="joint")
     with pytest.raises(AdapterFormatError):
-        SharedSubspace.from_adapters_streaming([peft_family_dirs[0], tmp_path / "missing"])
+        SharedSubspace.from_adapters_streaming([peft_family_dirs[0], tmp_path / "missing"], method="joint")
 
 
 def test_peft_loads_reconstruction_and_matches_at_full_k(tmp_path, peft_family_dirs, family_adapters):
     from peft_factory import peft_logits
 
     sub = SharedSubspace.from_adapters(family_adapters, max_error=1e-4, dtype="float32")
-    rec = sub.reconstruct("task_2")
+    rec = sub.reconstruct("task_2", pad_to_vllm=True)  # the seed's reconstruct keeps the rank; padding is asked for
     assert rec.rank in (1, 8, 16) and rec.metadata["rank_pattern"] == {}
+    assert sub.reconstruct("task_2").rank <= family_adapters[2].rank
     assert rec.lora_alpha == family_adapters[2].lora_alpha
     out = save_adapter(rec, tmp_path / "rec")
     assert torch.allclose(peft_logits(out), peft_logits(peft_family_dirs[2]), atol=1e-4)

@@ -18,7 +18,7 @@ def _dense_mean_err(sub: SharedSubspace, ads, m: str) -> float:
 def test_sketch_narrower_than_the_ranks_still_exact_on_a_low_rank_collection():
     # 30 adapters of rank 3: 90 columns per side, sketched in 8; the collection spans 4 dimensions
     ads = family(30, k0=4, seed=11)
-    sub = SharedSubspace.from_adapters(ads, num_components=4, sketch_rank=8, dtype="float32")
+    sub = SharedSubspace.from_adapters(ads, num_components=4, sketch_rank=8, dtype="float32", method="joint")
     assert sub.k_per_module == {m: 4 for m in MODS}
     assert sub.compression_stats()["error"]["max"] < 1e-5
     for a in ads[::7]:
@@ -28,8 +28,8 @@ def test_sketch_narrower_than_the_ranks_still_exact_on_a_low_rank_collection():
 
 def test_sketch_caps_k_and_errors_stay_measured():
     ads = family(12, k0=4, noise=0.5, seed=12)  # noise fills every direction: Σr = 36 > 6
-    exact = SharedSubspace.from_adapters(ads, num_components=5, refine=0, dtype="float32")
-    sketched = SharedSubspace.from_adapters(ads, num_components=5, refine=0, sketch_rank=6, dtype="float32")
+    exact = SharedSubspace.from_adapters(ads, num_components=5, refine=0, dtype="float32", method="joint")
+    sketched = SharedSubspace.from_adapters(ads, num_components=5, refine=0, sketch_rank=6, dtype="float32", method="joint")
     assert max(sketched.k_per_module.values()) <= 6
     for a in ads:
         for m in MODS:  # the recorded error is the true one, whatever the sketch found
@@ -44,7 +44,7 @@ def test_sketch_caps_k_and_errors_stay_measured():
 def test_exact_basis_matches_the_dense_eigenvectors():
     # without truncation the column basis spans the top eigenvectors of Σ ΔW_i ΔW_iᵀ (formed densely here)
     ads = family(6, k0=4, noise=0.3, seed=13)
-    sub = SharedSubspace.from_adapters(ads, num_components=3, refine=0, dtype="float32")
+    sub = SharedSubspace.from_adapters(ads, num_components=3, refine=0, dtype="float32", method="joint")
     for m in MODS:
         g = sum(a.delta_weight(m).double() @ a.delta_weight(m).double().T for a in ads)
         top = torch.linalg.eigh(g)[1][:, -3:]
@@ -88,7 +88,7 @@ def test_mean_error_validated():
     with pytest.raises(ValueError, match="mean_error"):
         SharedSubspace.from_adapters(ads, mean_error=1.5)
     with pytest.raises(ValueError, match="sketch_rank"):
-        SharedSubspace.from_adapters(ads, sketch_rank=0)
+        SharedSubspace.from_adapters(ads, sketch_rank=0, method="joint")
 
 
 def test_streaming_equals_in_memory_with_a_narrow_sketch(tmp_path):
@@ -195,4 +195,4 @@ def test_rank_zero_module_after_a_full_buffer_keeps_task_order():
 def test_num_components_beyond_the_sketch_is_refused():
     ads = family(10, k0=4, noise=0.3, seed=21)
     with pytest.raises(ValueError, match="sketch_rank"):
-        SharedSubspace.from_adapters(ads, num_components=8, sketch_rank=4)
+        SharedSubspace.from_adapters(ads, num_components=8, sketch_rank=4, method="joint")

@@ -27,7 +27,7 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     have (same shape); ``left_out`` lists, per adapter, the modules that leaves out
     (empty when every adapter has the same modules).
     """
-    from ...analysis import compute_similarity_matrix, explained_variance, find_clusters, find_outliers
+    from ...analysis import explained_variance, find_clusters, outlier_report, similarity_report
     from ...io.local import common_modules
     from ...subspace.common import restrict_modules
     from ..common import load_adapters
@@ -39,9 +39,9 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     overlap = common_modules(adapters)
     if not overlap.complete:
         adapters = [restrict_modules(a, overlap.modules) for a in adapters]
-    sim = compute_similarity_matrix(adapters, progress=stages.stage("similarity"), cancel=cancel)
+    sim = similarity_report(adapters, progress=stages.stage("similarity"), cancel=cancel)
     clusters = find_clusters(sim, params["threshold"], linkage=params["linkage"])
-    outliers = find_outliers(sim, params["outlier_threshold"])
+    outliers = outlier_report(sim, params["outlier_threshold"])
     variance = explained_variance(adapters, progress=stages.stage("variance"), cancel=cancel)
     stages.done()
     sd = sim.to_dict(modules=params["per_module"])

@@ -16,14 +16,14 @@ def run_diff(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
     "rank_a", "rank_b"}, "modules": [same per module], "only_in_a": [module…], "only_in_b": [module…]}``
     (``relative_difference`` is ``‖ΔW_a − ΔW_b‖/‖ΔW_a‖``, ``null`` when ΔW_a is zero and ΔW_b is not).
     """
-    from ...analysis import adapter_diff
+    from ...analysis import diff_report
     from ..common import load_one
 
     a = load_one(str(params["a"]))
     b = load_one(str(params["b"]))
     if a.name == b.name:
         a.name, b.name = str(params["a"]), str(params["b"])
-    d = adapter_diff(a, b, progress=progress, cancel=cancel).to_dict()
+    d = diff_report(a, b, progress=progress, cancel=cancel).to_dict()
     o = d["overall"]
     rel = o["relative_difference"]
     rel_s = "n/a" if rel is None else f"{rel:.3g}"
