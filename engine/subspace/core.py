@@ -951,6 +951,7 @@ class SharedSubspace:
             "num_layers": len(self.modules),
             "dtype": dtype_name(self.dtype),
             "quantization": self.quantization,
+            "precision": self.params.get("precision", "fp16"),
             "k": self.k_per_module,
             # the seed's (k_a, k_b): basis rows of the A side (row space V) and the B side (column space U)
             "components_per_layer": self._components_per_layer(),

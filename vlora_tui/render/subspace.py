@@ -33,7 +33,12 @@ def _stats_kv(st: dict[str, Any]) -> list[tuple[str, Any]]:
     if err.get("is_bound"):
         kv.append(("errors are", "upper bounds"))
     q = st.get("quantization")
-    kv.append(("quantization", f"{q['bits']}-bit {q['method']}" + (" + double quant" if q.get("double_quant") else "") if q else None))
+    if q:
+        kv.append(("quantization", f"{q['bits']}-bit {q['method']}" + (" + double quant" if q.get("double_quant") else "")))
+    elif st.get("precision") == "auto":
+        kv.append(("quantization", "auto: rank and precision per module (fp16, int8…int3), see Modules"))
+    else:
+        kv.append(("quantization", None))
     return kv
 
 
@@ -41,12 +46,19 @@ def _task_rows(per_task: dict[str, Any]) -> list[list[Any]]:
     return [[t, e["mean"], e["max"]] for t, e in per_task.items()]
 
 
+def _bits_text(bits: dict[str, list[int]] | None) -> str:
+    """``U6 V6 c8 d8`` from ``{"U": [6], …}``; ``fp16`` when nothing is quantised; ranges as ``c4-8``."""
+    if not bits:
+        return "fp16"
+    return " ".join(f"{k}{v[0]}" if len(v) == 1 else f"{k}{min(v)}-{max(v)}" for k, v in sorted(bits.items()))
+
+
 def _module_table(modules: list[dict[str, Any]]) -> Block:
-    rows = [[m["name"], m["stored"], f"{m['out_features']}×{m['in_features']}",
+    rows = [[m["name"], m["stored"], _bits_text(m.get("bits")), f"{m['out_features']}×{m['in_features']}",
              f"{m['explained_at_k']:.1%}" if m["explained_at_k"] is not None else "-", m["mean_error"], m["max_error"]]
             for m in modules]
-    return ("table", "Modules (shared k_u×k_v, or stored per task at a rank)",
-            ["module", "stored", "shape", "explained at k", "mean error", "max error"], rows)
+    return ("table", "Modules (shared k_u×k_v, or stored per task at a rank; bits per stored tensor)",
+            ["module", "stored", "bits", "shape", "explained at k", "mean error", "max error"], rows)
 
 
 def _storage_lines(st: dict[str, Any]) -> Block:
