@@ -11,11 +11,16 @@ from .errors import JobCancelled
 
 @dataclass(frozen=True)
 class Progress:
-    """One progress event: ``step`` of ``total`` done, with a short message."""
+    """One progress event: ``step`` of ``total`` done, with a short message.
+
+    ``value``: a number the step measured, for a front end to plot (the ``train``
+    job's loss); ``None`` for most events.
+    """
 
     step: int
     total: int
     message: str = ""
+    value: float | None = None
 
     @property
     def fraction(self) -> float:

@@ -120,3 +120,23 @@ def peft_logits(adapter_dir: Path, *, hidden: int = 64, layers: int = 2, seed_in
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed_input))
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
+
+
+def save_tiny_base(out: Path, *, num_labels: int | None = None, hidden: int = 64, layers: int = 2) -> Path:
+    """The tiny Llama of :func:`tiny_llama` saved with ``save_pretrained`` (no tokenizer), as a causal LM;
+    with ``num_labels``, a ``LlamaForSequenceClassification`` over the same body (its head seeded)."""
+    import torch
+
+    model = tiny_llama(hidden, layers)
+    if num_labels is not None:
+        from transformers import LlamaForSequenceClassification
+
+        cfg = model.config
+        cfg.num_labels = num_labels
+        cfg.pad_token_id = 0
+        torch.manual_seed(1)
+        cls = LlamaForSequenceClassification(cfg)
+        cls.model.load_state_dict(model.model.state_dict())
+        model = cls.eval()
+    model.save_pretrained(str(out))
+    return out

@@ -108,6 +108,8 @@ class VloraApp(FormsMixin, App[int]):
         """The subspace the subspace screen shows."""
         self.subspace_info: dict | None = None
         """Data of the ``info`` job on :attr:`subspace_path`."""
+        self.comparison: dict | None = None
+        """Data of the last ``compare`` job (output fidelity per task), shown on the subspace screen."""
         self.jobs: list[JobRecord] = []
         """Every job of this session, oldest first."""
         self.offered: list[str] = []
@@ -354,6 +356,9 @@ class VloraApp(FormsMixin, App[int]):
             if text and text != last[0]:  # the log gets every step, even when redraws are collapsed
                 last[0] = text
                 job.log.append(tildify(f"[{p.step}/{p.total}] {text}" if p.total else text))
+            value = getattr(p, "value", None)
+            if value is not None:  # every one, even when redraws are collapsed: the Jobs screen plots them
+                job.values.append((int(p.step), float(value)))
             self.post_message(JobProgress(job.job_id, int(p.step), int(p.total), text))
 
         worker = get_current_worker()

@@ -64,6 +64,11 @@ class FormsMixin:
         for name, value in guesses.items():
             if name in names and value:
                 out[name] = value
+        if "base_model" in names and kinds[kind].param("base_model").type == "path":
+            used = [j.request.params.get("base_model") for j in self.jobs
+                    if j.kind in ("compare", "train") and j.request.params.get("base_model")]
+            if used:  # the folder of the last compare/train: the model a subspace serves rarely changes
+                out["base_model"] = str(used[-1])
         if "output" in names:
             out["output"] = self.unique_output(kind)
         for name, value in (values or {}).items():

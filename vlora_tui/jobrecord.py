@@ -32,6 +32,7 @@ class JobRecord:
         worker: The thread worker running it.
         started: ``time.monotonic()`` at start.
         seconds: Wall time once finished.
+        values: ``(step, value)`` of every progress event that measured a number (``train``: the loss).
     """
 
     request: Any
@@ -49,6 +50,7 @@ class JobRecord:
     worker: Worker | None = None
     started: float | None = None
     seconds: float | None = None
+    values: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def job_id(self) -> str:

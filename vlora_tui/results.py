@@ -141,3 +141,14 @@ def _adapters_written(app: VloraApp, job: JobRecord) -> str | None:
 
     app.offer_outputs([o for o in _outputs(job) if is_adapter_dir(o)])
     return None
+
+
+@view("compare")
+def _compare(app: VloraApp, job: JobRecord) -> str | None:
+    """Output fidelity per task: a table on the subspace screen (under the ΔW fidelity)."""
+    data = _data(job)
+    app.comparison = data
+    if data.get("subspace") and str(data["subspace"]) != str(app.subspace_path):
+        app.open_subspace(str(data["subspace"]), switch=False)  # its info job publishes "subspace" again
+    app.state_signal.publish("subspace")
+    return "subspace"

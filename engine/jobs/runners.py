@@ -126,7 +126,7 @@ def _child_main(req_dict: dict[str, Any], events: Any, cancel: Any, threads: int
     req = JobRequest.from_dict(req_dict)
 
     def progress(p: Progress) -> None:
-        events.put(("progress", (p.step, p.total, p.message)))
+        events.put(("progress", (p.step, p.total, p.message, p.value)))
 
     t0 = time.perf_counter()
     try:

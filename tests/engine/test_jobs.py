@@ -26,7 +26,7 @@ from engine.jobs import (
 from engine.registry import PARAM_TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = ["demo", "info", "inspect", "validate", "analyze", "diff", "compress", "add", "export", "merge", "quantize", "benchmark"]
+KINDS = ["demo", "info", "inspect", "validate", "analyze", "diff", "compress", "add", "export", "merge", "quantize", "benchmark", "compare", "train"]
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -48,9 +48,9 @@ def test_job_layer_imports_without_torch():
     assert set(got["merge_methods"]) >= {"task_arithmetic", "ties", "dare"}
 
 
-def test_kinds_have_typed_params_and_no_train():
+def test_kinds_have_typed_params():
     kinds = job_kinds()
-    assert "train" not in kinds
+    assert {"compare", "train"} <= set(kinds)  # the jobs that run a base model
     for name, kind in kinds.items():
         assert kind.name == name and kind.title and kind.help
         assert kind.func is not None and kind.func.__doc__ and "data" in kind.func.__doc__
@@ -72,7 +72,9 @@ def test_validate_request_coerces_and_names_bad_params(tmp_path):
     with pytest.raises(ValueError, match="unknown parameter"):
         validate_request(JobRequest("info", {"path": "x", "bogus": 1}))
     with pytest.raises(ValueError, match="unknown job kind"):
-        validate_request(JobRequest("train", {}))
+        validate_request(JobRequest("finetune", {}))
+    with pytest.raises(ValueError, match="data: required"):
+        validate_request(JobRequest("train", {"subspace": "s", "task_id": "t", "base_model": "b", "output": "o"}))
 
 
 def test_request_and_result_round_trip_json():

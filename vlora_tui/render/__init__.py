@@ -6,7 +6,7 @@ imported here; a kind without one prints its summary line.
 
 from __future__ import annotations
 
-from . import adapters, subspace
+from . import adapters, models, subspace
 from .base import RENDERERS, Block, render_blocks, renderer
 
-__all__ = ["RENDERERS", "Block", "adapters", "render_blocks", "renderer", "subspace"]
+__all__ = ["RENDERERS", "Block", "adapters", "models", "render_blocks", "renderer", "subspace"]

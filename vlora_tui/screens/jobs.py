@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Label, ProgressBar, RichLog, Static
 
 from ..config import tildify
+from ..widgets.plots import DataPlot
 from .base import VloraScreen
 
 #: Fixed widths of the queue's columns; the job title takes what is left.
@@ -39,6 +40,8 @@ class JobsScreen(VloraScreen):
             with Vertical(id="job-pane"):
                 yield Static("No jobs yet: n starts one; every screen launches its own.", id="job-status")
                 yield ProgressBar(id="job-progress", total=100, show_eta=False)
+                # shown only for a job whose progress measures a number (train: the loss per step)
+                yield DataPlot(empty="loss", id="job-plot")
                 yield Label("Log", classes="pane-title")
                 yield RichLog(id="job-log", wrap=True, markup=False, auto_scroll=True)
                 yield Label("Result", classes="pane-title")
@@ -51,6 +54,7 @@ class JobsScreen(VloraScreen):
         self._title_width = 20
         self.app.state_signal.subscribe(self, self._on_state)
         self._log_shown: tuple[str, int] | None = None
+        self._plot_shown: tuple[str, int] | None = None
         self._followed: str | None = None
         self._refresh()
         table.focus()
@@ -138,6 +142,7 @@ class JobsScreen(VloraScreen):
             log.clear()
             result.update("")
             self._log_shown = None
+            self._show_plot(None)
             return
         status.update(Text.assemble((f"{job.title}  ", "bold"), (job.status, STATUS_STYLE.get(job.status, "")),
                                     f"  {job.message}" if job.status == "running" else ""))
@@ -157,6 +162,19 @@ class JobsScreen(VloraScreen):
                 log.write(line)
         self._log_shown = key
         result.update(result_text(job))
+        self._show_plot(job)
+
+    def _show_plot(self, job: Any) -> None:
+        """The job's measured values (the loss of a ``train`` job) as a line, redrawn when new ones came."""
+        plot = self.query_one("#job-plot", DataPlot)
+        values = list(job.values) if job is not None else []
+        plot.display = bool(values)
+        key = (job.job_id, len(values)) if values else None
+        if not values or key == self._plot_shown:
+            return
+        self._plot_shown = key
+        xs, ys = [s for s, _ in values], [v for _, v in values]
+        plot.draw_lines({"loss": (xs, ys)}, f"{job.kind}: loss {ys[0]:.4g} → {ys[-1]:.4g}", "step", "loss")
 
     def action_cancel(self) -> None:
         job = self.selected()

@@ -28,6 +28,8 @@ class SubspaceScreen(VloraScreen):
         Binding("m", "merge", "Merge…", tooltip="Merge the marked tasks' adapters (or the highlighted and next)", id="subspace-merge"),
         Binding("q", "quantize", "Quantize…", tooltip="Quantize this subspace's loadings", id="subspace-quantize"),
         Binding("a", "add", "Add…", tooltip="Project more adapters into this subspace", id="subspace-add"),
+        Binding("c", "compare", "Compare…", tooltip="Run original adapters and their reconstructions on a base model: KL, top-1, perplexity", id="subspace-compare"),
+        Binding("t", "train", "Train…", tooltip="Train a new task inside this subspace on JSONL data", id="subspace-train"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -40,6 +42,10 @@ class SubspaceScreen(VloraScreen):
                 with Vertical(id="fidelity-pane"):
                     yield Label("ΔW fidelity: relative error per task and module (space marks)", classes="pane-title")
                     yield DataTable(id="fidelity", cursor_type="row", zebra_stripes=True)
+                    # shown once a compare job on this subspace has finished
+                    yield Label("Output fidelity (compare): original adapter vs reconstruction", classes="pane-title",
+                                id="compare-title")
+                    yield DataTable(id="compare", cursor_type="row", zebra_stripes=True)
                 yield DataPlot(empty="fidelity per task", id="fidelity-plot")
         yield Footer(show_command_palette=False)
 
@@ -76,11 +82,13 @@ class SubspaceScreen(VloraScreen):
         table.clear(columns=True)
         self.marked = set()
         if not info:
+            self._show_comparison()
             stats.update("No subspace open: compress the collection (3, c) or open one (o).")
             self.query_one("#variance-plot", DataPlot).draw_empty()
             self.query_one("#fidelity-plot", DataPlot).draw_empty()
             return
         stats.update(stats_table(info, self.app.subspace_path))
+        self._show_comparison()
         self._draw_variance()
         fidelity = info.get("fidelity") or {}
         modules = [m["name"] for m in info.get("modules") or []]
@@ -100,6 +108,25 @@ class SubspaceScreen(VloraScreen):
             [str(i + 1) for i in range(len(rows))], [t.get("mean_error") or 0.0 for t in rows],
             "mean ΔW error per task (task #)", "relative error",
         )
+
+    def _show_comparison(self) -> None:
+        """The last ``compare`` job's per-task table, when it compared the open subspace."""
+        data = self.app.comparison
+        table = self.query_one("#compare", DataTable)
+        shown = bool(data) and str(data.get("subspace")) == str(self.app.subspace_path)
+        table.display = shown
+        self.query_one("#compare-title", Label).display = shown
+        table.clear(columns=True)
+        if not shown:
+            return
+        causal = data.get("task_type") == "CAUSAL_LM"
+        for label in ("task", "KL mean", "KL max", "top-1", *(("ppl orig", "ppl ours", "ppl Δ") if causal else ()), "ΔW error"):
+            table.add_column(label, key=label)
+        for t in data.get("tasks") or []:
+            ppl = (_f(t.get("ppl_original"), ".4g"), _f(t.get("ppl_reconstructed"), ".4g"),
+                   _f(t.get("ppl_change"), "+.2%")) if causal else ()
+            table.add_row(t["task_id"], _f(t.get("kl_mean"), ".3g"), _f(t.get("kl_max"), ".3g"),
+                          _f(t.get("top1_agreement"), ".3f"), *ppl, _f(t.get("delta_w_error"), ".3g"), key=t["task_id"])
 
     def _draw_variance(self) -> None:
         info = self.info or {}
@@ -178,6 +205,14 @@ class SubspaceScreen(VloraScreen):
             spec = self.app.current_adapter
             values = {"subspace": self.app.subspace_path, "adapter": spec, "task_id": spec_name(spec) if spec else None}
             self.app.action_new_job("add", values)
+
+    def action_compare(self) -> None:
+        if self._need():
+            self.app.action_new_job("compare", {"subspace": self.app.subspace_path})
+
+    def action_train(self) -> None:
+        if self._need():
+            self.app.action_new_job("train", {"subspace": self.app.subspace_path})
 
     @on(DataTable.RowSelected, "#fidelity")
     def _task_selected(self) -> None:

@@ -9,7 +9,7 @@ Adding a kind is one module here and one line in :data:`KINDS`.
 from __future__ import annotations
 
 from ..base import JobKind
-from . import add, analyze, benchmark, compress, demo, diff, export, info, inspect, merge, quantize, validate
+from . import add, analyze, benchmark, compare, compress, demo, diff, export, info, inspect, merge, quantize, train, validate
 
 #: Every kind, in menu order (``--batch --help`` lists them so).
 KINDS: tuple[JobKind, ...] = (
@@ -25,6 +25,8 @@ KINDS: tuple[JobKind, ...] = (
     merge.KIND,
     quantize.KIND,
     benchmark.KIND,
+    compare.KIND,
+    train.KIND,
 )
 
 __all__ = ["KINDS"]

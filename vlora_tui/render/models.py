@@ -1,0 +1,57 @@
+"""Renderers of the jobs that run a base model: ``compare`` (output fidelity) and ``train`` (a task trained in a subspace)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Block, fmt, renderer
+
+
+def _pct(v: Any) -> str:
+    return f"{v:+.2%}" if isinstance(v, (int, float)) else "-"
+
+
+@renderer("compare")
+def _render_compare(d: dict[str, Any]) -> list[Block]:
+    inputs = d["inputs"]
+    causal = d["task_type"] == "CAUSAL_LM"
+    kv = [("subspace", d["subspace"]), ("base model", d["base_model"]), ("task type", d["task_type"]),
+          ("inputs", f"{inputs['rows']} {inputs['source']} ({inputs['tokens']} tokens)"), ("mixed batch", d["mixed_batch"])]
+    cols = ["task", "KL mean", "KL max", "top-1 agreement", *(["ppl original", "ppl ours", "ppl change"] if causal else []),
+            "ΔW error"]
+    rows = [[t["task_id"], t["kl_mean"], t["kl_max"], f"{t['top1_agreement']:.3f}",
+             *([t["ppl_original"], t["ppl_reconstructed"], _pct(t["ppl_change"])] if causal else []), t["delta_w_error"]]
+            for t in d["tasks"]]
+    blocks: list[Block] = [("kv", "Output fidelity: original adapter (PEFT) vs reconstruction (subspace)", kv),
+                           ("table", "Per task (KL(original ‖ ours) over " + ("tokens" if d["task_type"] != "SEQ_CLS" else "examples") + ")",
+                            cols, rows)]
+    if d.get("notes"):
+        blocks.append(("lines", "Notes", [f"- {n}" for n in d["notes"]]))
+    return blocks
+
+
+def loss_sparkline(losses: list[float], width: int = 40) -> str:
+    """The loss curve as one line of block characters (min → max), ``width`` points at most."""
+    if not losses:
+        return "-"
+    step = max(1, len(losses) // width)
+    pts = [sum(losses[i:i + step]) / len(losses[i:i + step]) for i in range(0, len(losses), step)]
+    lo, hi = min(pts), max(pts)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[0 if hi == lo else round((p - lo) / (hi - lo) * (len(bars) - 1))] for p in pts)
+
+
+@renderer("train")
+def _render_train(d: dict[str, Any]) -> list[Block]:
+    t = d["task"]
+    kv = [("path", d["path"]), ("task", d["task_id"] + (" (trained on)" if d.get("resumed") else " (new)")),
+          ("task type", d["task_type"]), ("base model", d["base_model"]),
+          ("examples", f"{d['examples']}" + ("" if d["tokenizer"] else " (no tokenizer: UTF-8 bytes)")),
+          ("steps", d["steps"]), ("lr", d["lr"]), ("batch size", d["batch_size"]), ("num_expand", d["num_expand"]),
+          ("trainable numbers", d["trainable_params"]), ("seconds", f"{d['seconds']:.1f}"),
+          ("loss", f"{fmt(d['loss_first'])} → {fmt(d['loss_last'])}"), ("loss curve", loss_sparkline(d["losses"])),
+          ("ΔW error (stored vs trained)", f"mean {fmt(t['mean_error'])}, max {fmt(t['max_error'])}"),
+          ("tasks now", d["num_tasks"])]
+    if d.get("labels"):
+        kv.append(("labels", ", ".join(f"{k}={v}" for k, v in d["labels"].items())))
+    return [("kv", "Task trained", kv)]
