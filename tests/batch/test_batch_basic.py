@@ -77,7 +77,7 @@ def test_validate_exit_codes(tmp_path, peft_family_dirs):
         (("merge", "a", "-o", "o", "--method", "nope"), "invalid choice"),
         (("merge", "a", "-o", "o", "--density", "lots"), "invalid float value"),
         (("frobnicate",), "invalid choice"),
-        (("train",), "invalid choice"),
+        (("finetune",), "invalid choice"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, peft_adapter_dir, args, needle):
