@@ -277,7 +277,9 @@ def stats_table(info: dict[str, Any], path: str | None) -> Table:
         worst = max(tasks, key=lambda x: x.get("max_error") or 0.0)
         t.add_row("ΔW error", f"mean {err.get('mean', 0):.3f}, worst {err.get('max', 0):.3f} ({worst['task_id']})")
     q = info.get("quantization")
-    if not q:
+    if not q and st.get("precision") == "auto":
+        t.add_row("precision", "auto: rank and bits per module (fp16, int8…int3)")
+    elif not q:
         t.add_row("quantization", "none")
     else:
         bits = q.get("bits") if isinstance(q, dict) else None
