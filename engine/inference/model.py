@@ -138,15 +138,17 @@ class VLoRAModel(nn.Module):
             dtype; a quantised layer's compute dtype).
         router: Routes rows without a task (see above); not a submodule (its parameters
             are not the model's).
+        strict: Modules of the subspace that the model lacks are an error (default: as vlora,
+            they are not applied, with a warning that names them; other mismatches always raise).
 
     Raises:
-        IncompatibleAdaptersError: modules missing from the model, ambiguous, of
-            another shape, or of an unsupported type (all named in one message).
+        IncompatibleAdaptersError: modules ambiguous, of another shape, or of an unsupported
+            type, or (``strict=True``) missing from the model (all named in one message).
     """
 
     def __init__(self, base_model: nn.Module, subspace: SharedSubspace, scaling: float | None = None,
                  lora_alpha: float | None = None, compute_dtype: torch.dtype | None = None,
-                 router: Any = None) -> None:
+                 router: Any = None, strict: bool = False) -> None:
         super().__init__()
         if scaling is not None and not math.isfinite(float(scaling)):
             raise ValueError(f"scaling must be a finite number, got {scaling!r}")
@@ -170,6 +172,7 @@ class VLoRAModel(nn.Module):
         self._states: dict[str, ModuleState] = {}
         self._blend: _Blend | None = None
         self._dense: dict[str, tuple[Any, Tensor]] = {}  # module → (key, T×k_v×k_u cores) for routed rows
+        self.strict = bool(strict)
         self._attach()
         self.router = router
 
@@ -194,6 +197,10 @@ class VLoRAModel(nn.Module):
             dtype = self.compute_dtype or layer_compute_dtype(layer, kind)
             self._states[s] = ModuleState(name=s, model_name=mn, layer=layer, kind=kind,
                                           shared=self.subspace.modules[s].kind == "joint", dtype=dtype, device=w.device)
+        if problems and not self.strict and problems[0].startswith("the model has no module for"):
+            # vlora's meaning: modules the model lacks are not applied (a warning here, an error with strict=True)
+            warnings.warn(f"VLoRAModel: {problems.pop(0)}; those modules are not applied (strict=True: an error)",
+                          UserWarning, stacklevel=3)
         if problems:
             raise IncompatibleAdaptersError("; ".join(problems), title="Model does not fit the subspace")
         for st in self._states.values():

@@ -251,7 +251,7 @@ class SubspaceTrainer:
         from ..inference.model import VLoRAModel
 
         if not isinstance(model, VLoRAModel):
-            model = VLoRAModel(model, self.subspace)
+            model = VLoRAModel(model, self.subspace, strict=True)
         elif model.subspace is not self.subspace:
             raise ValueError("the VLoRAModel serves another subspace than the trainer's")
         model.attach_trainable(self.task)

@@ -424,3 +424,19 @@ def test_quantize_bits_error_names_the_seeds_choices():
     sub = _pca_sub()
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         sub.quantize(bits=16)
+
+
+def test_vlora_model_skips_modules_the_model_lacks_unless_strict():
+    from engine import VLoRAModel
+    from engine.errors import IncompatibleAdaptersError
+
+    sub = _pca_sub()
+    lone = torch.nn.Linear(16, 16)  # holds none of the subspace's modules
+    with pytest.warns(UserWarning, match="no module for 2 of the subspace's 2 modules"):
+        model = VLoRAModel(lone, sub)
+    assert model.target_modules == {} and model.compile() is model
+    model.set_task("task_0")
+    x = torch.randn(2, 16)
+    assert torch.equal(model(x), lone(x))  # nothing applied
+    with pytest.raises(IncompatibleAdaptersError, match="no module for 2"):
+        VLoRAModel(lone, sub, strict=True)
