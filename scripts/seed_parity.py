@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(alias), str(args.repo.resolve())])
         env["HOME"] = str(tmp / "home")
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-q",
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-v",
                "--tb=no", "-o", "addopts=", "--continue-on-collection-errors", "tests"]
         if args.keyword:
             cmd += ["-k", args.keyword]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import IncompatibleAdaptersError
+from ..errors import IncompatibleAdaptersError, UnknownTaskError
 from ..subspace.common import module_scale
 from ..subspace.core import SharedSubspace, _module_factors
 from ..subspace.joint import _core
@@ -128,32 +128,37 @@ class VLoRAModel(nn.Module):
     Args:
         base_model: Any torch model holding the subspace's modules (names matched by suffix).
         subspace: The tasks.
-        scaling: Replace each task's ``alpha/r`` by this factor.
+        scaling: Replace each task's ``alpha/r`` by this factor (wins over ``lora_alpha`` if both are given).
         lora_alpha: Replace each task's ``lora_alpha`` (and ``alpha_pattern``) by this.
+
+    ``model.scaling`` is the one factor applied to every module's ``B·A`` of every
+    task (``scaling``, else ``lora_alpha/r``, else the tasks' own ``alpha/r``), or
+    ``None`` when it differs between tasks or modules (see :meth:`module_scaling`).
         compute_dtype: dtype of the low-rank products (default: each layer's weight
             dtype; a quantised layer's compute dtype).
         router: Routes rows without a task (see above); not a submodule (its parameters
             are not the model's).
+        strict: Modules of the subspace that the model lacks are an error (default: as vlora,
+            they are not applied, with a warning that names them; other mismatches always raise).
 
     Raises:
-        IncompatibleAdaptersError: modules missing from the model, ambiguous, of
-            another shape, or of an unsupported type (all named in one message).
+        IncompatibleAdaptersError: modules ambiguous, of another shape, or of an unsupported
+            type, or (``strict=True``) missing from the model (all named in one message).
     """
 
     def __init__(self, base_model: nn.Module, subspace: SharedSubspace, scaling: float | None = None,
                  lora_alpha: float | None = None, compute_dtype: torch.dtype | None = None,
-                 router: Any = None) -> None:
+                 router: Any = None, strict: bool = False) -> None:
         super().__init__()
-        if scaling is not None and lora_alpha is not None:
-            raise ValueError("give scaling or lora_alpha, not both")
         if scaling is not None and not math.isfinite(float(scaling)):
             raise ValueError(f"scaling must be a finite number, got {scaling!r}")
         if lora_alpha is not None and not math.isfinite(float(lora_alpha)):
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         self.base_model = base_model
         self.subspace = subspace
-        self.scaling = None if scaling is None else float(scaling)
-        self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
+        # explicit scaling wins over lora_alpha (vlora's order: scaling > lora_alpha/r > the task's own)
+        self._scaling = None if scaling is None else float(scaling)
+        self.lora_alpha = None if lora_alpha is None or scaling is not None else float(lora_alpha)
         self.compute_dtype = compute_dtype
         self._cache: dict[str, dict[str, TaskModule]] = {}
         self._slots: dict[str, int] = {}  # task → 1-based slot in the stacks (0: base rows)
@@ -167,6 +172,7 @@ class VLoRAModel(nn.Module):
         self._states: dict[str, ModuleState] = {}
         self._blend: _Blend | None = None
         self._dense: dict[str, tuple[Any, Tensor]] = {}  # module → (key, T×k_v×k_u cores) for routed rows
+        self.strict = bool(strict)
         self._attach()
         self.router = router
 
@@ -191,6 +197,10 @@ class VLoRAModel(nn.Module):
             dtype = self.compute_dtype or layer_compute_dtype(layer, kind)
             self._states[s] = ModuleState(name=s, model_name=mn, layer=layer, kind=kind,
                                           shared=self.subspace.modules[s].kind == "joint", dtype=dtype, device=w.device)
+        if problems and not self.strict and problems[0].startswith("the model has no module for"):
+            # vlora's meaning: modules the model lacks are not applied (a warning here, an error with strict=True)
+            warnings.warn(f"VLoRAModel: {problems.pop(0)}; those modules are not applied (strict=True: an error)",
+                          UserWarning, stacklevel=3)
         if problems:
             raise IncompatibleAdaptersError("; ".join(problems), title="Model does not fit the subspace")
         for st in self._states.values():
@@ -377,14 +387,39 @@ class VLoRAModel(nn.Module):
 
     # -- facts -----------------------------------------------------------------------
     @property
+    def scaling(self) -> float | None:
+        """The single factor on every module's original ``B·A`` across all tasks; ``None`` when it varies."""
+        if self._scaling is not None:
+            return self._scaling
+        sub = self.subspace
+        seen: set[float] = set()
+        for t in sub.tasks:
+            proj = sub._task(t)
+            for m in self._states:
+                seen.add(round(self._orig_scale(proj, m) * self._multiplier(proj, m), 12))
+                if len(seen) > 1:
+                    return None
+        return next(iter(seen)) if seen else None
+
+    @property
+    def _cached_deltas(self) -> dict[str, Any] | None:
+        """vlora's name: the active task's per-module factors (the same object while the task stays active)."""
+        return self._active
+
+    @property
+    def _target_modules(self) -> dict[str, nn.Module]:
+        """vlora's name: the model's module name → the layer the subspace's module is applied to."""
+        return {st.model_name: st.layer for _, st in sorted(self._states.items())}
+
+    @property
     def available_tasks(self) -> list[str]:
         """The subspace's task ids, sorted."""
         return sorted(self.subspace.tasks)
 
     @property
     def active_task(self) -> str | None:
-        """The task applied to every row (``None``: the base model, or merged)."""
-        return self._active_id
+        """The task applied to every row, or the merged task (``None``: the base model)."""
+        return self._merged if self._merged is not None else self._active_id
 
     @property
     def is_merged(self) -> bool:
@@ -436,13 +471,13 @@ class VLoRAModel(nn.Module):
 
     def _multiplier(self, proj: Any, m: str) -> float:
         """Factor on the stored update (which holds the task's own scale)."""
-        if self.scaling is None and self.lora_alpha is None:
+        if self._scaling is None and self.lora_alpha is None:
             return 1.0
         s = self._orig_scale(proj, m)
         if s == 0.0:
             return 0.0
-        if self.scaling is not None:
-            return self.scaling / s
+        if self._scaling is not None:
+            return self._scaling / s
         r = int(proj.ranks.get(m, 0))
         rs = proj.template is not None and proj.template.use_rslora
         assert self.lora_alpha is not None
@@ -518,18 +553,32 @@ class VLoRAModel(nn.Module):
             RuntimeError: the model is merged.
         """
         if self._merged is not None:
-            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before set_task()")
+            raise RuntimeError(f"Cannot switch tasks while merged: task {self._merged!r} is merged into the weights; "
+                               "unmerge() before set_task()")
         live = self._live(task_id)
+        if live is None and task_id not in self.subspace.tasks:
+            known = ", ".join(sorted(self.subspace.tasks))
+            raise UnknownTaskError(f"Unknown task {task_id!r}; the subspace holds: {known or '(none)'}")
         self._active = live if live is not None else self._task(task_id)
         self._active_id = task_id
 
     def clear_task(self) -> None:
         """Back to the base model."""
         if self._merged is not None:
-            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() first")
+            raise RuntimeError(f"Cannot clear task while merged: task {self._merged!r} is merged into the weights; "
+                               "unmerge() first")
         self._active, self._active_id = None, None
 
     def reconstruct_state_dict(self, task_id: str) -> dict[str, Tensor]:
+        """vlora's meaning: ``{module: ΔW}`` with ``ΔW = B·A`` (out×in) of the task as the subspace reconstructs it
+        (without this model's ``scaling``/``lora_alpha``; the adapter's own ``alpha/r`` is not applied either).
+
+        For PEFT's state dict of the task, see :meth:`peft_state_dict`.
+        """
+        w = self.subspace.reconstruct(task_id)
+        return {m: w.lora_b[m] @ w.lora_a[m] for m in w.layer_names}
+
+    def peft_state_dict(self, task_id: str) -> dict[str, Tensor]:
         """The task as PEFT's state dict for this model (``base_model.model.<module>.lora_A.weight`` / ``lora_B``).
 
         The adapter as the subspace reconstructs it, with its own config
@@ -554,14 +603,14 @@ class VLoRAModel(nn.Module):
             ValueError: no task given and none active.
         """
         if self._merged is not None:
-            raise RuntimeError(f"task {self._merged!r} is merged already; unmerge() first")
+            raise RuntimeError(f"Model is already merged (task {self._merged!r}); unmerge() first")
         q = self.qlora_info
         if q["quantized"]:
             raise RuntimeError(f"cannot merge into {q['num_quantized_layers']} quantised layer(s) "
                                f"(e.g. '{next(iter(q['quantized_layers']))}'); use set_task() instead")
         tid = task_id if task_id is not None else self._active_id
         if tid is None:
-            raise ValueError("no task to merge: pass task_id or call set_task() first")
+            raise ValueError("No task to merge: pass task_id or call set_task() first")
         if self._live(tid) is not None:
             raise RuntimeError(f"task {tid!r} is being trained; detach_trainable() before merge()")
         proj = self.subspace._task(tid)
@@ -590,7 +639,7 @@ class VLoRAModel(nn.Module):
     def unmerge(self) -> None:
         """Restore the base weights exactly as they were before :meth:`merge` (the merged task becomes active)."""
         if self._merged is None:
-            raise RuntimeError("nothing is merged")
+            raise RuntimeError("Model is not merged: nothing is merged")
         tid = self._merged
         self._restore()
         self._merged = None

@@ -161,7 +161,9 @@ def quantize_tensor(
     if method not in QUANT_METHODS:
         raise ValueError(f"quantization method must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
     if method == "symmetric" and bits not in SYMMETRIC_BITS:
-        raise ValueError(f"symmetric quantization needs bits {', '.join(map(str, SYMMETRIC_BITS))}, got {bits}")
+        more = ", ".join(str(b) for b in sorted(set(SYMMETRIC_BITS) - {4, 8}))
+        raise ValueError(f"bits must be 4 or 8 (vlora's), or {more}: symmetric quantization needs bits "
+                         f"{', '.join(map(str, SYMMETRIC_BITS))}, got {bits}")
     if scale_dtype not in (torch.float32, torch.float16):
         raise ValueError(f"scale_dtype must be float32 or float16, got {scale_dtype}")
     if method == "nf4":

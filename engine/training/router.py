@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..subspace.common import TaskProjection
 from ..subspace.core import SharedSubspace
 from ..subspace.joint import _core
 
@@ -77,12 +78,24 @@ class TaskRouter(nn.Module):
 
     @classmethod
     def from_subspace(cls, subspace: SharedSubspace, input_dim: int, hidden_dim: int = 64,
-                      temperature: float = 1.0) -> TaskRouter:
-        """A router over ``subspace``'s tasks (sorted, as ``VLoRAModel.available_tasks``)."""
+                      temperature: float = 1.0, init_from_loadings: bool = True) -> TaskRouter:
+        """A router over ``subspace``'s tasks (sorted, as ``VLoRAModel.available_tasks``).
+
+        ``init_from_loadings`` (vlora's warm start): the output layer's bias is each task's total
+        coefficient norm (summed over modules and coefficient tensors), divided by the largest,
+        so that tasks with larger coefficients start with slightly more weight.
+        """
         ids = sorted(subspace.tasks)
         if not ids:
             raise ValueError("the subspace holds no tasks to route to")
-        return cls(input_dim, len(ids), hidden_dim=hidden_dim, task_ids=ids, temperature=temperature)
+        router = cls(input_dim, len(ids), hidden_dim=hidden_dim, task_ids=ids, temperature=temperature)
+        if init_from_loadings and len(ids) > 1:
+            norms = torch.tensor([sum(float(t.double().norm()) for c in subspace.tasks[i].coeffs.values()
+                                      for t in c.values()) for i in ids])
+            last = router.net[-1] if isinstance(router.net, nn.Sequential) else router.net
+            with torch.no_grad():
+                last.bias.copy_((norms / (norms.max() + 1e-8)).to(last.bias.dtype))
+        return router
 
     # -- inference -------------------------------------------------------------------
     def logits(self, x: Tensor) -> Tensor:
@@ -100,7 +113,44 @@ class TaskRouter(nn.Module):
         with torch.no_grad():
             return [self.task_ids[i] for i in self.logits(x).argmax(dim=1).tolist()]
 
-    def blend_loadings(self, x: Tensor, subspace: SharedSubspace) -> RoutedBlend:
+    def blend_loadings(self, x: Tensor, subspace: SharedSubspace) -> TaskProjection:
+        """vlora's meaning: one task ``"__routed__"`` for the whole batch, its coefficients the average
+        of the tasks' coefficients under the batch-mean routing weights.
+
+        Register it (``subspace.tasks["__routed__"] = result``) to reconstruct it. In a shared
+        basis (``joint``) a blend of cores is the blend of the updates; with ``pca`` loadings (and
+        modules stored per task) A and B are blended separately, as vlora does. Per-row blends:
+        :meth:`blend`.
+
+        Raises:
+            ValueError: the router routes to a task the subspace lacks, or the tasks' coefficients
+                of a module differ in shape (tasks of different ranks stored per task).
+        """
+        missing = [t for t in self.task_ids if t not in subspace.tasks]
+        if missing:
+            raise ValueError(f"the router routes to task {missing[0]!r}, which the subspace does not hold")
+        with torch.no_grad():
+            w = self.forward(x).mean(dim=0).double().cpu()
+        projs = [subspace.tasks[t] for t in self.task_ids]
+        coeffs: dict[str, dict[str, Tensor]] = {}
+        ranks: dict[str, int] = {}
+        for m in sorted(projs[0].coeffs):
+            out: dict[str, Tensor] = {}
+            for key, t0 in projs[0].coeffs[m].items():
+                parts = [p.coeffs[m][key] for p in projs]
+                if any(q.shape != t0.shape for q in parts):
+                    raise ValueError(f"module '{m}': the tasks' '{key}' coefficients differ in shape "
+                                     f"({', '.join(str(tuple(q.shape)) for q in parts[:3])}); they cannot be blended")
+                out[key] = sum(float(wi) * q.double() for wi, q in zip(w, parts)).to(t0.dtype)
+            coeffs[m] = out
+            rs = [int(p.ranks.get(m, 0)) for p in projs]
+            b = subspace.modules.get(m)
+            # a blend of rank-r updates in a shared basis can reach the basis' width
+            ranks[m] = min(sum(rs), int(b.k)) if b is not None and b.kind == "joint" else max(rs)
+        return TaskProjection(task_id="__routed__", coeffs=coeffs, ranks=ranks, template=projs[0].template,
+                              error_is_bound=True)
+
+    def blend(self, x: Tensor, subspace: SharedSubspace) -> RoutedBlend:
         """Per-input blends: the weights, and for each module in a shared basis each input's blended core.
 
         ``VLoRAModel(..., blend=result)`` (or ``router=self``) applies them, one blend per row.

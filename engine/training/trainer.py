@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..errors import UnknownTaskError
 from ..io.scan import validate_task_id
 from ..subspace.common import ModuleBasis, TaskProjection
 from ..subspace.core import SharedSubspace
@@ -136,8 +137,8 @@ class SubspaceTrainer:
     LoRA factors ``A`` (q×in) and ``B`` (out×q, the scale folded in, as the subspace
     stores them) of the rank the other tasks store there, initialised like LoRA (``A``
     small orthonormal rows, ``B`` zero) by :func:`orthogonal_init`; the loadings of a pca
-    module. A task absent from the subspace is first registered by :func:`orthogonal_init`;
-    a stored one trains from its current coefficients.
+    module. A task absent from the subspace raises (as vlora's does), unless ``init_if_missing=True``
+    registers it first by :func:`orthogonal_init`; a stored one trains from its current coefficients.
 
     Use it with your own loop (``loss = model(...).loss; trainer.step(loss)``), or with
     transformers' ``Trainer`` through :class:`~engine.training.VLoRACallback`.
@@ -153,6 +154,8 @@ class SubspaceTrainer:
             (then wrapped in one); the task is attached to it (:meth:`VLoRAModel.attach_trainable`)
             and its base parameters are frozen. ``None``: attach later with :meth:`attach`.
         init_scale: ``scale`` of :func:`orthogonal_init` for a new task.
+        init_if_missing: Register a task the subspace lacks with :func:`orthogonal_init` (default:
+            :class:`~engine.errors.UnknownTaskError`, a ``KeyError``, as vlora raises).
         seed: Seed of the new directions (``None``: torch's global generator).
 
     Attributes:
@@ -164,7 +167,8 @@ class SubspaceTrainer:
 
     def __init__(self, subspace: SharedSubspace, task_id: str, lr: float = 1e-3, num_expand: int = 0,
                  optimizer_cls: type = torch.optim.AdamW, optimizer_kwargs: dict[str, Any] | None = None,
-                 model: nn.Module | None = None, *, init_scale: float = 0.01, seed: int | None = None) -> None:
+                 model: nn.Module | None = None, *, init_scale: float = 0.01, seed: int | None = None,
+                 init_if_missing: bool = False) -> None:
         from ..inference.trainable import PCALoadings, SharedCore, TaskFactors, TrainableTask
 
         if not (isinstance(num_expand, int) and num_expand >= 0):
@@ -176,6 +180,9 @@ class SubspaceTrainer:
         self.task_id = task_id
         self.num_expand = num_expand
         if task_id not in subspace.tasks:
+            if not init_if_missing:  # vlora's meaning: the task must exist
+                raise UnknownTaskError(f"Task {task_id!r} not in subspace. Use orthogonal_init() or subspace.project() "
+                                       "first, or SubspaceTrainer(..., init_if_missing=True)")
             orthogonal_init(subspace, task_id, init_scale)
         proj = subspace._task(task_id)
         gen = torch.Generator()
@@ -244,7 +251,7 @@ class SubspaceTrainer:
         from ..inference.model import VLoRAModel
 
         if not isinstance(model, VLoRAModel):
-            model = VLoRAModel(model, self.subspace)
+            model = VLoRAModel(model, self.subspace, strict=True)
         elif model.subspace is not self.subspace:
             raise ValueError("the VLoRAModel serves another subspace than the trainer's")
         model.attach_trainable(self.task)

@@ -55,10 +55,10 @@ def test_router_fit_separates_held_out_examples(sub):
         router(torch.zeros(3, 5))
 
 
-def test_blend_loadings_blends_the_updates(sub):
+def test_blend_blends_the_updates(sub):
     router = TaskRouter.from_subspace(sub, input_dim=8, hidden_dim=0, temperature=3.0)
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4))
-    blend = router.blend_loadings(x, sub)
+    blend = router.blend(x, sub)
     assert blend.task_ids == router.task_ids and blend.weights.shape == (5, 4)
     assert set(blend.cores) == {m for m, b in sub.modules.items() if b.kind == "joint"}
     dense = {}

@@ -251,3 +251,192 @@ def test_io_exports_the_seeds_state_dict_helpers():
     assert st["x"].shape == (2, 32) and torch.equal(st["x"][1], a.flatten())
     with pytest.raises(ValueError, match="at least one"):
         stack_lora_weights([], "A")
+
+
+# -- serving and training (VLoRAModel, SubspaceTrainer, TaskRouter, VLoRACallback) ----------------
+
+
+class _Net(torch.nn.Module):
+    """Two linears at the seed's module names, applied in turn."""
+
+    def __init__(self, dim: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layer = torch.nn.ModuleDict({"0": torch.nn.ModuleDict(
+            {"q_proj": torch.nn.Linear(dim, dim, bias=False), "v_proj": torch.nn.Linear(dim, dim, bias=False)})})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer["0"]["v_proj"](self.layer["0"]["q_proj"](x))
+
+
+def _pca_sub(n: int = 3, seed: int = 0) -> SharedSubspace:
+    return SharedSubspace.from_adapters(_adapters(n, seed=seed), num_components=2)
+
+
+def test_vlora_model_reconstruct_state_dict_is_the_dense_update_per_module():
+    from engine import VLoRAModel
+
+    sub = _pca_sub()
+    model = VLoRAModel(_Net(), sub)
+    deltas = model.reconstruct_state_dict("task_1")
+    rec = sub.reconstruct("task_1")
+    assert set(deltas) == set(LAYERS)
+    for m in LAYERS:
+        # B·A of the reconstruction, out×in (independently: the sum of rank-one outer products)
+        want = sum(torch.outer(rec.lora_b[m][:, i].double(), rec.lora_a[m][i].double()) for i in range(rec.lora_a[m].shape[0]))
+        assert deltas[m].shape == (16, 16)
+        torch.testing.assert_close(deltas[m].double(), want, rtol=1e-5, atol=1e-6)
+    sd = model.peft_state_dict("task_1")  # PEFT's form lives under its own name
+    assert torch.equal(sd["base_model.model.layer.0.q_proj.lora_A.weight"], rec.lora_a["layer.0.q_proj"])
+
+
+def test_vlora_model_scaling_order_and_value():
+    from engine import VLoRAModel
+
+    sub = _pca_sub()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    net = _Net()
+    with torch.no_grad():
+        base_q = net.layer["0"]["q_proj"].weight.double().clone()
+        base_v = net.layer["0"]["v_proj"].weight.double().clone()
+    rec = sub.reconstruct("task_0")
+
+    def expected(s: float) -> torch.Tensor:
+        q = base_q + s * rec.lora_b["layer.0.q_proj"].double() @ rec.lora_a["layer.0.q_proj"].double()
+        v = base_v + s * rec.lora_b["layer.0.v_proj"].double() @ rec.lora_a["layer.0.v_proj"].double()
+        return x.double() @ q.T @ v.T
+
+    both = VLoRAModel(net, sub, scaling=0.5, lora_alpha=999)  # vlora's order: explicit scaling wins
+    assert both.scaling == 0.5
+    both.set_task("task_0")
+    got = both(x).double()
+    torch.testing.assert_close(got, expected(0.5), rtol=1e-4, atol=1e-4 * float(got.abs().max()))
+    both.unwrap()
+    alpha = VLoRAModel(net, sub, lora_alpha=2 * sub.rank)
+    assert alpha.scaling == 2.0  # lora_alpha / r
+    alpha.unwrap()
+    # no override: each task's own alpha/r; these adapters carry none, so 1.0 (vlora's default coincides)
+    assert VLoRAModel(net, sub).scaling == 1.0
+
+
+def test_vlora_model_merge_keeps_the_task_named_and_errors_read_as_vlora():
+    from engine import VLoRAModel
+
+    sub = _pca_sub()
+    model = VLoRAModel(_Net(), sub)
+    with pytest.raises(KeyError, match="Unknown task"):
+        model.set_task("nope")
+    with pytest.raises(ValueError, match="No task to merge"):
+        model.merge()
+    with pytest.raises(RuntimeError, match="not merged"):
+        model.unmerge()
+    model.set_task("task_2")
+    cached = model._cached_deltas
+    model.set_task("task_2")
+    assert model._cached_deltas is cached  # the same task rebuilds nothing
+    before = {n: lin.weight.detach().clone() for n, lin in model._target_modules.items()}
+    model.merge()
+    assert model.is_merged and model.active_task == "task_2"
+    dw = model.reconstruct_state_dict("task_2")
+    for n, lin in model._target_modules.items():
+        torch.testing.assert_close(lin.weight.double(), before[n].double() + dw[n].double(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        model.merge("task_1")
+    with pytest.raises(RuntimeError, match="Cannot switch tasks while merged"):
+        model.set_task("task_1")
+    with pytest.raises(RuntimeError, match="Cannot clear task while merged"):
+        model.clear_task()
+    model.unmerge()
+    assert all(torch.equal(lin.weight, before[n]) for n, lin in model._target_modules.items())
+
+
+def test_subspace_trainer_needs_an_existing_task_unless_asked():
+    from engine.training import SubspaceTrainer
+
+    sub = _pca_sub()
+    with pytest.raises(KeyError, match="not in subspace"):
+        SubspaceTrainer(sub, "fresh")
+    assert "fresh" not in sub.tasks
+    SubspaceTrainer(sub, "fresh", init_if_missing=True)
+    assert "fresh" in sub.tasks
+
+
+def test_task_router_blend_loadings_is_one_routed_task_of_mean_weights():
+    from engine.training import TaskRouter
+
+    sub = _pca_sub()
+    router = TaskRouter.from_subspace(sub, input_dim=8, hidden_dim=0)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(2))
+    blended = router.blend_loadings(x, sub)
+    assert blended.task_id == "__routed__"
+    w = router(x).detach().double().mean(dim=0)
+    for m in LAYERS:
+        assert blended.loadings_a[m].shape == (2,) and blended.loadings_b[m].shape == (2,)
+        want = sum(float(w[i]) * sub.tasks[t].loadings_a[m].double() for i, t in enumerate(router.task_ids))
+        torch.testing.assert_close(blended.loadings_a[m].double(), want, rtol=1e-5, atol=1e-6)
+    sub.tasks["__routed__"] = blended
+    assert sub.reconstruct("__routed__").lora_a[LAYERS[0]].shape == (4, 16)
+
+
+def test_task_router_from_subspace_biases_by_coefficient_norm():
+    from engine.training import TaskRouter
+
+    sub = _pca_sub()
+    router = TaskRouter.from_subspace(sub, input_dim=8, hidden_dim=4)
+    norms = torch.tensor([sum(float(sub.tasks[t].loadings_a[m].norm() + sub.tasks[t].loadings_b[m].norm()) for m in LAYERS)
+                          for t in router.task_ids])
+    torch.testing.assert_close(router.net[-1].bias.detach().double(), (norms / norms.max()).double(), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    plain = TaskRouter.from_subspace(sub, input_dim=8, hidden_dim=4, init_from_loadings=False)
+    torch.manual_seed(0)
+    ref = TaskRouter(8, 3, hidden_dim=4, task_ids=sorted(sub.tasks))
+    assert torch.equal(plain.net[-1].bias, ref.net[-1].bias)
+
+
+def test_vlora_callback_trains_a_plain_model_with_its_own_optimizer(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from engine.training import VLoRACallback, orthogonal_init
+
+    sub = _pca_sub()
+    torch.manual_seed(0)
+    orthogonal_init(sub, "t")
+    before = sub.tasks["t"].loadings_a[LAYERS[0]].clone()
+    cb = VLoRACallback(sub, "t", lr=1e-2, log_every=1, save_on_end=True)
+    assert cb.trainer is None
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 1
+    net = _Net()
+    cb.on_train_begin(args, state, control, model=net)
+    assert cb.trainer is not None and cb.trainer.num_trainable_params > 0
+    net(torch.randn(2, 16)).sum().backward()
+    cb.on_step_end(args, state, control)
+    logs = [r for r in state.log_history if "vlora/loadings_norm" in r]
+    want = float(sum(float(p.detach().double().pow(2).sum()) for p in cb.trainer.params.values()) ** 0.5)
+    assert len(logs) == 1 and logs[0]["vlora/loadings_norm"] == pytest.approx(want)
+    cb.on_train_end(args, state, control)
+    assert not torch.equal(sub.tasks["t"].loadings_a[LAYERS[0]], before)  # stepped and written back
+
+
+def test_quantize_bits_error_names_the_seeds_choices():
+    sub = _pca_sub()
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        sub.quantize(bits=16)
+
+
+def test_vlora_model_skips_modules_the_model_lacks_unless_strict():
+    from engine import VLoRAModel
+    from engine.errors import IncompatibleAdaptersError
+
+    sub = _pca_sub()
+    lone = torch.nn.Linear(16, 16)  # holds none of the subspace's modules
+    with pytest.warns(UserWarning, match="no module for 2 of the subspace's 2 modules"):
+        model = VLoRAModel(lone, sub)
+    assert model.target_modules == {} and model.compile() is model
+    model.set_task("task_0")
+    x = torch.randn(2, 16)
+    assert torch.equal(model(x), lone(x))  # nothing applied
+    with pytest.raises(IncompatibleAdaptersError, match="no module for 2"):
+        VLoRAModel(lone, sub, strict=True)

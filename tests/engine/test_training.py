@@ -83,7 +83,7 @@ def test_gradients_reach_only_the_task_coefficients(family, num_expand):
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = VLoRAModel(base, sub)
-    tr = SubspaceTrainer(sub, "new", lr=1e-2, num_expand=num_expand, model=model, seed=0)
+    tr = SubspaceTrainer(sub, "new", lr=1e-2, num_expand=num_expand, model=model, seed=0, init_if_missing=True)
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"trainable.{n}" for n, _ in tr.task.named_parameters()}
@@ -126,7 +126,7 @@ def test_gradients_reach_only_the_task_coefficients(family, num_expand):
 def test_loss_goes_down(family):
     sub = _shared(family)
     torch.manual_seed(0)
-    tr = SubspaceTrainer(sub, "new", lr=3e-2, model=tiny_llama(), seed=0)
+    tr = SubspaceTrainer(sub, "new", lr=3e-2, model=tiny_llama(), seed=0, init_if_missing=True)
     losses = _train(tr, 25)
     with torch.no_grad():
         base = float(tiny_llama()(input_ids=IDS, labels=LABELS).loss)
@@ -145,7 +145,7 @@ def test_write_back_export_peft_reproduces(family, tmp_path, num_expand):
 
     sub = _hybrid(family)
     torch.manual_seed(1)
-    tr = SubspaceTrainer(sub, "new", lr=2e-2, num_expand=num_expand, model=tiny_llama(), seed=1)
+    tr = SubspaceTrainer(sub, "new", lr=2e-2, num_expand=num_expand, model=tiny_llama(), seed=1, init_if_missing=True)
     _train(tr, 6)
     live = _logits(tr.model)
     # the update as trained, dense (independent of the write-back's r×r arithmetic)
@@ -187,9 +187,9 @@ def test_write_back_export_peft_reproduces(family, tmp_path, num_expand):
 def test_trainer_validates_and_trains_a_stored_task(family):
     sub = _shared(family)
     with pytest.raises(ValueError, match="num_expand"):
-        SubspaceTrainer(sub, "new", num_expand=-1)
+        SubspaceTrainer(sub, "new", num_expand=-1, init_if_missing=True)
     with pytest.raises(ValueError, match="lr"):
-        SubspaceTrainer(sub, "new", lr=0)
+        SubspaceTrainer(sub, "new", lr=0, init_if_missing=True)
     assert "new" not in sub.tasks  # refused before anything changed
     before = _dense(sub, "t1")
     tr = SubspaceTrainer(sub, "t1", model=tiny_llama())  # starts from the stored coefficients
@@ -215,7 +215,7 @@ def test_callback_trains_the_task_in_a_trainer_loop(family, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
                              learning_rate=5e-2, save_strategy="steps", save_steps=1, report_to=[], use_cpu=True,
                              logging_strategy="no", disable_tqdm=True)
-    cb = VLoRACallback(sub, "new")
+    cb = VLoRACallback(sub, "new", init_if_missing=True)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
 
     assert cb.trainer is not None and model.trainable_task is cb.trainer.task
@@ -241,7 +241,7 @@ def test_pca_subspace_trains_its_loadings(family, tmp_path, num_expand):
     sub = SharedSubspace.from_adapters(family, [f"t{i}" for i in range(len(family))], method="pca", num_components=2)
     recon = {t: sub.reconstruct(t) for t in sub.tasks}
     torch.manual_seed(2)
-    tr = SubspaceTrainer(sub, "new", lr=2e-2, num_expand=num_expand, model=tiny_llama(), seed=2)
+    tr = SubspaceTrainer(sub, "new", lr=2e-2, num_expand=num_expand, model=tiny_llama(), seed=2, init_if_missing=True)
     assert set(tr.params) == {f"{m}.loadings_{s}" for m in sub.modules for s in "ab"}
     losses = _train(tr, 5)
     assert losses[-1] < losses[0]

@@ -170,7 +170,7 @@ def run_compare(params: dict[str, Any], *, progress: ProgressFn | None = None, c
             model = pm.unload()  # the base model as it was, LoRA layers (and wrapped heads) removed
 
     tick(progress, cancel, 2 + len(pairs), n_steps, f"reconstructions of {len(task_ids)} task(s) from the subspace")
-    vm = VLoRAModel(model, sub)
+    vm = VLoRAModel(model, sub, strict=True)
     rec: dict[str, Any] = {}
     heads = {t: _head_tensors(sub.tasks[t].template, model) for t in task_ids}
     mixed = [t for t in task_ids if not heads[t]]

@@ -87,7 +87,7 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
 
     torch.manual_seed(params["seed"])
     trainer = SubspaceTrainer(sub, task_id, lr=params["lr"], num_expand=params["num_expand"], model=model,
-                              seed=params["seed"])
+                              seed=params["seed"], init_if_missing=True)
     vm = trainer.model
     vm.train()
     gen = torch.Generator().manual_seed(params["seed"])
