@@ -353,24 +353,18 @@ def _manifest_problems(man: dict[str, Any]) -> list[str]:
             if not _is_dict(t):
                 c.add(key, f"must be an object, got {_describe(t)}")
                 continue
-            if c.check(t, "id", f"{key}.id", _is_str, "a string", required=True):
+            for field, valid, seen, clash in (("id", validate_task_id, seen_ids, "appears more than once (also tasks[{}])"),
+                                              ("file", check_task_file, seen_files, "is also the file of tasks[{}]")):
+                if not c.check(t, field, f"{key}.{field}", _is_str, "a string", required=True):
+                    continue
                 try:
-                    validate_task_id(t["id"])
+                    valid(t[field])
                 except ValueError as exc:
-                    c.add(f"{key}.id", str(exc))
-                else:
-                    if t["id"] in seen_ids:
-                        c.add(f"{key}.id", f"{t['id']!r} appears more than once (also tasks[{seen_ids[t['id']]}])")
-                    seen_ids.setdefault(t["id"], i)
-            if c.check(t, "file", f"{key}.file", _is_str, "a string", required=True):
-                try:
-                    check_task_file(t["file"])
-                except ValueError as exc:
-                    c.add(f"{key}.file", str(exc))
-                else:
-                    if t["file"] in seen_files:
-                        c.add(f"{key}.file", f"{t['file']!r} is also the file of tasks[{seen_files[t['file']]}]")
-                    seen_files.setdefault(t["file"], i)
+                    c.add(f"{key}.{field}", str(exc))
+                    continue
+                if t[field] in seen:
+                    c.add(f"{key}.{field}", f"{t[field]!r} " + clash.format(seen[t[field]]))
+                seen.setdefault(t[field], i)
             c.mapping(t, "fidelity", f"{key}.fidelity", _is_num, "a number")
             c.mapping(t, "norms", f"{key}.norms", _is_num, "a number")
             c.mapping(t, "ranks", f"{key}.ranks", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
