@@ -28,14 +28,19 @@ template-generated sentence classification tasks of benchmarks/_real_tasks.py:
    to fp16, as stored), through the stored task.
 3. The router: :class:`engine.training.TaskRouter` fit on mean-pooled MiniLM sentence
    embeddings (last hidden state, attention-masked mean; the base encoder) of the stored
-   tasks' examples; top-1 routing accuracy on held-out examples of those tasks.
+   tasks' examples; top-1 routing accuracy on held-out examples of those tasks. Then one
+   mixed batch of those examples through a VLoRAModel over the stored tasks at max_error 5 %
+   (a faithful store): the true task per row (``task_ids``), the router's top-1 task per row,
+   the router's blend per row (``model.router``), and no adapter; each row is scored by its
+   true task's classifier head (a stored extra tensor; the tasks' heads differ).
 
 Usage:
     python benchmarks/learning.py --adapters ~/.cache/vlora-tui/real-minilm
     python benchmarks/learning.py --adapters /tmp/real32 --steps 60 --k 16 --held-out t33_sentiment_music
 
 ``--adapters`` is a folder made by ``benchmarks/real_adapters.py --n 32`` (its stamp is
-checked; without one it is generated there, ~18 min on 2 cores). It is only read.
+checked; without one it is generated there, ~18 min on 2 cores). It is only read
+(when its stamp matches).
 Skips (exit 0, one line) when the model package is not installed.
 """
 
@@ -185,20 +190,64 @@ def sentence_embeddings(mdir: Path, tok: Any, texts: list[str]) -> Any:
     return torch.cat(out)
 
 
-def router_check(mdir: Path, tok: Any, subspace: Any, tasks: dict[str, rt.Task], seed: int,
+def routed_batch(mdir: Path, tok: Any, router: Any, stored_sub: Any, texts: list[str], true_ids: list[str],
+                 labels: list[int], seed: int, feats: Any) -> dict[str, Any]:
+    """Accuracy of one mixed batch of the stored tasks' held-out examples: true task per row, routed top-1, routed blend.
+
+    Run in ``stored_sub`` (the stored tasks at 5 % ΔW error: a faithful store). The encoder's update is what is
+    routed; each row's label comes from its true task's classifier head (a SEQ_CLS task's extra tensor), since
+    the tasks' heads differ in meaning and size.
+    """
+    import torch
+
+    from engine.inference import VLoRAModel
+
+    base = ra.load_classifier(mdir, 2, seed)
+    model = VLoRAModel(base, stored_sub).eval()
+    heads = {}
+    for tid in dict.fromkeys(true_ids):
+        ex = stored_sub.tasks[tid].template.extra_tensors
+        heads[tid] = (ex["base_model.model.classifier.weight"].float(), ex["base_model.model.classifier.bias"].float())
+
+    def acc(**route: Any) -> float:
+        ok = 0
+        with torch.no_grad():
+            for j in range(0, len(texts), 64):
+                enc = tok(texts[j:j + 64], padding=True, truncation=True, max_length=ra.MAX_LEN, return_tensors="pt")
+                kw = {k: (v[j:j + 64] if k in ("task_ids", "router_features") else v) for k, v in route.items()}
+                out = model(**enc, output_hidden_states=True, **kw)
+                pooled = base.bert.pooler(out.hidden_states[-1])
+                for i, tid in enumerate(true_ids[j:j + 64]):
+                    w, b = heads[tid]
+                    ok += int(int((pooled[i] @ w.T + b).argmax()) == labels[j + i])
+        return ok / len(texts)
+
+    t0 = time.perf_counter()
+    a_true = acc(task_ids=list(true_ids))
+    a_top = acc(task_ids=router.predict(feats))
+    model.router = router
+    a_blend = acc(router_features=feats)
+    model.router = None
+    a_base = acc(task_ids=[None] * len(texts))
+    return {"mixed_true": a_true, "mixed_top1": a_top, "mixed_blend": a_blend, "mixed_base": a_base,
+            "mixed_s": time.perf_counter() - t0}
+
+
+def router_check(mdir: Path, tok: Any, subspace: Any, stored_sub: Any, tasks: dict[str, rt.Task], seed: int,
                  n_fit: int, n_test: int) -> dict[str, Any]:
     import torch
 
     from engine.training import TaskRouter
 
     router = TaskRouter.from_subspace(subspace, input_dim=384)
-    fit_t, fit_y, test_t, test_y = [], [], [], []
+    fit_t, fit_y, test_t, test_y, test_lab = [], [], [], [], []
     for tid in router.task_ids:
         rng = random.Random(seed * 4099 + 77 + int(tid[1:3]))
         ex = tasks[tid].sample(rng, n_fit + n_test)
         fit_t += [t for t, _ in ex[:n_fit]]
         fit_y += [tid] * n_fit
         test_t += [t for t, _ in ex[n_fit:]]
+        test_lab += [y for _, y in ex[n_fit:]]
         test_y += [tid] * n_test
     t0 = time.perf_counter()
     feats = sentence_embeddings(mdir, tok, fit_t + test_t)
@@ -213,7 +262,8 @@ def router_check(mdir: Path, tok: Any, subspace: Any, tasks: dict[str, rt.Task],
         if p != y:
             conf[(y, p)] = conf.get((y, p), 0) + 1
     worst = sorted(conf.items(), key=lambda kv: -kv[1])[:4]
-    return {"tasks": len(router.task_ids), "fit": len(fit_t), "test": len(test_t), "acc": sum(ok) / len(ok),
+    mixed = routed_batch(mdir, tok, router, stored_sub, test_t, test_y, test_lab, seed, feats[len(fit_t):])
+    return {**mixed, "tasks": len(router.task_ids), "fit": len(fit_t), "test": len(test_t), "acc": sum(ok) / len(ok),
             "embed_s": embed_s, "fit_s": fit_s, "params": router.num_params,
             "confused": [f"{y}→{p} ×{n}" for (y, p), n in worst]}
 
@@ -292,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(r)
                     print(f"  {steps} steps, {name} ({kind}) {label}: acc {r['acc0']:.3f} → {r['acc']:.3f}, "
                           f"{r['params']} + head {r['head']} params, {r['secs']:.1f}s", flush=True)
-    route = router_check(mdir, tok, sub, {n: all_tasks[n][1] for n in stored}, args.seed, args.router_fit, args.router_test)
+    t0 = time.perf_counter()
+    faithful = SharedSubspace.from_adapters([load_adapter(src / n) for n in stored], max_error=0.05)
+    print(f"router check: the stored tasks at max_error 5 % (built in {time.perf_counter() - t0:.1f}s)", flush=True)
+    route = router_check(mdir, tok, sub, faithful, {n: all_tasks[n][1] for n in stored}, args.seed,
+                         args.router_fit, args.router_test)
     total = time.perf_counter() - t_all
 
     print()
@@ -313,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{route['params']:,} params, {route['fit_s']:.1f}s; embeddings {route['embed_s']:.1f}s), "
           f"top-1 routing accuracy {100 * route['acc']:.1f}% on {route['test']} held-out examples; "
           f"most confused: {', '.join(route['confused']) or 'none'}")
+    print(f"routed mixed batch ({route['test']} rows of {route['tasks']} tasks at max_error 5 %, each row scored by its true "
+          f"task's head): true task per row {route['mixed_true']:.3f}, router top-1 per row {route['mixed_top1']:.3f}, "
+          f"router blend per row {route['mixed_blend']:.3f}, no adapter {route['mixed_base']:.3f} ({route['mixed_s']:.1f}s)")
     print(f"total {total:.0f}s")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "router": route, "k": args.k, "steps": steps_list,
