@@ -136,7 +136,8 @@ def train_subspace(mdir: Path, tok: Any, subspace: Any, task: rt.Task, index: in
     model = VLoRAModel(base, sub)
     tid = f"new_{task.name}_e{num_expand}"
     torch.manual_seed(seed * 100 + index)
-    trainer = SubspaceTrainer(sub, tid, lr=lr, num_expand=num_expand, model=model, seed=seed)
+    # train_head=False: the head trains below with its own AdamW at LoRA's lr (the recipe the figures were measured with)
+    trainer = SubspaceTrainer(sub, tid, lr=lr, num_expand=num_expand, model=model, seed=seed, train_head=False)
     head = list(base.classifier.parameters())  # attach froze the base model: the fresh head trains too
     for p in head:
         p.requires_grad_(True)

@@ -129,6 +129,43 @@ def _new_directions(basis_rows: Tensor, count: int, dim: int, dtype: torch.dtype
     return grown[basis_rows.shape[0]:].to(dtype).float()
 
 
+def _stored_head(subspace: SharedSubspace, task_id: str) -> tuple[list[str], list[str]] | None:
+    """``(modules_to_save, head tensor keys)`` of the first other task that stores a head (``None``: none does)."""
+    from ..io.targets import head_keys
+
+    for t, p in subspace.tasks.items():
+        if t == task_id or p.template is None:
+            continue
+        mts = (p.template.metadata or {}).get("modules_to_save") or []
+        keys = head_keys(p.template.extra_tensors)
+        if mts and keys:
+            return [str(x) for x in mts], keys
+    return None
+
+
+def _head_modules(base: nn.Module, modules_to_save: list[str]) -> dict[str, nn.Module]:
+    """The base model's modules that ``modules_to_save`` names (PEFT's matching: the name, or its last parts)."""
+    found: dict[str, nn.Module] = {}
+    for name, mod in base.named_modules():
+        if name and any(name == t or name.endswith(f".{t}") for t in modules_to_save):
+            if not any(name.startswith(f"{f}.") for f in found):
+                found[name] = mod
+    return found
+
+
+def _head_key_prefix(keys: list[str], names: list[str]) -> str:
+    """The prefix the stored tasks put before ``<module>.<param>`` in their head keys (PEFT's by default)."""
+    from ..inference.model import PEFT_PREFIX
+
+    for k in keys:
+        k = k.replace(".modules_to_save.default", "")
+        for n in names:
+            i = k.find(f"{n}.")
+            if i >= 0 and (i == 0 or k[i - 1] == "."):
+                return k[:i]
+    return PEFT_PREFIX
+
+
 class SubspaceTrainer:
     """Train one task's coefficients in a shared subspace; everything else stays frozen.
 
@@ -139,6 +176,14 @@ class SubspaceTrainer:
     small orthonormal rows, ``B`` zero) by :func:`orthogonal_init`; the loadings of a pca
     module. A task absent from the subspace raises (as vlora's does), unless ``init_if_missing=True``
     registers it first by :func:`orthogonal_init`; a stored one trains from its current coefficients.
+
+    A classification head: where the subspace's stored tasks keep one (``modules_to_save``
+    in their config, its tensors among their extra tensors, as PEFT's ``SEQ_CLS`` adapters
+    do) and the model has that module, its parameters train too (``train_head``), in
+    place in the model (which then serves every task with it) and in the same optimizer; :meth:`write_back` stores them as the
+    task's extra tensors under the stored tasks' key format and keeps ``modules_to_save`` in
+    its config, so ``save_adapter(subspace.reconstruct(task))`` writes an adapter with its
+    head. They are counted in :attr:`num_head_params`, not :attr:`num_trainable_params`.
 
     Use it with your own loop (``loss = model(...).loss; trainer.step(loss)``), or with
     transformers' ``Trainer`` through :class:`~engine.training.VLoRACallback`.
@@ -157,28 +202,37 @@ class SubspaceTrainer:
         init_if_missing: Register a task the subspace lacks with :func:`orthogonal_init` (default:
             :class:`~engine.errors.UnknownTaskError`, a ``KeyError``, as vlora raises).
         seed: Seed of the new directions (``None``: torch's global generator).
+        train_head: Train the head (``modules_to_save``) too: ``None`` (default) does so when the
+            other tasks store a head and the model has its module; ``True`` requires that (else
+            ``ValueError`` at :meth:`attach`); ``False`` keeps the head frozen and unstored.
 
     Attributes:
         model: The :class:`VLoRAModel` the task is attached to (``None``: none yet).
         task: The :class:`~engine.inference.trainable.TrainableTask` (an ``nn.Module``).
         params: ``<module>.<name>`` → the trainable parameters (``sigma``, ``lora_A``/``lora_B``, ``loadings_a``/``loadings_b``).
-        optimizer: The optimizer over ``params``.
+        head_params: ``<module>.<param>`` (the model's names) → the head's parameters that train (empty: none).
+        optimizer: The optimizer over ``params`` (and ``head_params``).
     """
 
     def __init__(self, subspace: SharedSubspace, task_id: str, lr: float = 1e-3, num_expand: int = 0,
                  optimizer_cls: type = torch.optim.AdamW, optimizer_kwargs: dict[str, Any] | None = None,
                  model: nn.Module | None = None, *, init_scale: float = 0.01, seed: int | None = None,
-                 init_if_missing: bool = False) -> None:
+                 init_if_missing: bool = False, train_head: bool | None = None) -> None:
         from ..inference.trainable import PCALoadings, SharedCore, TaskFactors, TrainableTask
 
         if not (isinstance(num_expand, int) and num_expand >= 0):
             raise ValueError(f"num_expand must be an integer >= 0, got {num_expand!r}")
         if not (math.isfinite(float(lr)) and lr > 0):
             raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        if train_head not in (None, True, False):
+            raise ValueError(f"train_head must be True, False or None, got {train_head!r}")
         validate_task_id(task_id)
         self.subspace = subspace
         self.task_id = task_id
         self.num_expand = num_expand
+        self.train_head = train_head
+        self.head_params: dict[str, nn.Parameter] = {}
+        self._head: tuple[list[str], str] | None = None  # (modules_to_save, key prefix) while a head trains
         if task_id not in subspace.tasks:
             if not init_if_missing:  # vlora's meaning: the task must exist
                 raise UnknownTaskError(f"Task {task_id!r} not in subspace. Use orthogonal_init() or subspace.project() "
@@ -238,7 +292,7 @@ class SubspaceTrainer:
         self.params: dict[str, nn.Parameter] = self.task.named_coefficients()
         kwargs = dict(optimizer_kwargs or {})
         kwargs["lr"] = lr
-        self.optimizer = optimizer_cls(list(self.params.values()), **kwargs)
+        self.optimizer = optimizer_cls(list(self.params.values()) + list(self.head_params.values()), **kwargs)
         self._step_count = 0
 
     # -- wiring ----------------------------------------------------------------------
@@ -256,7 +310,31 @@ class SubspaceTrainer:
             raise ValueError("the VLoRAModel serves another subspace than the trainer's")
         model.attach_trainable(self.task)
         self.model = model
+        self._attach_head(model.base_model)
         return model
+
+    def _attach_head(self, base: nn.Module) -> None:
+        """Unfreeze the head the stored tasks keep (see ``train_head``) and add it to the optimizer."""
+        if self.train_head is False:
+            return
+        stored = _stored_head(self.subspace, self.task_id)
+        mods = _head_modules(base, stored[0]) if stored is not None else {}
+        if not mods:
+            if self.train_head:
+                why = ("no other task of the subspace stores a head (modules_to_save)" if stored is None
+                       else f"the model has no module named {', '.join(stored[0])}")
+                raise ValueError(f"train_head=True but {why}")
+            return
+        new = {f"{n}.{pn}": p for n, mod in mods.items() for pn, p in mod.named_parameters()}
+        for p in new.values():
+            p.requires_grad_(True)
+        self._head = (stored[0], _head_key_prefix(stored[1], list(mods)))
+        self.head_params = new
+        if hasattr(self, "optimizer"):  # attached after construction
+            known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            fresh = [p for p in new.values() if id(p) not in known]
+            if fresh:
+                self.optimizer.add_param_group({"params": fresh})
 
     # -- training --------------------------------------------------------------------
     def step(self, loss: Tensor) -> float:
@@ -269,8 +347,13 @@ class SubspaceTrainer:
 
     @property
     def num_trainable_params(self) -> int:
-        """Numbers that train (every coefficient of the task, new directions' included)."""
+        """Numbers of the task's coefficients that train (new directions' included; the head's: :attr:`num_head_params`)."""
         return int(sum(p.numel() for p in self.params.values()))
+
+    @property
+    def num_head_params(self) -> int:
+        """Numbers of the head that train with the task (``train_head``; 0: none), not in :attr:`num_trainable_params`."""
+        return int(sum(p.numel() for p in self.head_params.values()))
 
     @property
     def step_count(self) -> int:
@@ -309,7 +392,9 @@ class SubspaceTrainer:
         The task's fidelity is measured after rounding: per module, ‖ΔW − ΔŴ‖/‖ΔW‖ with ΔW the
         update as trained and ΔŴ what the subspace now reconstructs. With ``num_expand``, the
         first call appends the new directions to the bases. May be called again (checkpoints):
-        each call replaces the task. An attached model is refreshed, the task staying live.
+        each call replaces the task. An attached model is refreshed, the task staying live. A
+        head that trains (``train_head``) is stored as the task's extra tensors, with
+        ``modules_to_save`` in its config.
 
         Returns:
             The stored :class:`TaskProjection`.
@@ -319,6 +404,16 @@ class SubspaceTrainer:
         sub = self.subspace
         old = sub._task(self.task_id) if self.task_id in sub.tasks else None
         template = old.template if old is not None and old.template is not None else task_template(sub, self.task_id)
+        if self._head is not None:
+            mts, prefix = self._head
+            with torch.no_grad():
+                head = {f"{prefix}{k}": p.detach().cpu().clone().contiguous() for k, p in self.head_params.items()}
+            template = LoRAWeights(layer_names=[], lora_a={}, lora_b={}, rank=int(template.rank),
+                                   metadata={**template.metadata, "modules_to_save": list(mts)},
+                                   lora_alpha=float(template.lora_alpha), use_rslora=bool(template.use_rslora),
+                                   target_modules=template.target_modules,
+                                   base_model_name_or_path=template.base_model_name_or_path,
+                                   extra_tensors=head, name=template.name, source=template.source)
         if not self._extended:
             self._extend_bases()
         dt = sub.dtype

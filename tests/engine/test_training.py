@@ -255,3 +255,89 @@ def test_pca_subspace_trains_its_loadings(family, tmp_path, num_expand):
     served.set_task("new")
     ref = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "new")).eval()
     torch.testing.assert_close(_logits(served), _logits(ref), rtol=1e-5, atol=1e-5)
+
+
+# -- a classification task's head (issue #19) ---------------------------------------------------------------
+
+
+def _cls_base():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, num_labels=2, pad_token_id=0)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def _cls_adapter(out, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_cls_base(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                   target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:  # LoRA factors and the head (score)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_a_new_classification_task_trains_and_stores_its_head(tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    adapters = [load_adapter(_cls_adapter(tmp_path / f"cls_{i}", seed=i)) for i in range(2)]
+    head_key = "base_model.model.score.weight"
+    assert all(head_key in a.extra_tensors for a in adapters)
+    sub = SharedSubspace.from_adapters(adapters, ["c0", "c1"], method="joint", max_error=0.05)
+    model = VLoRAModel(_cls_base(), sub)
+    base_head = model.base_model.score.weight.detach().clone()
+    torch.manual_seed(0)
+    tr = SubspaceTrainer(sub, "new", lr=3e-2, model=model, seed=0, init_if_missing=True)
+
+    assert set(tr.head_params) == {"score.weight"} and model.base_model.score.weight.requires_grad
+    assert tr.num_head_params == base_head.numel()
+    assert tr.num_trainable_params == sum(p.numel() for p in tr.params.values())  # coefficients only
+    assert any(p is model.base_model.score.weight for g in tr.optimizer.param_groups for p in g["params"])
+
+    ids = torch.randint(1, 128, (4, 10), generator=torch.Generator().manual_seed(5))  # no pad token (0)
+    labels = torch.tensor([0, 1, 1, 0])
+    model.train()
+    for _ in range(5):
+        tr.step(model(input_ids=ids, labels=labels).loss)
+    model.eval()
+    proj = tr.write_back()
+
+    assert proj.template.metadata["modules_to_save"] == adapters[0].metadata["modules_to_save"]
+    assert set(proj.template.extra_tensors) == {head_key}
+    trained_head = model.base_model.score.weight.detach()
+    assert torch.equal(proj.template.extra_tensors[head_key], trained_head)
+    assert not torch.allclose(trained_head, base_head)  # the head learnt
+
+    out = tmp_path / "new"
+    save_adapter(sub.reconstruct("new"), out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and "score" in cfg["modules_to_save"]
+    peft = PeftModel.from_pretrained(_cls_base(), str(out)).eval()
+    loaded_head = dict(peft.named_parameters())["base_model.model.score.modules_to_save.default.weight"]
+    assert torch.equal(loaded_head.detach(), trained_head)
+    assert not torch.allclose(loaded_head.detach(), _cls_base().score.weight)
+
+    model.detach_trainable()  # serve the stored task (the trained head is in the model)
+    model.set_task("new")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+        got = peft(input_ids=ids).logits.float()
+        plain = _cls_base()(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert (got - plain).abs().max() > 1e-3  # and it is not the base model's answer
+
+
+def test_train_head_true_without_a_stored_head_is_refused(family):
+    sub = _shared(family)  # causal-LM tasks: no modules_to_save
+    with pytest.raises(ValueError, match="train_head=True but no other task of the subspace stores a head"):
+        SubspaceTrainer(sub, "new", model=tiny_llama(), init_if_missing=True, train_head=True)
+    tr = SubspaceTrainer(sub, "auto", model=tiny_llama(), init_if_missing=True)
+    assert tr.num_head_params == 0 and tr.head_params == {}
