@@ -7,9 +7,9 @@ operation needs it. The engine never imports Textual or rich.
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Any
+
+from .lazy import lazy_exports
 
 # OpenMP threads that spin-wait for work make small LAPACK calls (the SVDs and QRs of
 # r×r and k×k blocks this engine runs by the thousand) up to 100x slower whenever another
@@ -94,13 +94,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -6,8 +6,8 @@ imported without loading torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "LoRAWeights": "..types",
@@ -44,7 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -6,8 +6,8 @@ Names resolve lazily, so that ``engine.training`` imports transformers only when
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "orthogonal_init": ".trainer",
@@ -21,13 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
