@@ -36,6 +36,7 @@ from .common import (
     effective_factors,
 )
 from .precision import choose_core, choose_separate, finish, shared_bases
+from .budget_build import BudgetTables, budgeted
 
 
 def _core(coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
@@ -299,7 +300,7 @@ def joint_steps(p: JointParams, n: int, n_modules: int, *, k_only: bool = False)
     """Progress steps of :func:`build_joint` (or :func:`joint_module_k` with ``k_only``) over ``n`` adapters."""
     if k_only:
         return 2 * n + n_modules
-    return (1 if p.separate_only else 3) * n + n_modules
+    return (1 if p.separate_only else 3) * n + n_modules + (n if budgeted(p) else 0)
 
 
 def sketch_widths(shape: tuple[int, int], rank_sum: int, sketch_rank: int) -> tuple[int, int]:
@@ -625,6 +626,10 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
              for m, b in bases.items() if auto and b.kind == "joint" and b.k > 0}
     plain: dict[str, dict[str, Any]] = {m: {} for m in cands}
     tasks: dict[str, TaskProjection] = {}
+    if budgeted(p):  # mean_error per task over its modules: tables, one allocation, then the store pass
+        tables = BudgetTables(p, bases, cands)
+        tables.run(source, modules, tasks, norms2, t)
+        return bases, tasks
     for idx, tid, ad in source:
         t(f"coefficients: {tid}")
         ranks = {m: ad.module_rank(m) for m in modules}

@@ -199,6 +199,56 @@ def choose_separate(sb: Tensor, a: Tensor, target: float | None, *, q_fixed: int
     return done(c)
 
 
+def separate_table(sb: Tensor, a: Tensor, max_target: float | None = None, *,
+                   precisions: tuple[str, ...] = PRECISIONS,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> list[tuple[int, float, tuple[int, str, str]]]:
+    """The per-task form's candidates ``(bytes, error after rounding, (q, precision of B, of A))`` on the
+    bytes/error frontier (none cheaper and at least as precise), cheapest first, each within ``max_target``.
+
+    The table a per-task error budget (:mod:`engine.subspace.budget`) chooses from; the full rank
+    at the widest precision is always in it (the most precise), even above ``max_target``.
+    """
+    sb, a = sb.double(), a.double()
+    uu, s, vh = separate_factors(sb, a)
+    r = s.numel()
+    trunc = truncation_errors(s)
+    cache: dict[tuple[str, int, str], Tensor] = {}
+
+    def side(key: str, q: int, prec: str) -> Tensor:
+        if (key, q, prec) not in cache:
+            t = uu[:, :q] if key == "b" else s[:q, None] * vh[:q]
+            cache[(key, q, prec)] = store(t, prec, block_size, trial=True).value
+        return cache[(key, q, prec)]
+
+    out: list[tuple[int, float, tuple[int, str, str]]] = []
+    best = math.inf
+    cands = separate_candidates(sb.shape[0], a.shape[1], r, precisions, block_size)
+    for cost, q, pb, pa in cands:
+        if trunc[q] >= best or (max_target is not None and trunc[q] > max_target + 1e-12):
+            continue  # no rounding makes it better than its truncation
+        err = ops.lowrank_rel_error(sb, a, side("b", q, pb), side("a", q, pa))
+        if err < best and (max_target is None or err <= max_target + 1e-12):
+            out.append((cost, err, (q, pb, pa)))
+            best = err
+    if not out or out[-1][2] != (r, precisions[0], precisions[0]):
+        top = (r, precisions[0], precisions[0])
+        err = ops.lowrank_rel_error(sb, a, side("b", r, top[1]), side("a", r, top[2]))
+        cost = tensor_bytes(sb.shape[0] * r, top[1], block_size) + tensor_bytes(r * a.shape[1], top[2], block_size)
+        if not out or err < out[-1][1]:
+            out.append((cost, err, top))
+    return out
+
+
+def separate_at(sb: Tensor, a: Tensor, q: int, pb: str, pa: str, block_size: int = DEFAULT_BLOCK_SIZE) -> Choice:
+    """The per-task form stored at rank ``q`` with ``B`` at ``pb`` and ``A`` at ``pa`` (a :func:`separate_table` entry)."""
+    sb, a = sb.double(), a.double()
+    uu, s, vh = separate_factors(sb, a)
+    q = min(q, s.numel())
+    b, aa = store(uu[:, :q], pb, block_size), store(s[:q, None] * vh[:q], pa, block_size)
+    err = ops.lowrank_rel_error(sb, a, b.value, aa.value)
+    return Choice({"b": b, "a": aa}, err, q, bits={"b": BITS[pb], "a": BITS[pa]})
+
+
 # -- the shared form ---------------------------------------------------------------------------
 
 
