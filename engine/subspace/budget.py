@@ -14,7 +14,10 @@ group: the fewest bytes such that every task's ``E_i ≤ mean_error`` and, with
 exactly (every combination); otherwise greedily: start from each group's most
 precise candidate and repeatedly take the step (one group to a cheaper candidate)
 saving the most bytes per unit of weighted squared error added (each task's
-error counted as a share of its budget), while every task's budget holds.
+error counted as a share of its budget), while every task's budget holds; a
+second greedy run starts from each group's cheapest candidate within
+``mean_error`` for every task (what ``max_error = mean_error`` stores), and the
+cheaper result is kept, so a mean target never stores more than a max target.
 """
 
 from __future__ import annotations
@@ -113,7 +116,16 @@ def allocate(groups: list[Group], n_tasks: int, mean_error: float, max_error: fl
     budget = [mean_error * mean_error * d * (1 + 1e-9) + 1e-300 for d in den]
     if math.prod(len(a) for a in allowed) <= exact_limit:
         return _exact(groups, allowed, n_tasks, budget, mean_error)
-    return _greedy(groups, allowed, n_tasks, budget, mean_error)
+    best = _greedy(groups, allowed, n_tasks, budget, mean_error)
+    # a second start: each group's cheapest candidate within mean_error for every task (what max_error = mean_error
+    # would store; it meets every budget), so the result is never more bytes than that
+    per = [[c for c in a if all(e <= mean_error + _TOL for e in g.errors[c])] for g, a in zip(groups, allowed)]
+    if all(per):
+        start = [min(c, key=lambda i, g=g: (g.nbytes[i], sum(g.sq(i)))) for g, c in zip(groups, per)]
+        other = _greedy(groups, allowed, n_tasks, budget, mean_error, start)
+        if other.met and (not best.met or other.nbytes < best.nbytes):
+            best = other
+    return best
 
 
 def _finish(groups: list[Group], choice: list[int], n_tasks: int, mean_error: float, **kw: object) -> Allocation:
@@ -142,10 +154,11 @@ def _exact(groups: list[Group], allowed: list[list[int]], n_tasks: int, budget: 
 
 
 def _greedy(groups: list[Group], allowed: list[list[int]], n_tasks: int, budget: list[float],
-            mean_error: float) -> Allocation:
+            mean_error: float, start: list[int] | None = None) -> Allocation:
     # start: each group's most precise candidate (least budget used; ties: fewer bytes)
-    choice = [min(a, key=lambda c, g=g: (sum(s / budget[t] for t, s in zip(g.tasks, g.sq(c))), g.nbytes[c]))
-              for g, a in zip(groups, allowed)]
+    choice = list(start) if start is not None else [
+        min(a, key=lambda c, g=g: (sum(s / budget[t] for t, s in zip(g.tasks, g.sq(c))), g.nbytes[c]))
+        for g, a in zip(groups, allowed)]
     used = [0.0] * n_tasks
     for g, c in zip(groups, choice):
         for t, s in zip(g.tasks, g.sq(c)):

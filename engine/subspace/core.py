@@ -416,7 +416,9 @@ class SharedSubspace:
         check_build_precision(precision, block_size, method, dt)
         params = {"num_components": num_components, "variance_threshold": variance_threshold, "adaptive_k": adaptive_k,
                   "max_error": max_error, "mean_error": mean_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank,
-                  "precision": precision, "block_size": block_size}
+                  "precision": precision, "block_size": block_size,
+                  # mean_error per task over its modules where the build spends a budget (precision auto), else per module
+                  "mean_over": "task" if precision == "auto" and method != "pca" else "module"}
         bp: JointParams | PCAParams
         if method == "pca":
             bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt, mean_error, prior=prior)
@@ -597,7 +599,7 @@ class SharedSubspace:
                        allow_worse: bool) -> list[RuleBreak]:
         """The places where ``after`` breaks the error target; ``ErrorTargetError`` unless ``allow_worse``."""
         rule = self.k_rule
-        breaks = rule_breaks(rule, before, after, tolerance(self.dtype))
+        breaks = rule_breaks(rule, before, after, tolerance(self.dtype), self._norms())
         if breaks and not allow_worse:
             raise ErrorTargetError(breaks_message(what, rule, breaks, before, after)
                                    + "; nothing was changed (allow_worse=True / --allow-worse accepts it)")
@@ -606,7 +608,12 @@ class SharedSubspace:
     def target_breaks(self, before: dict[str, dict[str, float]],
                       after: dict[str, dict[str, float]] | None = None) -> list[RuleBreak]:
         """Where ``after`` (default: the current :meth:`fidelity`) breaks the k rule's error target that ``before`` met."""
-        return rule_breaks(self.k_rule, before, self.fidelity() if after is None else after, tolerance(self.dtype))
+        return rule_breaks(self.k_rule, before, self.fidelity() if after is None else after, tolerance(self.dtype),
+                           self._norms())
+
+    def _norms(self) -> dict[str, dict[str, float]]:
+        """Task → module → ‖ΔW‖ of the original (the weights of a per-task ``mean_error``)."""
+        return {t: dict(p.norms) for t, p in self.tasks.items()}
 
     @property
     def k_rule(self) -> dict[str, Any]:

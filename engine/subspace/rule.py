@@ -1,7 +1,10 @@
 """A subspace's k rule (the error target it was built with) and how a change measures up to it.
 
-The build rules are per module, over tasks: ``max_error`` bounds every task's
-error in the module, ``mean_error`` the mean of the tasks' errors in it;
+``max_error`` bounds every task's error in every module. ``mean_error`` is met
+*per task over its modules* (``mean_over="task"``, builds with precision ``auto``):
+task i's overall relative error ``sqrt(Σ_m e²_{i,m}‖ΔW_{i,m}‖² / Σ_m ‖ΔW_{i,m}‖²)``
+(:mod:`engine.subspace.budget`); older manifests and fp16/pca builds record
+``mean_over="module"``: per module, the mean of the tasks' errors in it;
 ``num_components`` and the variance rule fix k and set no error target. A change
 (absorbing, projecting, quantizing) *breaks* the target where a rule that held
 before no longer holds, or where a rule broken before gets worse; a new task
@@ -23,7 +26,7 @@ RULE_KEYS = ("max_error", "mean_error", "num_components", "variance_threshold", 
 #: Defaults of the build parameters absent from an older manifest.
 PARAM_DEFAULTS: dict[str, Any] = {"num_components": None, "variance_threshold": 0.6, "adaptive_k": False,
                                   "max_error": None, "mean_error": None, "refine": 1, "hybrid": True, "sketch_rank": 256,
-                                  "precision": "fp16", "block_size": 64}
+                                  "precision": "fp16", "block_size": 64, "mean_over": "module"}
 
 
 def k_rule(params: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +41,8 @@ def k_rule(params: dict[str, Any]) -> dict[str, Any]:
         name = "num_components"
     else:
         name = "variance"
-    return {"rule": name, "max_error": mx, "mean_error": mn, "num_components": params.get("num_components"),
+    return {"rule": name, "max_error": mx, "mean_error": mn, "mean_over": params.get("mean_over") or "module",
+            "num_components": params.get("num_components"),
             "variance_threshold": params.get("variance_threshold"), "inferred": bool(params.get("k_rule_inferred", False))}
 
 
@@ -93,11 +97,39 @@ def _finite(vals: list[float]) -> list[float]:
     return [v for v in vals if math.isfinite(v)]
 
 
+def task_error(f: dict[str, float], norms: dict[str, float] | None) -> float:
+    """A task's overall relative error over its modules: ``sqrt(Σ e²‖ΔW‖² / Σ ‖ΔW‖²)`` (unknown errors left out)."""
+    num = den = 0.0
+    for m, e in f.items():
+        if math.isfinite(e):
+            w = (norms or {}).get(m, 1.0) ** 2
+            num += e * e * w
+            den += w
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _task_mean_breaks(mn: float, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                      tol: float, norms: dict[str, dict[str, float]] | None) -> list[RuleBreak]:
+    out = []
+    for t, f in after.items():
+        a = task_error(f, (norms or {}).get(t))
+        b = task_error(before[t], (norms or {}).get(t)) if t in before else None
+        if a > mn + tol and (b is None or b <= mn + tol or a > b + tol):
+            out.append(RuleBreak("(all modules)", "mean_error", mn, b, a, [t]))
+    return out
+
+
 def rule_breaks(rule: dict[str, Any], before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
-                tol: float) -> list[RuleBreak]:
-    """Where ``after`` breaks ``rule`` that ``before`` met (or breaks it worse); unknown (NaN) errors are not judged."""
+                tol: float, norms: dict[str, dict[str, float]] | None = None) -> list[RuleBreak]:
+    """Where ``after`` breaks ``rule`` that ``before`` met (or breaks it worse); unknown (NaN) errors are not judged.
+
+    ``norms``: task → module → ‖ΔW‖ (weights of a per-task ``mean_error``; equal weights without).
+    """
     out: list[RuleBreak] = []
     mx, mn = rule.get("max_error"), rule.get("mean_error")
+    if mn is not None and rule.get("mean_over") == "task":
+        out += _task_mean_breaks(mn, before, after, tol, norms)
+        mn = None
     if mx is None and mn is None:
         return out
     mods = sorted({m for f in after.values() for m in f})
@@ -152,7 +184,8 @@ def totals(fidelity: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def rule_text(rule: dict[str, Any]) -> str:
     """``max_error 0.1``, ``mean_error 0.05``, ``num_components 4``, ``variance 0.6`` (``(inferred)`` when so)."""
-    parts = [f"{k} {rule[k]:g}" for k in ("max_error", "mean_error") if rule.get(k) is not None]
+    parts = [f"{k} {rule[k]:g}" + (" per task" if k == "mean_error" and rule.get("mean_over") == "task" else "")
+             for k in ("max_error", "mean_error") if rule.get(k) is not None]
     if not parts:
         parts = ([f"num_components {rule['num_components']}"] if rule["rule"] == "num_components"
                  else [f"variance {rule.get('variance_threshold') or 0.6:g}"])
