@@ -94,17 +94,29 @@ def hybrid_of(shared: Any, alone: Any, per_task: str) -> Any:
     return sub
 
 
-def timed(fn: Any, repeats: int, sync: Any) -> float:
-    """Best seconds of ``fn()`` over ``repeats`` runs after one warm-up (the least disturbed by other processes)."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved(fns: dict[str, Any], rounds: int, sync: Any) -> dict[str, list[float]]:
+    """Seconds of each ``fns[name]()`` over ``rounds`` rounds, every function once per round, in turn.
+
+    On a shared machine the load drifts over minutes; timing the configurations in turn, round
+    after round, lets each round's base-model time be subtracted from the others of the same round
+    (paired differences), so the drift cancels out of the overheads.
+    """
+    for fn in fns.values():  # warm-up
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def overhead(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of ``name``'s time minus ``base``'s in the same round."""
+    return statistics.median(a - b for a, b in zip(times[name], times[base]))
 
 
 def switch_latency(switch: Any, a: str, b: str, n: int) -> float:
@@ -197,33 +209,74 @@ def run(args: argparse.Namespace, n_tasks: int, base: Any, work: Path, rows: lis
         print(f"T={n_tasks} check {name}: ours vs PEFT(reconstructed) max|Δ|/max|logit| = {exact:.1e}; "
               f"vs PEFT(original) ‖Δ‖/‖effect‖ = {vs_orig:.3f}", file=sys.stderr)
 
-    def fwd(model: Any, **kw: Any) -> Any:
+    def fwd(model: Any, inp: Any, **kw: Any) -> Any:
         def f() -> None:
             with torch.no_grad():
-                model(input_ids=x, **kw)
+                model(input_ids=inp, **kw)
         return f
 
+    class Active:
+        """A forward with one task set first (``set_task``/``set_adapter`` cost microseconds, not timed apart)."""
+
+        def __init__(self, set_one: Any, task: str, model: Any) -> None:
+            self.set_one, self.task, self.model = set_one, task, model
+
+        def __call__(self) -> None:
+            self.set_one(self.task)
+            with torch.no_grad():
+                self.model(input_ids=x)
+
+    def peft_one(t: str) -> None:
+        peft.set_adapter(t)
+
+    # the mixed batch of the table: one row per task of `batch` (at most batch-size distinct tasks);
+    # and a wide one: one row for each of the T tasks (T rows × seq·batch/T tokens, same tokens).
+    wide_rows = n_tasks
+    wide_seq = max(8, args.batch * args.seq // wide_rows)
+    xw = torch.randint(0, 4096, (wide_rows, wide_seq), generator=torch.Generator().manual_seed(3)).to(dev)
+    wide = ids[:wide_rows]
+    fns: dict[str, Any] = {"base": fwd(base, x), "peft one": Active(peft_one, "t0", peft),
+                           "peft mixed": fwd(peft, x, adapter_names=batch)}
+    for name, m in ours.items():
+        fns[f"{name} one"] = Active(m.set_task, "t0", m)
+        fns[f"{name} mixed"] = fwd(m, x, task_ids=batch)
+    if wide_rows != args.batch:
+        fns["base wide"] = fwd(base, xw)
+        fns["peft wide"] = fwd(peft, xw, adapter_names=wide)
+        for name, m in ours.items():
+            fns[f"{name} wide"] = fwd(m, xw, task_ids=wide)
+    times = interleaved(fns, args.repeats, sync)
+    for m in ours.values():
+        m.clear_task()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tb = med["base"]
     ms = lambda s: f"{1000 * s:.0f} ms"  # noqa: E731
-    tb = timed(fwd(base), args.repeats, sync)
-    rows.append([str(n_tasks), "base model", ms(tb), "1.00", "—", "—"])
-    peft.set_adapter("t0")
-    t = timed(fwd(peft), args.repeats, sync)
+
+    def row(what: str, key: str, base_key: str = "base", switch: str = "—", memory: str = "—") -> None:
+        t = med[key]
+        over = "—" if key == base_key else f"{1000 * overhead(times, key, base_key):+.0f} ms"
+        rows.append([str(n_tasks), what, ms(t), f"{t / med[base_key]:.2f}", over, switch, memory])
+
+    n_mixed = len(set(batch))
+    row("base model", "base")
     per_peft = lora_bytes(dirs[0]) * torch.empty(0, dtype=dt).element_size()
     sw = switch_latency(peft.set_adapter, "t0", "t1", 100)
-    rows.append([str(n_tasks), "PEFT, one adapter", ms(t), f"{t / tb:.2f}", f"{sw * 1e6:.0f} µs", f"{per_peft / 1024:.0f} KiB"])
-    t = timed(fwd(peft, adapter_names=batch), args.repeats, sync)
-    rows.append([str(n_tasks), f"PEFT, mixed batch ({len(set(batch))} tasks)", ms(t), f"{t / tb:.2f}", "—", "—"])
+    row("PEFT, one adapter", "peft one", switch=f"{sw * 1e6:.0f} µs", memory=f"{per_peft / 1024:.0f} KiB")
+    row(f"PEFT, mixed batch ({n_mixed} tasks)", "peft mixed")
     for name, m in ours.items():
-        m.set_task("t0")
-        t = timed(fwd(m), args.repeats, sync)
         sw = switch_latency(m.set_task, "t0", "t1", 1000)
         mem = m.task_bytes("t0")
         disk = stored_task_bytes(subs[name], "t0")
-        rows.append([str(n_tasks), f"ours ({name}), one task", ms(t), f"{t / tb:.2f}", f"{sw * 1e6:.1f} µs",
-                     f"{mem / 1024:.0f} KiB ({disk / 1024:.0f} KiB on disk); shared {m.shared_bytes() / 2**20:.1f} MiB once"])
+        row(f"ours ({name}), one task", f"{name} one", switch=f"{sw * 1e6:.1f} µs",
+            memory=f"{mem / 1024:.0f} KiB ({disk / 1024:.0f} KiB on disk); shared {m.shared_bytes() / 2**20:.1f} MiB once")
+        row(f"ours ({name}), mixed batch ({n_mixed} tasks)", f"{name} mixed")
         m.clear_task()
-        t = timed(fwd(m, task_ids=batch), args.repeats, sync)
-        rows.append([str(n_tasks), f"ours ({name}), mixed batch ({len(set(batch))} tasks)", ms(t), f"{t / tb:.2f}", "—", "—"])
+    if wide_rows != args.batch:
+        shape = f"{wide_rows}×{wide_seq}"
+        row(f"base model, {shape}", "base wide", "base wide")
+        row(f"PEFT, mixed batch ({wide_rows} tasks, {shape})", "peft wide", "base wide")
+        for name in ours:
+            row(f"ours ({name}), mixed batch ({wide_rows} tasks, {shape})", f"{name} wide", "base wide")
     del peft, ours
 
 
@@ -238,7 +291,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--noise", type=float, default=0.002, help="per-task noise around the common spaces")
     p.add_argument("--max-error", type=float, default=0.05, help="subspace error target")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9, help="rounds (every configuration timed once per round)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = p.parse_args()
     if args.gpu and not torch.cuda.is_available():
@@ -256,8 +309,8 @@ def main() -> None:
             run(args, n, base, Path(tmp), rows)
     print(f"\n{args.device}, {str(args.dtype).replace('torch.', '')}, Llama-shaped hidden {hidden}, {layers} layers, "
           f"q/v LoRA r{args.rank}, batch {args.batch}×{args.seq}, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats}\n")
-    head = ["T", "what", "forward", "× base", "switch task", "memory per added task"]
+          f"median of {args.repeats} interleaved rounds; overhead = median over rounds of (this − base model) in the same round\n")
+    head = ["T", "what", "forward", "× base", "overhead", "switch task", "memory per added task"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
