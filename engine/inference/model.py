@@ -15,13 +15,14 @@ from ..errors import IncompatibleAdaptersError, UnknownTaskError
 from ..subspace.common import module_scale
 from ..subspace.core import SharedSubspace, _module_factors
 from ..subspace.joint import _core
+from .heads import TaskHeads
 from .layers import ModuleState, TaskModule, layer_compute_dtype, layer_kind, layer_shape, match_modules
-from .rows import RoutingMixin, _Blend, _Rows
+from .rows import RowsMixin, _Blend, _Rows
 
 PEFT_PREFIX = "base_model.model."
 
 
-class VLoRAModel(RoutingMixin, nn.Module):
+class VLoRAModel(RowsMixin, nn.Module):
     """A base model serving the tasks of a :class:`~engine.SharedSubspace`.
 
     Each target module (``nn.Linear``, transformers' ``Conv1D``, bitsandbytes
@@ -45,6 +46,12 @@ class VLoRAModel(RoutingMixin, nn.Module):
     Training (:class:`~engine.training.SubspaceTrainer`): :meth:`attach_trainable`
     applies a task whose coefficients are ``nn.Parameter``\ s, recomputed on every
     forward so that gradients reach them; the base model's parameters are frozen.
+
+    Heads: a task that stores its own head (``modules_to_save``: a PEFT ``SEQ_CLS``
+    adapter's classifier, a head trained by ``SubspaceTrainer``) runs with it, the
+    base model's modules untouched (:mod:`engine.inference.heads`); in a mixed batch
+    each row gets its task's head; base rows, tasks without a head, routed rows and a
+    task under training use the model's own.
 
     Routing: with ``router`` (a :class:`~engine.training.TaskRouter`), a forward
     without ``task_ids`` and without an active task blends the tasks per row by
@@ -103,6 +110,7 @@ class VLoRAModel(RoutingMixin, nn.Module):
         self._blend: _Blend | None = None
         self._dense: dict[str, tuple[Any, Tensor]] = {}  # module → (key, T×k_v×k_u cores) for routed rows
         self.strict = bool(strict)
+        self._heads = TaskHeads(self)
         self._attach()
         self.router = router
 
@@ -220,6 +228,7 @@ class VLoRAModel(RoutingMixin, nn.Module):
         self._cache.clear()
         self._slots.clear()
         self._dense.clear()
+        self._heads.clear()
         self._cache_version += 1
 
     def unwrap(self) -> nn.Module:
@@ -230,6 +239,7 @@ class VLoRAModel(RoutingMixin, nn.Module):
             if st.hook is not None:
                 st.hook.remove()
                 st.hook = None
+        self._heads.remove()
         self._active = None
         self._active_id = None
         return self.base_model
@@ -242,6 +252,8 @@ class VLoRAModel(RoutingMixin, nn.Module):
             for st in self.__dict__.get("_states", {}).values():
                 if st.hook is not None:
                     st.hook.remove()
+            if "_heads" in self.__dict__:
+                self._heads.remove()
         except Exception:  # interpreter shutdown: nothing left to restore
             pass
 
@@ -430,6 +442,8 @@ class VLoRAModel(RoutingMixin, nn.Module):
             raise UnknownTaskError(f"Unknown task {task_id!r}; the subspace holds: {known or '(none)'}")
         self._active = live if live is not None else self._task(task_id)
         self._active_id = task_id
+        if live is None:
+            self._heads.of(task_id)  # the task's own head (modules_to_save), if it stores one
 
     def clear_task(self) -> None:
         """Back to the base model."""
@@ -484,6 +498,7 @@ class VLoRAModel(RoutingMixin, nn.Module):
             raise RuntimeError(f"task {tid!r} is being trained; detach_trainable() before merge()")
         proj = self.subspace._task(tid)
         factors = self.subspace.task_factors(tid)
+        self._heads.of(tid)
         try:
             with torch.no_grad():
                 for m, st in self._states.items():
@@ -530,55 +545,6 @@ class VLoRAModel(RoutingMixin, nn.Module):
             warnings.warn(f"torch.compile failed ({exc}); running eager", RuntimeWarning, stacklevel=2)
             self._compiled = None
         return self
-
-    def _rows_for(self, task_ids: Sequence[str | None]) -> _Rows:
-        ids = [None if t is None else str(t) for t in task_ids]
-        if not ids:
-            raise ValueError("task_ids is empty; give one task id (or None) per row")
-        if self._merged is not None:
-            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before a mixed batch")
-        for t in dict.fromkeys(x for x in ids if x is not None):
-            if self._live(t) is not None:
-                raise ValueError(f"task {t!r} is being trained: run it alone (set_task, or the same id on every row), "
-                                 "or detach_trainable() after write_back()")
-            self._task(t)
-        if any(st.shared and st.stacks_version != self._cache_version for st in self._states.values()):
-            tasks = list(self._cache.values())
-            for st in self._states.values():
-                if st.shared and st.stacks_version != self._cache_version:
-                    st.build_stacks(tasks, self._cache_version)
-        return _Rows(ids, [self._slots[t] if t is not None else 0 for t in ids])
-
-    def _run(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], task_ids: Sequence[str | None] | None,
-             blend: Any = None, router_features: Tensor | None = None) -> Any:
-        if task_ids is not None and blend is not None:
-            raise ValueError("give task_ids or blend, not both")
-        if task_ids is None:
-            b = self._blend_for(args, kwargs, blend, router_features)
-            if b is None:
-                return fn(*args, **kwargs)
-            saved_blend = self._blend
-            self._blend = b
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._blend = saved_blend
-        if isinstance(task_ids, str):
-            raise ValueError("task_ids must be a sequence with one task id (or None) per row, not a string")
-        distinct = set(task_ids)
-        saved = (self._active, self._active_id, self._rows)
-        try:
-            if len(distinct) == 1:  # one task for the whole batch: the single-task path
-                (t,) = distinct
-                if t is None:
-                    self._active, self._active_id = None, None
-                else:
-                    self.set_task(str(t))
-            else:
-                self._rows = self._rows_for(task_ids)
-            return fn(*args, **kwargs)
-        finally:
-            self._active, self._active_id, self._rows = saved
 
     def forward(self, *args: Any, task_ids: Sequence[str | None] | None = None, blend: Any = None,
                 router_features: Tensor | None = None, **kwargs: Any) -> Any:

@@ -2,13 +2,15 @@
 
 :class:`_Rows` holds the task of each row of a mixed batch (``task_ids=[…]``) and the
 index tensors its hooks need; :class:`_Blend` holds per-row blend weights over tasks
-(routing); :class:`RoutingMixin` is the part of ``VLoRAModel`` that turns a router or
-``blend=`` into a :class:`_Blend` and applies it per module.
+(routing); :class:`RowsMixin` is the part of ``VLoRAModel`` that sets them up for one
+forward (``task_ids=`` → :class:`_Rows`, a router or ``blend=`` → :class:`_Blend`) and
+applies a blend per module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -87,10 +89,13 @@ class _Blend:
         return w
 
 
-class RoutingMixin:
-    """Routing for :class:`~engine.inference.VLoRAModel` (which provides ``subspace``, ``router``, ``_task``,
-    ``_live``, ``_blend``, ``_dense``, ``_cache_version``, ``_active``, ``_merged``, ``base_model``,
-    ``available_tasks``)."""
+class RowsMixin:
+    """Mixed and routed batches for :class:`~engine.inference.VLoRAModel`: which task (or blend) each row runs.
+
+    ``VLoRAModel`` provides the state it reads: ``subspace``, ``router``, ``base_model``, ``_task``, ``_live``,
+    ``set_task``, ``available_tasks``, ``_heads``, ``_states``, ``_cache``, ``_slots``, ``_cache_version``,
+    ``_active``, ``_active_id``, ``_rows``, ``_blend``, ``_dense``, ``_merged``.
+    """
 
     subspace: Any
     router: Any
@@ -184,3 +189,53 @@ class RoutingMixin:
                 raise ValueError(f"task {t!r} is being trained; detach_trainable() before routing over it")
             self._task(t)
         return _Blend(ids, w.detach())
+
+    def _rows_for(self, task_ids: Sequence[str | None]) -> _Rows:
+        ids = [None if t is None else str(t) for t in task_ids]
+        if not ids:
+            raise ValueError("task_ids is empty; give one task id (or None) per row")
+        if self._merged is not None:
+            raise RuntimeError(f"task {self._merged!r} is merged into the weights; unmerge() before a mixed batch")
+        for t in dict.fromkeys(x for x in ids if x is not None):
+            if self._live(t) is not None:
+                raise ValueError(f"task {t!r} is being trained: run it alone (set_task, or the same id on every row), "
+                                 "or detach_trainable() after write_back()")
+            self._task(t)
+            self._heads.of(t)
+        if any(st.shared and st.stacks_version != self._cache_version for st in self._states.values()):
+            tasks = list(self._cache.values())
+            for st in self._states.values():
+                if st.shared and st.stacks_version != self._cache_version:
+                    st.build_stacks(tasks, self._cache_version)
+        return _Rows(ids, [self._slots[t] if t is not None else 0 for t in ids])
+
+    def _run(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], task_ids: Sequence[str | None] | None,
+             blend: Any = None, router_features: Tensor | None = None) -> Any:
+        if task_ids is not None and blend is not None:
+            raise ValueError("give task_ids or blend, not both")
+        if task_ids is None:
+            b = self._blend_for(args, kwargs, blend, router_features)
+            if b is None:
+                return fn(*args, **kwargs)
+            saved_blend = self._blend
+            self._blend = b
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._blend = saved_blend
+        if isinstance(task_ids, str):
+            raise ValueError("task_ids must be a sequence with one task id (or None) per row, not a string")
+        distinct = set(task_ids)
+        saved = (self._active, self._active_id, self._rows)
+        try:
+            if len(distinct) == 1:  # one task for the whole batch: the single-task path
+                (t,) = distinct
+                if t is None:
+                    self._active, self._active_id = None, None
+                else:
+                    self.set_task(str(t))
+            else:
+                self._rows = self._rows_for(task_ids)
+            return fn(*args, **kwargs)
+        finally:
+            self._active, self._active_id, self._rows = saved
