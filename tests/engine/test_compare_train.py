@@ -171,6 +171,21 @@ def test_train_classifier_with_string_labels(tmp_path):
     d = r.data
     assert d["task_type"] == "SEQ_CLS" and d["labels"] == {"neg": 0, "pos": 1}
     assert d["losses"][-1] < d["losses"][0]
+    # held out (10 % of 12 rows: 1): before = the base classifier with its own head (a new task starts at zero)
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.jobs.kinds.train import split_eval
+
+    ev = d["eval"]
+    (held,) = split_eval(len(rows), 0.1, 0)[1]
+    assert ev["examples"] == 1 and d["train_examples"] == 11 and "initial head" in ev["before_is"]
+    ids = torch.tensor([list(rows[held]["text"].encode())]) % 127 + 1
+    label = torch.tensor([d["labels"][rows[held]["label"]]])
+    with torch.no_grad():
+        logits = AutoModelForSequenceClassification.from_pretrained(str(base)).eval()(input_ids=ids).logits.double()
+    assert ev["before"]["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, label)), rel=1e-5)
+    assert ev["before"]["accuracy"] == float(logits.argmax(-1).item() == label.item())
+    assert ev["after"]["accuracy"] in (0.0, 1.0) and ev["after"]["loss"] > 0
 
 
 def test_read_jsonl_names_every_bad_line(tmp_path):

@@ -54,4 +54,13 @@ def _render_train(d: dict[str, Any]) -> list[Block]:
           ("tasks now", d["num_tasks"])]
     if d.get("labels"):
         kv.append(("labels", ", ".join(f"{k}={v}" for k, v in d["labels"].items())))
-    return [("kv", "Task trained", kv)]
+    blocks: list[Block] = [("kv", "Task trained", kv)]
+    ev = d.get("eval")
+    if ev:
+        rows = [["loss (per " + ev["unit"] + ")", fmt(ev["before"]["loss"]), fmt(ev["after"]["loss"])]]
+        if ev["before"].get("accuracy") is not None:
+            rows.append(["accuracy", f"{ev['before']['accuracy']:.3f}", f"{ev['after']['accuracy']:.3f}"])
+        blocks.append(("table", f"Held out ({ev['examples']} examples, not trained on): before → after",
+                       ["metric", "before", "after"], rows))
+        blocks.append(("lines", "Before / after", [f"- before: {ev['before_is']}", f"- after: {ev['after_is']}"]))
+    return blocks
