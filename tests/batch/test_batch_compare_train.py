@@ -116,3 +116,13 @@ def test_train_reports_held_out_loss_before_and_after(setup, tmp_path):
     assert text.rc == 0, text.stderr
     assert "Held out (1 examples, not trained on): before → after" in text.stdout
     assert "the base model with a zero update" in text.stdout
+
+
+def test_compare_without_adapters_compares_each_task_with_the_base(setup, peft_family_dirs):
+    name = peft_family_dirs[0].name
+    r = run_batch("compare", setup["sub"], "--base-model", setup["base"], "--tasks", name, "--json")
+    assert r.rc == 0, r.stderr
+    d = r.json()["data"]
+    assert d["mode"] == "base" and [t["task_id"] for t in d["tasks"]] == [name] and d["tasks"][0]["kl_mean"] > 0
+    text = run_batch("compare", setup["sub"], "--base-model", setup["base"], "--tasks", "nope")
+    assert text.rc == 2 and "holds no task 'nope'" in text.stderr and "Traceback" not in text.stderr
