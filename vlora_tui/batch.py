@@ -81,6 +81,8 @@ def _add_param(sub: argparse.ArgumentParser, p: Any, positional: bool) -> None:
             kw["type"] = int
     if positional:
         kw["metavar"] = p.name.upper()
+        if kw.get("nargs") == "+" and not p.required:
+            kw["nargs"] = "*"  # an optional list (compare's ADAPTERS: none is the base-vs-task mode)
         sub.add_argument(p.name, **kw)
         return
     flags = [_flag(p.name)]

@@ -134,6 +134,18 @@ def _subspace_written(app: VloraApp, job: JobRecord) -> str | None:
     return None
 
 
+@view("trained")
+def _trained(app: VloraApp, job: JobRecord) -> str | None:
+    """The ``train`` job: open the written subspace, with the held-out before → after table under its fidelity."""
+    data = _data(job)
+    outputs = _outputs(job)
+    out = outputs[0] if outputs else data.get("path")
+    if data.get("eval") and out:
+        app.comparison = {"mode": "train", "subspace": str(out), "task_id": data.get("task_id"),
+                          "task_type": data.get("task_type"), **data["eval"]}
+    return _subspace_written(app, job)
+
+
 @view("adapters_written", shows=False)
 def _adapters_written(app: VloraApp, job: JobRecord) -> str | None:
     """A job that wrote adapters: offer them for the collection (never added unasked)."""

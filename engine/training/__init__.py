@@ -16,6 +16,7 @@ _EXPORTS = {
     "VLoRACallback": ".callback",
     "TaskRouter": ".router",
     "RoutedBlend": ".router",
+    "evaluate": ".evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -345,6 +345,15 @@ class SubspaceTrainer:
         self._step_count += 1
         return float(loss.detach())
 
+    def evaluate(self, batches: Any, *, classify: bool) -> dict[str, Any]:
+        """Held-out loss (and a classifier's accuracy) of the model as it is now (:func:`~engine.training.evaluate.evaluate`):
+        before the first step, the starting point (the task's initial coefficients, the initial head)."""
+        from .evaluate import evaluate
+
+        if self.model is None:
+            raise ValueError("no model attached: SubspaceTrainer(..., model=…) or attach() first")
+        return evaluate(self.model, batches, classify=classify)
+
     @property
     def num_trainable_params(self) -> int:
         """Numbers of the task's coefficients that train (new directions' included; the head's: :attr:`num_head_params`)."""

@@ -84,3 +84,45 @@ def test_train_sigint_writes_nothing(setup, tmp_path):
     assert proc.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr
     assert not out.exists() and leftovers(tmp_path) == [] and leftovers(setup["sub"].parent) == []
+
+
+def test_train_reports_held_out_loss_before_and_after(setup, tmp_path):
+    """--eval-fraction holds rows out; the JSON's before/after losses are PEFT's figures on them, computed apart."""
+    import torch
+    from peft import PeftModel
+
+    from engine import SharedSubspace, save_adapter
+    from engine.jobs.kinds.train import split_eval
+    from peft_factory import tiny_llama
+
+    out = tmp_path / "out"
+    r = run_batch("train", setup["sub"], "--task-id", "new", "--base-model", setup["base"], "--data", setup["data"],
+                  "--steps", "15", "--lr", "5e-2", "--batch-size", "4", "--eval-fraction", "0.25", "-o", out, "--json")
+    assert r.rc == 0, r.stderr
+    d = r.json()["data"]
+    ev = d["eval"]
+    assert ev["examples"] == 1 and d["train_examples"] == 3 and ev["before"]["accuracy"] is None
+    texts = [json.loads(ln)["text"] for ln in setup["data"].read_text().splitlines()]
+    (held,) = split_eval(len(texts), 0.25, 0)[1]
+    ids = torch.tensor([list(texts[held].encode())]) % 127 + 1  # the job's byte encoding (no tokenizer)
+    save_adapter(SharedSubspace.load(out).reconstruct("new"), tmp_path / "new")
+    with torch.no_grad():
+        base = float(tiny_llama()(input_ids=ids, labels=ids).loss)
+        trained = float(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "new")).eval()(input_ids=ids, labels=ids).loss)
+    assert ev["before"]["loss"] == pytest.approx(base, rel=1e-4)
+    assert ev["after"]["loss"] == pytest.approx(trained, rel=1e-4) and trained < base
+    text = run_batch("train", setup["sub"], "--task-id", "new", "--base-model", setup["base"], "--data", setup["data"],
+                     "--steps", "2", "--eval-fraction", "0.25", "-o", tmp_path / "out2")
+    assert text.rc == 0, text.stderr
+    assert "Held out (1 examples, not trained on): before → after" in text.stdout
+    assert "the base model with a zero update" in text.stdout
+
+
+def test_compare_without_adapters_compares_each_task_with_the_base(setup, peft_family_dirs):
+    name = peft_family_dirs[0].name
+    r = run_batch("compare", setup["sub"], "--base-model", setup["base"], "--tasks", name, "--json")
+    assert r.rc == 0, r.stderr
+    d = r.json()["data"]
+    assert d["mode"] == "base" and [t["task_id"] for t in d["tasks"]] == [name] and d["tasks"][0]["kl_mean"] > 0
+    text = run_batch("compare", setup["sub"], "--base-model", setup["base"], "--tasks", "nope")
+    assert text.rc == 2 and "holds no task 'nope'" in text.stderr and "Traceback" not in text.stderr

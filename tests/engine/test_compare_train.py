@@ -171,6 +171,21 @@ def test_train_classifier_with_string_labels(tmp_path):
     d = r.data
     assert d["task_type"] == "SEQ_CLS" and d["labels"] == {"neg": 0, "pos": 1}
     assert d["losses"][-1] < d["losses"][0]
+    # held out (10 % of 12 rows: 1): before = the base classifier with its own head (a new task starts at zero)
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.jobs.kinds.train import split_eval
+
+    ev = d["eval"]
+    (held,) = split_eval(len(rows), 0.1, 0)[1]
+    assert ev["examples"] == 1 and d["train_examples"] == 11 and "initial head" in ev["before_is"]
+    ids = torch.tensor([list(rows[held]["text"].encode())]) % 127 + 1
+    label = torch.tensor([d["labels"][rows[held]["label"]]])
+    with torch.no_grad():
+        logits = AutoModelForSequenceClassification.from_pretrained(str(base)).eval()(input_ids=ids).logits.double()
+    assert ev["before"]["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, label)), rel=1e-5)
+    assert ev["before"]["accuracy"] == float(logits.argmax(-1).item() == label.item())
+    assert ev["after"]["accuracy"] in (0.0, 1.0) and ev["after"]["loss"] > 0
 
 
 def test_read_jsonl_names_every_bad_line(tmp_path):
@@ -182,3 +197,68 @@ def test_read_jsonl_names_every_bad_line(tmp_path):
     assert str(p) in msg and "line 2 is not JSON" in msg and "line 3 is not a JSON object" in msg and "line 4 has no 'text'" in msg
     with pytest.raises(ValueError, match="no such file"):
         read_jsonl(tmp_path / "missing.jsonl", ("text",))
+
+
+def test_compare_base_mode_zero_task_is_the_base_and_a_task_moves_it(tmp_path, base_dir, adapters):
+    """No adapters: each task vs the base model. A zero-update task gives KL 0 and agreement 1; a real task's KL is
+    the one computed apart from the job (PEFT on the reconstructed adapter vs the plain base model)."""
+    from engine.training import orthogonal_init
+
+    sub = SharedSubspace.from_adapters([load_adapter(a) for a in adapters], [a.name for a in adapters],
+                                       method="joint", max_error=0.0, dtype="float32")
+    orthogonal_init(sub, "zero")
+    sub.save(tmp_path / "sub")
+    t0 = adapters[0].name
+    r, _ = _run("compare", subspace=str(tmp_path / "sub"), base_model=str(base_dir), tasks=["zero", t0])
+    d = r.data
+    assert d["mode"] == "base" and [t["task_id"] for t in d["tasks"]] == ["zero", t0]
+    zero, real = d["tasks"]
+    assert zero["kl_mean"] == 0.0 and zero["top1_agreement"] == 1.0 and zero["ppl_change"] == pytest.approx(0.0, abs=1e-12)
+    assert zero["reference"] == "the base model"
+    from peft import PeftModel
+
+    save_adapter(SharedSubspace.load(tmp_path / "sub").reconstruct(t0), tmp_path / "rec")
+    ids = torch.randint(1, 128, (8, 16), generator=torch.Generator().manual_seed(0))  # the job's random inputs
+    with torch.no_grad():
+        p = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "rec")).eval()(input_ids=ids).logits.double()
+        q = tiny_llama()(input_ids=ids).logits.double()
+    lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert real["kl_mean"] > 1e-4 and real["kl_mean"] == pytest.approx(kl, rel=1e-3)
+    agree = float((p.argmax(-1) == q.argmax(-1)).double().mean())
+    assert real["top1_agreement"] == pytest.approx(agree)
+
+
+def test_compare_base_mode_classifier_accuracy_with_the_tasks_head(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = save_tiny_base(tmp_path / "cls", num_labels=2)
+    m = get_peft_model(AutoModelForSequenceClassification.from_pretrained(str(base)),
+                       LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    m.save_pretrained(str(tmp_path / "c"))
+    sub = _subspace([tmp_path / "c"], tmp_path / "sub", method="joint", max_error=0.0, dtype="float32")
+    rows = [{"text": "good " * (1 + i % 3), "label": i % 2} for i in range(8)]
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    r, _ = _run("compare", subspace=str(sub), base_model=str(base), data=str(data))
+    (t,) = r.data["tasks"]
+    assert t["reference"] == "the base model with the task's stored head, no update"
+    from engine.jobs.basemodel import encode
+
+    ids, mask = encode([x["text"] for x in rows], None, 128, 64)  # the job's encoding (no tokenizer)
+    labels = torch.tensor([x["label"] for x in rows])
+    before = AutoModelForSequenceClassification.from_pretrained(str(base)).eval()
+    head = dict(m.named_parameters())["base_model.model.score.modules_to_save.default.weight"]
+    with torch.no_grad():
+        got = m.eval()(input_ids=ids, attention_mask=mask).logits
+        before.score.weight.copy_(head)  # before: the task's head on the base model, no update
+        ref = before(input_ids=ids, attention_mask=mask).logits
+    assert t["accuracy_task"] == pytest.approx(float((got.argmax(-1) == labels).double().mean()))
+    assert t["accuracy_before"] == pytest.approx(float((ref.argmax(-1) == labels).double().mean()))
+    lp, lq = torch.log_softmax(got.double(), -1), torch.log_softmax(ref.double(), -1)
+    assert t["kl_mean"] == pytest.approx(float((lp.exp() * (lp - lq)).sum(-1).mean()), rel=1e-3)

@@ -55,6 +55,15 @@ async def test_train_form_from_the_palette_runs_with_a_loss_plot(fixed_demo: Pat
         # the result opens on the Subspace screen: the written subspace, with the new task
         assert app.current_mode == "subspace" and app.subspace_path == job.result.outputs[0]
         assert "new" in [t["task_id"] for t in app.subspace_info["tasks"]]
+        # under the ΔW fidelity: the held-out figures before → after training
+        from textual.widgets import DataTable, Label
+
+        ev = job.result.data["eval"]
+        table = app.screen.query_one("#compare", DataTable)
+        assert table.display and table.row_count == 1  # a causal LM: loss only
+        assert [str(c) for c in table.get_row("loss")] == [
+            "loss per predicted token", f"{ev['before']['loss']:.4g}", f"{ev['after']['loss']:.4g}"]
+        assert "held out (1 examples), before → after" in str(app.screen.query_one("#compare-title", Label).render())
         await pilot.press("5")
         await pilot.pause(0.2)
         jobs = app.screen

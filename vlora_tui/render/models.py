@@ -11,8 +11,27 @@ def _pct(v: Any) -> str:
     return f"{v:+.2%}" if isinstance(v, (int, float)) else "-"
 
 
+def _render_compare_base(d: dict[str, Any]) -> list[Block]:
+    inputs = d["inputs"]
+    causal = d["task_type"] == "CAUSAL_LM"
+    acc = inputs.get("labelled")
+    kv = [("subspace", d["subspace"]), ("base model", d["base_model"]), ("task type", d["task_type"]),
+          ("inputs", f"{inputs['rows']} {inputs['source']} ({inputs['tokens']} tokens)")]
+    cols = ["task", "compared with", "KL(task ‖ base) mean", "KL max", "top-1 = base",
+            *(["ppl base", "ppl task", "ppl change"] if causal else []), *(["accuracy before", "accuracy task"] if acc else [])]
+    rows = [[t["task_id"], t["reference"], t["kl_mean"], t["kl_max"], f"{t['top1_agreement']:.3f}",
+             *([t["ppl_base"], t["ppl_task"], _pct(t["ppl_change"])] if causal else []),
+             *([f"{t['accuracy_before']:.3f}", f"{t['accuracy_task']:.3f}"] if acc else [])] for t in d["tasks"]]
+    blocks: list[Block] = [("kv", "Output change: each task vs the base model", kv), ("table", "Per task", cols, rows)]
+    if d.get("notes"):
+        blocks.append(("lines", "Notes", [f"- {n}" for n in d["notes"]]))
+    return blocks
+
+
 @renderer("compare")
 def _render_compare(d: dict[str, Any]) -> list[Block]:
+    if d.get("mode") == "base":
+        return _render_compare_base(d)
     inputs = d["inputs"]
     causal = d["task_type"] == "CAUSAL_LM"
     kv = [("subspace", d["subspace"]), ("base model", d["base_model"]), ("task type", d["task_type"]),
@@ -54,4 +73,13 @@ def _render_train(d: dict[str, Any]) -> list[Block]:
           ("tasks now", d["num_tasks"])]
     if d.get("labels"):
         kv.append(("labels", ", ".join(f"{k}={v}" for k, v in d["labels"].items())))
-    return [("kv", "Task trained", kv)]
+    blocks: list[Block] = [("kv", "Task trained", kv)]
+    ev = d.get("eval")
+    if ev:
+        rows = [["loss (per " + ev["unit"] + ")", fmt(ev["before"]["loss"]), fmt(ev["after"]["loss"])]]
+        if ev["before"].get("accuracy") is not None:
+            rows.append(["accuracy", f"{ev['before']['accuracy']:.3f}", f"{ev['after']['accuracy']:.3f}"])
+        blocks.append(("table", f"Held out ({ev['examples']} examples, not trained on): before → after",
+                       ["metric", "before", "after"], rows))
+        blocks.append(("lines", "Before / after", [f"- before: {ev['before_is']}", f"- after: {ev['after_is']}"]))
+    return blocks

@@ -110,23 +110,22 @@ class SubspaceScreen(VloraScreen):
         )
 
     def _show_comparison(self) -> None:
-        """The last ``compare`` job's per-task table, when it compared the open subspace."""
+        """The last ``compare`` job's per-task table (or a ``train`` job's held-out before → after), for the open subspace."""
         data = self.app.comparison
         table = self.query_one("#compare", DataTable)
         shown = bool(data) and str(data.get("subspace")) == str(self.app.subspace_path)
         table.display = shown
-        self.query_one("#compare-title", Label).display = shown
+        title = self.query_one("#compare-title", Label)
+        title.display = shown
         table.clear(columns=True)
         if not shown:
             return
-        causal = data.get("task_type") == "CAUSAL_LM"
-        for label in ("task", "KL mean", "KL max", "top-1", *(("ppl orig", "ppl ours", "ppl Δ") if causal else ()), "ΔW error"):
+        heading, cols, rows = comparison_table(data)
+        title.update(heading)
+        for label in cols:
             table.add_column(label, key=label)
-        for t in data.get("tasks") or []:
-            ppl = (_f(t.get("ppl_original"), ".4g"), _f(t.get("ppl_reconstructed"), ".4g"),
-                   _f(t.get("ppl_change"), "+.2%")) if causal else ()
-            table.add_row(t["task_id"], _f(t.get("kl_mean"), ".3g"), _f(t.get("kl_max"), ".3g"),
-                          _f(t.get("top1_agreement"), ".3f"), *ppl, _f(t.get("delta_w_error"), ".3g"), key=t["task_id"])
+        for key, row in rows:
+            table.add_row(*row, key=key)
 
     def _draw_variance(self) -> None:
         info = self.info or {}
@@ -287,3 +286,36 @@ def stats_table(info: dict[str, Any], path: str | None) -> Table:
         extra = " + double quant" if isinstance(q, dict) and q.get("double_quant") else ""
         t.add_row("quantization", f"{bits}-bit {method}{extra}" if bits else str(method))
     return t
+
+
+def comparison_table(data: dict[str, Any]) -> tuple[str, list[str], list[tuple[str, list[str]]]]:
+    """``(title, columns, [(key, cells)])`` of the table under the ΔW fidelity: a ``compare`` job's per-task
+    output fidelity (original vs reconstruction, or each task vs the base model), or a ``train`` job's
+    held-out figures before → after training."""
+    causal = data.get("task_type") == "CAUSAL_LM"
+    if data.get("mode") == "train":
+        rows = [("loss", ["loss per " + str(data.get("unit", "example")), _f(data["before"].get("loss"), ".4g"),
+                          _f(data["after"].get("loss"), ".4g")])]
+        if data["before"].get("accuracy") is not None:
+            rows.append(("accuracy", ["accuracy", _f(data["before"]["accuracy"], ".3f"), _f(data["after"]["accuracy"], ".3f")]))
+        return (f"Train {data.get('task_id')}: held out ({data.get('examples')} examples), before → after",
+                ["metric", "before", "after"], rows)
+    if data.get("mode") == "base":
+        acc = any(t.get("accuracy_task") is not None for t in data.get("tasks") or [])
+        cols = ["task", "KL(task ‖ base)", "top-1 = base", *(("ppl base", "ppl task") if causal else ()),
+                *(("acc before", "acc task") if acc else ())]
+        rows = []
+        for t in data.get("tasks") or []:
+            ppl = [_f(t.get("ppl_base"), ".4g"), _f(t.get("ppl_task"), ".4g")] if causal else []
+            ac = [_f(t.get("accuracy_before"), ".3f"), _f(t.get("accuracy_task"), ".3f")] if acc else []
+            rows.append((t["task_id"], [t["task_id"], _f(t.get("kl_mean"), ".3g"), _f(t.get("top1_agreement"), ".3f"),
+                                        *ppl, *ac]))
+        return "Output change (compare): each task vs the base model", cols, rows
+    cols = ["task", "KL mean", "KL max", "top-1", *(("ppl orig", "ppl ours", "ppl Δ") if causal else ()), "ΔW error"]
+    rows = []
+    for t in data.get("tasks") or []:
+        ppl = [_f(t.get("ppl_original"), ".4g"), _f(t.get("ppl_reconstructed"), ".4g"),
+               _f(t.get("ppl_change"), "+.2%")] if causal else []
+        rows.append((t["task_id"], [t["task_id"], _f(t.get("kl_mean"), ".3g"), _f(t.get("kl_max"), ".3g"),
+                                    _f(t.get("top1_agreement"), ".3f"), *ppl, _f(t.get("delta_w_error"), ".3g")]))
+    return "Output fidelity (compare): original adapter vs reconstruction", cols, rows

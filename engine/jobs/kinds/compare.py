@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,12 @@ def run_compare(params: dict[str, Any], *, progress: ProgressFn | None = None, c
 
     base_dir = check_model_dir(params["base_model"])
     require_transformers("compare")
+    if not params["adapters"]:
+        from .compare_base import run_compare_base
+
+        return run_compare_base(params, base_dir, progress=progress, cancel=cancel)
+    if params.get("data") or params.get("tasks"):
+        raise ValueError("data, tasks: for the base-vs-task mode, given without ADAPTERS (with adapters: --prompts, --task-ids)")
     max_length = params["max_length"]
     texts = _prompts(params["prompts"]) if params["prompts"] else None
     pairs = resolve_local_paths(list(params["adapters"]), exclude=params["exclude"])
@@ -208,7 +215,7 @@ def run_compare(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     return JobOutput(summary=summary, data={
         "subspace": str(params["subspace"]), "base_model": str(base_dir), "task_type": task_type,
         "inputs": {"source": source, "tokenizer": tok is not None, "rows": int(ids.shape[0]), "tokens": int(mask.sum())},
-        "notes": notes, "mixed_batch": bool(mixed), "tasks": tasks,
+        "notes": notes, "mixed_batch": bool(mixed), "tasks": tasks, "mode": "adapters",
     })
 
 
@@ -216,10 +223,12 @@ KIND = JobKind(
     "compare", "Compare outputs", "run each original adapter and its reconstruction on a base model: KL, top-1, perplexity",
     (
         Param("subspace", "path", required=True, help="saved subspace folder"),
-        ADAPTERS,
+        replace(ADAPTERS, required=False, help=ADAPTERS.help + "; none: compare each task with the base model"),
         Param("base_model", "path", required=True, help="local folder of the base model (transformers save_pretrained)"),
         Param("prompts", "path", None, "text file, one prompt a line (or JSONL with 'text'); default: a built-in set"),
         Param("task_ids", "strs", None, "the subspace's task of each adapter, in order (default: folder names)"),
+        Param("tasks", "strs", None, "without ADAPTERS: the tasks to compare with the base model (default: all)"),
+        Param("data", "path", None, "without ADAPTERS: JSONL inputs ('text', and 'label' for a classifier's accuracy)"),
         EXCLUDE,
         Param("max_length", "int", 64, "tokens per prompt at most", minimum=2),
     ),

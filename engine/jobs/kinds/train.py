@@ -32,6 +32,16 @@ def _labels(rows: list[dict[str, Any]], field: str, num_labels: int, path: str) 
     return [index[str(v)] for v in values], index
 
 
+def split_eval(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train rows, held-out rows)``: a seeded permutation, ``round(n·fraction)`` rows held out (at least one when
+    ``fraction > 0``, none when fewer than 2 rows), both sorted."""
+    import torch
+
+    k = min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n >= 2 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
 def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
     """Train a task's coefficients inside a saved subspace (``SubspaceTrainer`` through ``VLoRAModel``) and save the result.
 
@@ -40,7 +50,11 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     Data: JSONL, one object a line: ``text_field`` for a causal LM (next-token loss on the
     text), ``text_field`` and ``label_field`` for a classifier (integer class ids, or
     strings numbered in sorted order). Tokenized by the model folder's tokenizer, or,
-    without one, as UTF-8 bytes folded into the vocabulary. Every step reports its loss
+    without one, as UTF-8 bytes folded into the vocabulary. ``eval_fraction`` of the rows
+    (a seeded split) is held out: the task does not train on them, and the data reports the
+    held-out loss (and a classifier's accuracy) before and after: "before" is where training
+    starts (the base model, the initial head and the task's initial update, zero for a new task),
+    "after" the task as written back (served from the subspace, its stored head included). Every step reports its loss
     (``Progress.value``). The subspace with the new task (and, with ``num_expand``, the
     grown bases) is written to ``output`` through a temporary folder: the input subspace
     is never modified, and a cancelled job writes nothing.
@@ -48,7 +62,8 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     data: ``{"path", "subspace", "task_id", "task_type", "base_model", "examples", "tokenizer": bool,
     "labels": {label: id}|None, "steps", "lr", "num_expand", "batch_size", "losses": [float], "loss_first",
     "loss_last", "trainable_params", "seconds", "resumed": bool, "task": {"task_id", "mean_error", "max_error",
-    "error_is_bound", "fidelity": {module: error}}, "num_tasks"}``
+    "error_is_bound", "fidelity": {module: error}}, "num_tasks", "eval": {"examples", "fraction", "unit", "before":
+    {"loss", "accuracy"}, "after": {"loss", "accuracy"}, "before_is", "after_is"}|None}``
     """
     import torch
 
@@ -56,6 +71,7 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     from ...io.scan import validate_task_id
     from ...subspace import SharedSubspace
     from ...training import SubspaceTrainer
+    from ...training.evaluate import evaluate
     from ..basemodel import (check_model_dir, encode, load_base_model, load_tokenizer, read_jsonl, require_transformers,
                              task_type_of, vocab_size)
 
@@ -85,10 +101,21 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
 
+    train_rows, eval_rows = split_eval(len(texts), params["eval_fraction"], params["seed"])
+
+    def eval_batches() -> Any:
+        for j in range(0, len(eval_rows), batch_size):
+            chunk = eval_rows[j:j + batch_size]
+            ids, mask = encode([texts[i] for i in chunk], tok, vocab, max_length)
+            labels = (torch.tensor([label_ids[i] for i in chunk], dtype=torch.long)  # type: ignore[index]
+                      if classify else ids.masked_fill(mask == 0, -100))
+            yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
     torch.manual_seed(params["seed"])
     trainer = SubspaceTrainer(sub, task_id, lr=params["lr"], num_expand=params["num_expand"], model=model,
                               seed=params["seed"], init_if_missing=True)
     vm = trainer.model
+    before = trainer.evaluate(eval_batches(), classify=classify) if eval_rows else None
     vm.train()
     gen = torch.Generator().manual_seed(params["seed"])
     order: list[int] = []
@@ -97,7 +124,7 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     for step in range(steps):
         check_cancel(cancel)
         while len(order) < batch_size:  # a fresh shuffle per pass over the data
-            order += torch.randperm(len(texts), generator=gen).tolist()
+            order += [train_rows[i] for i in torch.randperm(len(train_rows), generator=gen).tolist()]
         batch, order = order[:batch_size], order[batch_size:]
         ids, mask = encode([texts[i] for i in batch], tok, vocab, max_length)
         if classify:
@@ -114,21 +141,40 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     seconds = time.perf_counter() - t0
     vm.eval()
     trainer.write_back()
+    after = None
+    if eval_rows:
+        vm.detach_trainable()
+        vm.set_task(task_id)  # the task as stored (rounded to the subspace's precision), its stored head included
+        after = evaluate(vm, eval_batches(), classify=classify)
     vm.unwrap()
     tick(progress, cancel, steps + 1, total, f"writing {params['output']}")
     out = sub.save(params["output"], force=params["force"])
     tick(progress, cancel, total, total, "done")
     task = task_report(sub, task_id)
+    held = None
+    if before is not None and after is not None:
+        held = {"examples": len(eval_rows), "fraction": params["eval_fraction"],
+                "unit": "example" if classify else "predicted token",
+                "before": {"loss": before["loss"], "accuracy": before["accuracy"]},
+                "after": {"loss": after["loss"], "accuracy": after["accuracy"]},
+                "before_is": ("the stored task before training" if resumed else "the base model with a zero update")
+                + (" and the initial head" if classify else ""),
+                "after_is": "the task as written back to the subspace" + (" with its stored head" if trainer.num_head_params else "")}
+    held_txt = ""
+    if held is not None:
+        held_txt = f"; held-out ({len(eval_rows)}) loss {held['before']['loss']:.4g} → {held['after']['loss']:.4g}"
+        if classify:
+            held_txt += f", accuracy {held['before']['accuracy']:.3f} → {held['after']['accuracy']:.3f}"
     return JobOutput(
         summary=(f"trained {task_id!r} for {steps} steps ({trainer.num_trainable_params} trainable numbers): loss "
-                 f"{losses[0]:.4g} → {losses[-1]:.4g}; wrote {out} ({len(sub.tasks)} tasks)"),
+                 f"{losses[0]:.4g} → {losses[-1]:.4g}{held_txt}; wrote {out} ({len(sub.tasks)} tasks)"),
         outputs=[str(out)],
         data={"path": str(out), "subspace": str(params["subspace"]), "task_id": task_id, "task_type": task_type,
-              "base_model": str(base_dir), "examples": len(rows), "tokenizer": tok is not None, "labels": label_map,
+              "base_model": str(base_dir), "examples": len(rows), "train_examples": len(train_rows), "tokenizer": tok is not None, "labels": label_map,
               "steps": steps, "lr": params["lr"], "num_expand": params["num_expand"], "batch_size": batch_size,
               "losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
               "trainable_params": trainer.num_trainable_params, "seconds": seconds, "resumed": resumed,
-              "task": task, "num_tasks": len(sub.tasks)},
+              "task": task, "num_tasks": len(sub.tasks), "eval": held},
     )
 
 
@@ -147,9 +193,11 @@ KIND = JobKind(
         Param("num_expand", "int", 0, "new directions per side of each shared module, orthogonal to its basis", minimum=0),
         Param("batch_size", "int", 8, "examples per step", minimum=1),
         Param("max_length", "int", 128, "tokens per example at most", minimum=2),
-        Param("seed", "int", 0, "seed of the data order and the new task's initialisation"),
+        Param("seed", "int", 0, "seed of the data order, the held-out split and the new task's initialisation"),
+        Param("eval_fraction", "float", 0.1, "share of the rows held out to report loss (and accuracy) before → after training",
+              minimum=0.0, maximum=0.9),
         FORCE,
     ),
-    writes=("output",), func=run_train,
-    positionals=("subspace",), process=True, needs="subspace", form_rank=12, view="subspace_written",
+    writes=("output",), func=run_train, view="trained",
+    positionals=("subspace",), process=True, needs="subspace", form_rank=12,
 )
