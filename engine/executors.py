@@ -34,8 +34,8 @@ MapFn = Callable[[Any, Any, Any], Any]
 CombineFn = Callable[[Any, Any], Any]
 
 
-class MissingDependencyError(VloraError):
-    """An optional dependency (an extra) is not installed."""
+class MissingDependencyError(VloraError, ValueError):
+    """An optional dependency (an extra) is not installed: a request the installation cannot serve (exit 2)."""
 
     title = "missing dependency"
 
@@ -132,7 +132,11 @@ class DaskExecutor:
             except OSError as exc:
                 raise VloraError(f"scheduler {scheduler}: cannot connect ({exc})", title="dask scheduler") from exc
         else:
+            import multiprocessing
+
             workers = n_workers or os.cpu_count() or 1
+            # a daemonic process (the TUI's job process) may not start worker processes: threads then
+            processes = processes and not multiprocessing.current_process().daemon
             self._cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
                                                      dashboard_address=None)
             self.client = distributed.Client(self._cluster)
@@ -148,26 +152,32 @@ class DaskExecutor:
         """Map every shard on the cluster, combine neighbours there as they finish, gather the one result."""
         dist = self._distributed
         client = self.client
-        shared_f = client.scatter(shared, broadcast=True, hash=False) if shared is not None else None
+        # sent once to every worker (not with each task): the bases, spaces and parameters of the pass
+        shared_f = client.scatter([shared], broadcast=True, hash=False)[0] if shared is not None else None
         n = len(shards)
         live: dict[Any, tuple[int, int, bool]] = {}  # future → (first shard, end shard, is a map)
         for j, s in enumerate(shards):
             live[client.submit(fn, s, shared_f, None, pure=False)] = (j, j + 1, True)
         by_start: dict[int, tuple[int, Any]] = {}  # finished partials: first shard → (end shard, future)
         by_end: dict[int, int] = {}
+        inputs: dict[Any, tuple[Any, Any]] = {}  # combine → the partials it reads
         pending = set(live)
         try:
-            while True:
+            while pending or not (0 in by_start and by_start[0][0] == n):
                 if cancel is not None and cancel.is_set():
                     raise JobCancelled("cancelled")
-                done, pending = dist.wait(list(pending), timeout=self.poll_s, return_when="FIRST_COMPLETED") \
-                    if pending else (set(), set())
+                try:  # poll, so that cancel is seen while the shards run
+                    done, pending = dist.wait(list(pending), timeout=self.poll_s, return_when="FIRST_COMPLETED")
+                except TimeoutError:  # nothing finished in poll_s
+                    continue
                 for f in done:
                     lo, hi, is_map = live[f]
                     if f.status != "finished":
                         raise _worker_error(f, shards[lo] if is_map else None)
                     if is_map and on_done is not None:
                         on_done(lo)
+                    for consumed in inputs.pop(f, ()):
+                        del live[consumed]
                     # a finished neighbour on either side: combine with it on the cluster, in order
                     if hi in by_start:
                         hi2, g = by_start.pop(hi)
@@ -175,19 +185,18 @@ class DaskExecutor:
                         c = client.submit(combine, f, g, pure=False)
                         live[c] = (lo, hi2, False)
                         pending.add(c)
-                        del live[f], live[g]  # the combine holds them; dropped from the cluster once it ran
+                        inputs[c] = (f, g)  # held until the combine ran, then dropped from the cluster
                     elif lo in by_end:
                         lo0 = by_end.pop(lo)
                         _, g = by_start.pop(lo0)
                         c = client.submit(combine, g, f, pure=False)
                         live[c] = (lo0, hi, False)
                         pending.add(c)
-                        del live[f], live[g]
+                        inputs[c] = (g, f)
                     else:
                         by_start[lo] = (hi, f)
                         by_end[hi] = lo
-                if not pending and 0 in by_start and by_start[0][0] == n:
-                    return by_start[0][1].result()
+            return by_start[0][1].result()
         except BaseException:
             client.cancel(list(live))
             raise
