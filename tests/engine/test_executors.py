@@ -233,3 +233,41 @@ def test_dask_missing_gives_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed → ImportError
     with pytest.raises(MissingDependencyError, match=DASK_HINT.replace("[", r"\[").replace("]", r"\]")):
         make_executor("dask")
+
+
+class _Untouchable(dict):
+    """A stored task's coefficients that fail on any read (O(1) adding must not look at them)."""
+
+    def _no(self, *a, **k):
+        raise AssertionError("read another task's coefficients")
+
+    __getitem__ = get = items = values = keys = __iter__ = __len__ = __contains__ = _no
+
+
+def test_project_and_absorb_incremental_read_only_the_new_adapter_and_the_basis(tmp_path, monkeypatch):
+    """A subspace loaded from disk whose other tasks' inputs are gone and whose coefficients cannot be read."""
+    import shutil
+
+    import engine.io.local as local
+
+    ads = make_demo_adapters()
+    paths = [save_adapter(a, tmp_path / "in" / str(a.name)) for a in ads[:-2]]
+    new = ads[-1]
+    SharedSubspace.from_adapters_streaming(paths, method="joint", max_error=0.05).save(tmp_path / "sub")
+    sub = SharedSubspace.load(tmp_path / "sub")
+    shutil.rmtree(tmp_path / "in")  # the stored tasks' adapter files: gone
+    for t in sub.tasks.values():
+        t.coeffs = _Untouchable()
+    reads = []
+    monkeypatch.setattr(local, "load_adapter", lambda *a, **k: reads.append(a) or pytest.fail("read an adapter"))
+    with pytest.raises(AssertionError, match="another task"):
+        sub.reconstruct(sub.task_ids[0])  # (the poison works)
+    proj = sub.project(new, "projected")
+    assert proj.max_error < 1.0 and set(proj.coeffs) == set(sub.modules)
+    added = sub.absorb_incremental(new, "added", allow_worse=True)
+    assert set(added.coeffs) == set(sub.modules) and "added" in sub.tasks
+    w = sub.reconstruct("added")
+    for m in w.layer_names[:3]:  # the new task's error, measured independently from its ΔW
+        d, ref = w.delta_weight(m).double(), new.delta_weight(m).double()
+        assert float((d - ref).norm() / ref.norm()) == pytest.approx(added.fidelity[m], abs=2e-3)
+    assert reads == []
