@@ -25,6 +25,7 @@ from .joint import (
     one_k_for_all,
     sketch_widths,
 )
+from .passes import Reader
 from .pca import PCAParams, build_pca, pca_steps
 
 #: Default ``memory_budget_mb`` of the builds: the statistics of one chunk of modules stay under it.
@@ -102,7 +103,8 @@ def merge_parts(parts: list[Built]) -> Built:
 def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
                     params: JointParams | PCAParams, *, ranks: dict[str, Sequence[int]], memory_budget_mb: float | None,
                     checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource],
-                    progress: Any = None, cancel: Any = None) -> Built:
+                    progress: Any = None, cancel: Any = None, executor: Any = None, scheduler: str | None = None,
+                    n_workers: int | None = None) -> Built:
     """Run the build of ``method`` over chunks of modules under ``memory_budget_mb`` and merge the results.
 
     Args:
@@ -113,7 +115,28 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
         memory_budget_mb: Bound on one chunk's estimated statistics; ``None``: one chunk.
         checked: ``(source, shapes, check)`` → the source to build from; with ``check`` it
             validates shapes and finiteness of the modules it yields (each chunk is checked once).
+        executor: ``"inprocess"`` (``None``), ``"dask"`` or an :class:`~engine.executors.Executor`: where
+            each pass of joint/share/svd runs, as a map over shards of adapters. pca runs in this process.
+        scheduler: With ``"dask"``: a running scheduler's ``tcp://HOST:PORT``; ``None`` starts a
+            ``LocalCluster`` of ``n_workers`` (default: the CPU cores) for this build.
     """
+    from ..executors import make_executor
+
+    if method == "pca" and executor not in (None, "inprocess"):
+        raise ValueError(f"executor {executor!r}: method 'pca' runs in-process only; use joint, share or svd")
+    ex, owned = make_executor(executor, scheduler, n_workers=n_workers)
+    try:
+        return _build_chunks(source, shapes, method, params, ranks=ranks, memory_budget_mb=memory_budget_mb,
+                             checked=checked, progress=progress, cancel=cancel, executor=ex)
+    finally:
+        if owned:
+            ex.close()
+
+
+def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
+                  params: JointParams | PCAParams, *, ranks: dict[str, Sequence[int]], memory_budget_mb: float | None,
+                  checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource],
+                  progress: Any, cancel: Any, executor: Any) -> Built:
     sketch_rank = params.sketch_rank if isinstance(params, JointParams) else 0
     sizes = {m: max(1, module_stat_bytes(method, shapes[m], ranks.get(m, ()), sketch_rank)) for m in shapes}
     chunks = plan_chunks(sizes, None if memory_budget_mb is None else memory_budget_mb * 2**20)
@@ -142,7 +165,8 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
         own: dict[str, int] = {}
         for c, label in zip(chunks, labels):
             sub_shapes = {m: shapes[m] for m in c}
-            own.update(joint_module_k(checked(source.subset(c), sub_shapes, True), sub_shapes, params,  # type: ignore[arg-type]
+            reader = Reader(source.subset(c), executor, sub_shapes, checked, True, cancel)
+            own.update(joint_module_k(reader, sub_shapes, params,  # type: ignore[arg-type]
                                       progress=prog.part(joint_steps(params, n, len(c), k_only=True), label),  # type: ignore[arg-type]
                                       cancel=cancel, rank_sums=rank_sums))
         k_all = max(own.values(), default=0)
@@ -150,11 +174,12 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
     parts: list[Built] = []
     for c, label in zip(chunks, labels):
         sub_shapes = {m: shapes[m] for m in c}
-        sub = checked(source.subset(None if whole else c), sub_shapes, not k_first)
         part = prog.part(steps(c), label)
         if pca:
+            sub = checked(source.subset(None if whole else c), sub_shapes, not k_first)
             parts.append(build_pca(sub, sub_shapes, params, progress=part, cancel=cancel))  # type: ignore[arg-type]
         else:
-            parts.append(build_joint(sub, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all,
+            reader = Reader(source.subset(None if whole else c), executor, sub_shapes, checked, not k_first, cancel)
+            parts.append(build_joint(reader, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all,
                                      rank_sums=rank_sums))  # type: ignore[arg-type]
     return merge_parts(parts)

@@ -179,6 +179,17 @@ class AdapterSource:
         """The same adapters restricted to ``modules`` (``None``: all of them)."""
         return AdapterSource(self.task_ids, self.adapters, self.paths, modules)
 
+    def split(self, n: int) -> list[AdapterSource]:
+        """``n`` consecutive shards of about equal size (fewer when there are fewer adapters), same modules."""
+        n = max(1, min(n, len(self)))
+        bounds = [len(self) * j // n for j in range(n + 1)]
+        return [self.slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+    def slice(self, start: int, stop: int) -> AdapterSource:
+        """The adapters ``start:stop`` (paths stay paths: a shard sent elsewhere reads its own tensors)."""
+        return AdapterSource(self.task_ids[start:stop], None if self.adapters is None else self.adapters[start:stop],
+                             None if self.paths is None else self.paths[start:stop], self.modules)
+
     def label(self, i: int) -> str:
         if self.paths is not None:
             return str(self.paths[i])

@@ -246,6 +246,9 @@ class SharedSubspace:
         block_size: int = 64,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
+        executor: Any = "inprocess",
+        scheduler: str | None = None,
+        n_workers: int | None = None,
         _prior: dict[str, dict[str, tuple[float, float]]] | None = None,
     ) -> SharedSubspace:
         """Build a subspace from adapters in memory.
@@ -284,6 +287,12 @@ class SharedSubspace:
             block_size: Values per scale of the integer precisions.
             progress: Called with ``Progress`` once per adapter per pass and per module.
             cancel: ``is_set()`` → ``JobCancelled``.
+            executor: Where the passes run (joint, share, svd): ``"inprocess"``, ``"dask"`` (a
+                ``dask.distributed`` cluster; the extra ``vlora-tui[dask]``) or an
+                :class:`engine.executors.Executor`. Results agree to float tolerance.
+            scheduler: With ``"dask"``: ``tcp://HOST:PORT`` of a running scheduler; ``None`` starts
+                a ``LocalCluster`` of ``n_workers`` (default: the CPU cores) for the build.
+            n_workers: Workers of that ``LocalCluster``.
 
         Raises:
             ValueError: bad arguments, NaN/Inf, k too large, invalid task ids.
@@ -304,7 +313,8 @@ class SharedSubspace:
         source = AdapterSource(ids, adapters=adapters)
         return cls._build(source, report.shapes, method, num_components, variance_threshold, adaptive_k, max_error,
                           mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=report.ranks,
-                          memory_budget_mb=memory_budget_mb, prior=_prior, precision=precision, block_size=block_size)
+                          memory_budget_mb=memory_budget_mb, prior=_prior, precision=precision, block_size=block_size,
+                          executor=executor, scheduler=scheduler, n_workers=n_workers)
 
     @classmethod
     def from_adapters_streaming(
@@ -327,13 +337,17 @@ class SharedSubspace:
         block_size: int = 64,
         progress: ProgressFn | None = None,
         cancel: CancelLike | None = None,
+        executor: Any = "inprocess",
+        scheduler: str | None = None,
+        n_workers: int | None = None,
     ) -> SharedSubspace:
         """Build from adapter folders, holding one adapter in memory at a time (plus basis and statistics).
 
         Same arguments and result as :meth:`from_adapters`; the adapters are read
         in three passes (joint/share; pca: 2–3) per chunk of modules, each reading only
         that chunk's tensors, so time is O(N) and memory is one adapter plus one
-        chunk's statistics (``memory_budget_mb``) plus the result.
+        chunk's statistics (``memory_budget_mb``) plus the result. With ``executor="dask"``
+        each worker reads only its shard's tensors of the chunk from the paths.
         """
         from ..io.header import (
             read_config,
@@ -387,7 +401,8 @@ class SharedSubspace:
         source = AdapterSource(ids, paths=ps)
         return cls._build(source, shapes, method, num_components, variance_threshold, adaptive_k, max_error,
                           mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=module_ranks,
-                          memory_budget_mb=memory_budget_mb, precision=precision, block_size=block_size)
+                          memory_budget_mb=memory_budget_mb, precision=precision, block_size=block_size,
+                          executor=executor, scheduler=scheduler, n_workers=n_workers)
 
     @classmethod
     def _build(cls, source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
@@ -395,7 +410,8 @@ class SharedSubspace:
                mean_error: float | None, refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any, *,
                ranks: dict[str, list[int]], memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
                prior: dict[str, dict[str, tuple[float, float]]] | None = None, precision: str = "fp16",
-               block_size: int = 64) -> SharedSubspace:
+               block_size: int = 64, executor: Any = None, scheduler: str | None = None,
+               n_workers: int | None = None) -> SharedSubspace:
         if method not in METHODS:
             raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
         if num_components is not None and num_components < 1:
@@ -429,7 +445,8 @@ class SharedSubspace:
                              sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd", prior=prior,
                              precision=precision, block_size=block_size)
         bases, tasks = build_in_chunks(source, shapes, method, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
-                                       checked=_CheckedSource, progress=progress, cancel=cancel)
+                                       checked=_CheckedSource, progress=progress, cancel=cancel,
+                                       executor=executor, scheduler=scheduler, n_workers=n_workers)
         srcs: list[Any] = list(source.paths) if source.paths is not None else [a.source for a in source.adapters or []]
         for tid, src in zip(source.task_ids, srcs):
             if tid in tasks:

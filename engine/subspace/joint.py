@@ -13,14 +13,17 @@ variant builds U and V from the factors B_i and A_i themselves (the Share
 paper's per-side column spaces); it only differs in the basis.
 
 Everything runs in passes over an :class:`AdapterSource`, so the streaming
-build (one adapter in memory) and the in-memory build are one code path.
+build (one adapter in memory) and the in-memory build are one code path. Each
+pass is a map over shards of adapters, a combine and a finalize, run by an
+:class:`~engine.executors.Executor` (in this process, or on Dask): passes 1–2 in
+:mod:`.passes`, the coefficients' pass (:func:`coefficients_map`) here. (Above
+450 lines: the basis choice, refinement and the coefficients' pass share the
+per-module statistics and are one algorithm.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,8 +38,26 @@ from .common import (
     config_template,
     effective_factors,
 )
+from .passes import (
+    BUFFER_COLUMNS,
+    Reader,
+    _ModStats,
+    _one_thread,
+    _top_eig,
+    as_reader,
+    error_target,
+    rank_for_error,
+    read,
+    sketch_widths,
+    statistics,
+    task_target,
+)
 from .precision import choose_core, choose_separate, finish, shared_bases
 from .budget_build import BudgetTables, budgeted
+
+__all__ = ["BUFFER_COLUMNS", "JointParams", "build_joint", "encode_joint", "encode_separate", "error_target",
+           "extend_for_task", "joint_factors", "joint_module_k", "joint_steps", "one_k_for_all", "rank_for_error",
+           "sketch_widths", "task_target"]
 
 
 def _core(coeffs: dict[str, Tensor], rank: int) -> tuple[Tensor, Tensor]:
@@ -107,18 +128,6 @@ def encode_separate(sb: Tensor, a: Tensor, max_error: float | None, q_fixed: int
     return coeffs, ops.lowrank_rel_error(sb, a, coeffs["b"], coeffs["a"])
 
 
-def rank_for_error(s: Tensor, target: float) -> int:
-    """Smallest q with ``sqrt(Σ_{j≥q} s_j²)/‖s‖ ≤ target``."""
-    e = s.double() ** 2
-    total = float(e.sum())
-    if total <= 0:
-        return 0
-    tail = torch.flip(torch.cumsum(torch.flip(e, [0]), 0), [0])  # tail[q] = Σ_{j≥q}
-    tail = torch.cat([tail, tail.new_zeros(1)])
-    ok = ((tail / total).clamp_min(0).sqrt() <= target + 1e-12).nonzero()
-    return int(ok[0, 0]) if ok.numel() else int(s.numel())
-
-
 @dataclass
 class JointParams:
     """Parameters of a joint/share build."""
@@ -155,98 +164,6 @@ class JointParams:
     def target(self) -> float | None:
         """The per-task error a module stored alone must meet (the stricter of the two rules)."""
         return error_target(self.max_error, self.mean_error)
-
-
-def task_target(target: float | None, offset: float, scale: float) -> float | None:
-    """The error a task of prior ``(offset, scale)`` may have so that ``offset + scale·error`` meets ``target``."""
-    if target is None or (offset == 0.0 and scale == 1.0):
-        return target
-    return max(0.0, target - offset) / scale if scale > 0 else target
-
-
-def error_target(max_error: float | None, mean_error: float | None) -> float | None:
-    """The stricter of the two error rules (``None`` when neither is set)."""
-    ts = [t for t in (max_error, mean_error) if t is not None]
-    return min(ts) if ts else None
-
-
-@dataclass
-class _ModStats:
-    """One module's statistics over the passes (float64)."""
-
-    width_u: int
-    width_v: int
-    z_u: Tensor | None = None  # pass 1: Σ_i Y_i Y_iᵀ Ω (range sketch of the column space)
-    z_v: Tensor | None = None
-    q_u: Tensor | None = None  # after pass 1: orthonormal candidate spaces
-    q_v: Tensor | None = None
-    p: list[Tensor] = field(default_factory=list)  # pass 2, per task: Q_uᵀ·sB (K_u×r)
-    r: list[Tensor] = field(default_factory=list)  # pass 2, per task: A·Q_v (r×K_v)
-    ga: list[Tensor] = field(default_factory=list)  # per task A·Aᵀ
-    gb: list[Tensor] = field(default_factory=list)  # per task (sB)ᵀ·sB
-    n2: list[float] = field(default_factory=list)  # per task ‖ΔW‖²
-    prior: list[tuple[float, float]] = field(default_factory=list)  # per task (offset, scale): JointParams.prior
-    norm2_sum: float = 0.0
-    rank_sum: int = 0
-    sep_rank_sum: int = 0
-    energy: Tensor | None = None  # Σ_i ‖U_kᵀ ΔW_i V_k‖² per k (square cores)
-    max_err: Tensor | None = None  # worst task's error per (k_u, k_v); with no error target, per k
-    sum_err: Tensor | None = None  # summed task errors, the same
-    u: Tensor | None = None  # candidate bases (out×K, in×K) in order of importance
-    v: Tensor | None = None
-    feasible: bool = True  # an error target is met by some (k_u, k_v) within the sketch
-
-
-def _psd_sqrt(g: Tensor) -> Tensor:
-    """``L`` with ``L·Lᵀ = g`` for a symmetric PSD r×r ``g`` (eigen-decomposition, negatives clipped)."""
-    w, e = torch.linalg.eigh(g)
-    return e * w.clamp_min(0).sqrt()
-
-
-def _singular_values(ga: Tensor, gb: Tensor) -> Tensor:
-    """Singular values of ``sB·A`` (descending) from ``AAᵀ`` and ``(sB)ᵀsB``: ``s² = eig(Lᵀ·(sB)ᵀsB·L)``, ``AAᵀ = LLᵀ``."""
-    lo, info = torch.linalg.cholesky_ex(ga)
-    if int(info) != 0:  # singular AAᵀ (rank-deficient A)
-        lo = _psd_sqrt(ga)
-    return torch.linalg.eigvalsh(lo.T @ gb @ lo).flip(0).clamp_min(0).sqrt()
-
-
-def _omega(cache: dict[tuple[int, int], Tensor], dim: int, width: int) -> Tensor:
-    """The Gaussian test matrix of a dimension and width: fixed (seeded), shared by modules of that shape."""
-    key = (dim, width)
-    if key not in cache:
-        g = torch.Generator().manual_seed(1_000_003 * dim + width)
-        cache[key] = torch.randn(dim, width, generator=g, dtype=torch.float64)
-    return cache[key]
-
-
-def _orth(z: Tensor, rtol: float = 1e-14) -> Tensor:
-    """Orthonormal basis of the numerical range of ``z`` (Householder QR, then an SVD of R)."""
-    if z.shape[1] == 0:
-        return z
-    q, r = torch.linalg.qr(z)
-    with _one_thread():
-        u, s, _ = torch.linalg.svd(r)
-    keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
-    return q @ u[:, :keep]
-
-
-def _top_eig(m: Tensor, k: int | None = None, rtol: float = 1e-18) -> Tensor:
-    """Eigenvectors of a symmetric PSD matrix by decreasing eigenvalue (those above ``rtol·max``, at most ``k``)."""
-    w, e = torch.linalg.eigh((m + m.T) / 2)
-    w, e = w.flip(0), e.flip(1)
-    keep = int((w > rtol * w[0]).sum()) if w.numel() and w[0] > 0 else 0
-    return e[:, : keep if k is None else min(k, keep)]
-
-
-def _cum_grams(x: Tensor) -> Tensor:
-    """``Σ_{j≤k} x_j x_jᵀ`` for every row index k of ``x`` (K×r → K×r×r)."""
-    return torch.cumsum(x[:, :, None] * x[:, None, :], 0)
-
-
-def _energies(p: Tensor, r: Tensor) -> Tensor:
-    """``‖P[:k]·R[:, :k]‖²`` for k = 1…K, through cumulative r×r Gram matrices."""
-    return torch.einsum("kij,kji->k", _cum_grams(p), _cum_grams(r.T))
 
 
 def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int, shape: tuple[int, int]) -> tuple[int, int]:
@@ -303,198 +220,6 @@ def joint_steps(p: JointParams, n: int, n_modules: int, *, k_only: bool = False)
     return (1 if p.separate_only else 3) * n + n_modules + (n if budgeted(p) else 0)
 
 
-def sketch_widths(shape: tuple[int, int], rank_sum: int, sketch_rank: int) -> tuple[int, int]:
-    """Widths of the column and row range sketches: exact (the whole range) when ``rank_sum`` fits."""
-    o, i = shape
-    return min(o, rank_sum, sketch_rank), min(i, rank_sum, sketch_rank)
-
-
-class _Buffer:
-    """Factors of one module from consecutive adapters, held until they fill ``cap`` columns.
-
-    Products with the d×K sketches are memory-bound one adapter at a time; a
-    buffer of adapters makes them one matrix product (the sketch read once).
-    """
-
-    def __init__(self, cap: int) -> None:
-        self.cap = max(1, cap)
-        self.sb: list[Tensor] = []
-        self.a: list[Tensor] = []
-        self.cols = 0
-
-    def add(self, sb: Tensor, a: Tensor) -> bool:
-        self.sb.append(sb)
-        self.a.append(a)
-        self.cols += a.shape[0]
-        return self.cols >= self.cap
-
-    def take(self) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-        sbs, as_ = self.sb, self.a
-        self.sb, self.a, self.cols = [], [], 0
-        return sbs, as_, torch.cat(sbs, 1), torch.cat(as_, 0)
-
-
-#: Columns (summed ranks) of factors buffered per module before they meet the sketches.
-BUFFER_COLUMNS = 256
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Small dense linear algebra (eigh/SVD of K×K, K ≲ 256) is several times faster on one thread."""
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
-def _sketch_flush(st: _ModStats, buf: _Buffer, ou: Tensor, ov: Tensor, delta: bool) -> None:
-    """``Z_u += Σ ΔW_iΔW_iᵀΩ_u`` and ``Z_v += Σ ΔW_iᵀΔW_iΩ_v`` over the buffered adapters (``factors``: of sB_i, A_i)."""
-    if not buf.a:  # (adapters of rank 0 here still leave the buffer: the task order must hold)
-        return
-    sbs, as_, sb, a = buf.take()
-    tu, tv = sb.T @ ou, a @ ov  # c×K_u, c×K_v
-    off = 0
-    for sbi, ai in zip(sbs, as_):
-        sl = slice(off, off + ai.shape[0])
-        off += ai.shape[0]
-        if delta:  # ΔWΔWᵀΩ = sB·(AAᵀ)·(sBᵀΩ), ΔWᵀΔWΩ = Aᵀ·(sBᵀsB)·(AΩ)
-            tu[sl] = (ai @ ai.T) @ tu[sl]
-            tv[sl] = (sbi.T @ sbi) @ tv[sl]
-        else:
-            tv[sl] *= float(sbi.pow(2).sum()) / max(float(ai.pow(2).sum()), 1e-300)
-    if st.z_u is None:
-        st.z_u, st.z_v = sb @ tu, a.T @ tv
-    else:
-        st.z_u.addmm_(sb, tu)
-        st.z_v.addmm_(a.T, tv)
-
-
-def _project_flush(st: _ModStats, buf: _Buffer) -> None:
-    """Every buffered task's projections ``Q_uᵀ·sB_i`` and ``A_i·Q_v``."""
-    if not buf.a:  # (adapters of rank 0 here still leave the buffer: the task order must hold)
-        return
-    _, as_, sb, a = buf.take()
-    pu, rv = st.q_u.T @ sb, a @ st.q_v
-    off = 0
-    for ai in as_:
-        st.p.append(pu[:, off:off + ai.shape[0]])
-        st.r.append(rv[off:off + ai.shape[0]])
-        off += ai.shape[0]
-
-
-def _statistics(source: AdapterSource, modules: list[str], shapes: dict[str, tuple[int, int]], p: JointParams,
-                t: Any, rank_sums: dict[str, int] | None = None) -> dict[str, _ModStats]:
-    """Passes 1 and 2: the candidate bases per module and every task's error per k.
-
-    Pass 1 sketches the column space of ``Σ_i ΔW_iΔW_iᵀ`` (row space: ``ΔW_iᵀΔW_i``)
-    as ``Z = Σ_i ΔW_iΔW_iᵀΩ`` for a fixed Gaussian ``Ω``, through the factors
-    (``ΔW_iΔW_iᵀΩ = sB_i·(A_iA_iᵀ)·(sB_iᵀΩ)``, blind to the r×r rotation of the
-    factors): a randomized range finder with one power step (Halko et al. 2011),
-    exact when the summed ranks fit in ``sketch_rank``. Pass 2 projects every task
-    onto the sketched spaces; a Rayleigh–Ritz step there orders the directions,
-    and each task's error for every k follows from r×r products.
-    """
-    rank_sums = rank_sums or {}
-    stats: dict[str, _ModStats] = {}
-    for m in modules:
-        wu, wv = sketch_widths(shapes[m], rank_sums.get(m) or p.sketch_rank, p.sketch_rank)
-        stats[m] = _ModStats(wu, wv)
-    if p.separate_only:
-        return stats
-    delta = p.basis == "delta"
-    omegas: dict[tuple[int, int], Tensor] = {}
-    bufs = {m: _Buffer(BUFFER_COLUMNS) for m in modules}
-    # pass 1: range sketches
-    for _, tid, ad in source:
-        t(f"basis: {tid}")
-        for m in modules:
-            sb, a = effective_factors(ad, m)
-            st = stats[m]
-            st.rank_sum += a.shape[0]
-            if bufs[m].add(sb, a):
-                _sketch_flush(st, bufs[m], _omega(omegas, sb.shape[0], st.width_u), _omega(omegas, a.shape[1], st.width_v), delta)
-    for m in modules:
-        st = stats[m]
-        o, i = shapes[m]
-        _sketch_flush(st, bufs[m], _omega(omegas, o, st.width_u), _omega(omegas, i, st.width_v), delta)
-        st.q_u = _orth(st.z_u) if st.z_u is not None else torch.zeros(o, 0, dtype=torch.float64)
-        st.q_v = _orth(st.z_v) if st.z_v is not None else torch.zeros(i, 0, dtype=torch.float64)
-        st.z_u = st.z_v = None
-    del omegas
-
-    # pass 2: every task in the sketched spaces
-    target = p.target
-    for _, tid, ad in source:
-        t(f"statistics: {tid}")
-        for m in modules:
-            st = stats[m]
-            sb, a = effective_factors(ad, m)
-            ga, gb = a @ a.T, sb.T @ sb
-            n2 = float((ga * gb).sum())
-            st.ga.append(ga)
-            st.gb.append(gb)
-            st.n2.append(n2)
-            st.norm2_sum += n2
-            off, sc = p.prior_of(tid, m)
-            st.prior.append((off, sc))
-            if target is not None and p.hybrid:
-                with _one_thread():
-                    st.sep_rank_sum += rank_for_error(_singular_values(ga, gb), task_target(target, off, sc))
-            if bufs[m].add(sb, a):
-                _project_flush(st, bufs[m])
-    for m in modules:
-        _project_flush(stats[m], bufs[m])
-    del bufs
-
-    # Rayleigh–Ritz in the sketched spaces, then each task's energy for every k
-    with _one_thread():
-        for m in modules:
-            _ritz(stats[m], delta, target is not None)
-    return stats
-
-
-def _ritz(st: _ModStats, delta: bool, grid: bool) -> None:
-    """Order the sketched directions (eigenvectors of the projected Gram sums) and tabulate the errors per k."""
-    ku, kv = st.q_u.shape[1], st.q_v.shape[1]
-    mu = torch.zeros(ku, ku, dtype=torch.float64)
-    mv = torch.zeros(kv, kv, dtype=torch.float64)
-    for pp, rr, ga, gb in zip(st.p, st.r, st.ga, st.gb):
-        if delta:
-            mu.addmm_(pp, ga @ pp.T)
-            mv.addmm_(rr.T, gb @ rr)
-        else:
-            mu.addmm_(pp, pp.T)
-            mv.addmm_(rr.T, rr, alpha=float(gb.trace()) / max(float(ga.trace()), 1e-300))
-    wu, wv = _top_eig(mu), _top_eig(mv)
-    ku, kv = wu.shape[1], wv.shape[1]
-    st.u, st.v = st.q_u @ wu, st.q_v @ wv
-    st.q_u = st.q_v = None
-    st.p = [wu.T @ pp for pp in st.p]
-    st.r = [rr @ wv for rr in st.r]
-    kk = min(ku, kv)
-    st.energy = torch.zeros(kk, dtype=torch.float64)
-    shape = (ku, kv) if grid else (kk,)
-    st.max_err = torch.zeros(shape, dtype=torch.float64)
-    st.sum_err = torch.zeros(shape, dtype=torch.float64)
-    if not kk:
-        return
-    for pp, rr, n2, (off, sc) in zip(st.p, st.r, st.n2, st.prior):
-        if grid:  # every (k_u, k_v): tr(Σ_{a<k_u} p_a p_aᵀ · Σ_{b<k_v} r_b r_bᵀ) as one matrix product
-            e2 = _cum_grams(pp).reshape(ku, -1) @ _cum_grams(rr.T).reshape(kv, -1).T  # symmetric: tr(AB) = Σ A∘B
-            e = e2.diagonal()[:kk]
-        else:
-            e2 = e = _energies(pp[:kk], rr[:, :kk])
-        st.energy += e
-        err = ((n2 - e2).clamp_min(0) / n2).sqrt() if n2 > 0 else torch.zeros_like(e2)
-        err = off + sc * err if grid else err
-        st.max_err = torch.maximum(st.max_err, err)
-        st.sum_err += err
-
-
 def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: dict[str, _ModStats], p: JointParams,
                 t: Any, n: int) -> dict[str, tuple[int, int]]:
     """Each module's own ``(k_u, k_v)`` (before :func:`one_k_for_all` raises them to one k)."""
@@ -509,12 +234,12 @@ def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: d
     return chosen
 
 
-def joint_module_k(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,
+def joint_module_k(source: AdapterSource | Reader, shapes: dict[str, tuple[int, int]], p: JointParams, *,
                    progress: Any = None, cancel: Any = None, rank_sums: dict[str, int] | None = None) -> dict[str, int]:
     """Each module's own k, from passes 1 and 2 alone: for a build in chunks where :func:`one_k_for_all` holds."""
     modules = sorted(shapes)
     t = _ticker(progress, cancel, joint_steps(p, len(source), len(modules), k_only=True))
-    chosen = _choose_all(modules, shapes, _statistics(source, modules, shapes, p, t, rank_sums), p, t, len(source))
+    chosen = _choose_all(modules, shapes, statistics(source, modules, shapes, p, t, rank_sums), p, t, len(source))
     return {m: max(kp) for m, kp in chosen.items()}
 
 
@@ -569,7 +294,7 @@ def _better(base: list[float], new: list[float], n2: list[float], p: JointParams
     return not (p.mean_error is not None and sum(new) / n > max(p.mean_error, sum(base) / n))
 
 
-def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: JointParams, *,
+def build_joint(source: AdapterSource | Reader, shapes: dict[str, tuple[int, int]], p: JointParams, *,
                 progress: Any = None, cancel: Any = None, k_all: int | None = None,
                 rank_sums: dict[str, int] | None = None) -> tuple[dict[str, ModuleBasis], dict[str, TaskProjection]]:
     """Build the shared bases and every task's coefficients in three passes over ``source``.
@@ -580,11 +305,12 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
     the adapters (sizes the sketches; by default ``sketch_rank``).
     """
     modules = sorted(shapes)
-    n = len(source)
+    reader = as_reader(source, shapes)
+    n = len(reader)
     t = _ticker(progress, cancel, joint_steps(p, n, len(modules)))
     bases: dict[str, ModuleBasis] = {}
 
-    stats = _statistics(source, modules, shapes, p, t, rank_sums)
+    stats = statistics(reader, modules, shapes, p, t, rank_sums)
     chosen = _choose_all(modules, shapes, stats, p, t, n)
     if one_k_for_all(p) and chosen:
         # one k for all modules (as the seed): the largest any module needs
@@ -625,52 +351,20 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
     cands = {m: shared_bases(b.tensors["U"].double(), b.tensors["V"].double(), block_size=p.block_size)
              for m, b in bases.items() if auto and b.kind == "joint" and b.k > 0}
     plain: dict[str, dict[str, Any]] = {m: {} for m in cands}
-    tasks: dict[str, TaskProjection] = {}
     if budgeted(p):  # mean_error per task over its modules: tables, one allocation, then the store pass
-        tables = BudgetTables(p, bases, cands)
-        tables.run(source, modules, tasks, norms2, t)
+        # (runs in this process whatever the executor: the allocation needs every task's table)
+        tasks: dict[str, TaskProjection] = {}
+        BudgetTables(p, bases, cands).run(reader.source, modules, tasks, norms2, t)
         return bases, tasks
-    for idx, tid, ad in source:
-        t(f"coefficients: {tid}")
-        ranks = {m: ad.module_rank(m) for m in modules}
-        orig = sum(ad.lora_a[m].numel() * ad.lora_a[m].element_size() + ad.lora_b[m].numel() * ad.lora_b[m].element_size()
-                   for m in modules)
-        proj = TaskProjection(tid, {}, ranks=ranks, template=config_template(ad, tid), original_bytes=orig)
-        for m in modules:
-            sb, a = effective_factors(ad, m)
-            r = ranks[m]
-            n2 = norms2[m][idx] if m in norms2 else float(ops.lowrank_sqnorm(sb, a))
-            proj.norms[m] = n2 ** 0.5
-            b = bases[m]
-            if b.kind == "separate":
-                q_fixed = None
-                if target is None:
-                    _, s, _ = ops.lowrank_svd(sb, a)
-                    q_fixed = _separate_rank(s, p, r)
-                if auto:
-                    ch = choose_separate(sb, a, task_target(target, *p.prior_of(tid, m)), q_fixed=q_fixed,
-                                         block_size=p.block_size)
-                    proj.coeffs[m], proj.fidelity[m] = ch.coeffs(), ch.error
-                    p.quantized_out.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
-                    continue
-                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, task_target(target, *p.prior_of(tid, m)),
-                                                                   q_fixed, p.dtype)
-                continue
-            if m in cands:
-                tt = task_target(target, *p.prior_of(tid, m))
-                with _one_thread():
-                    for cand in cands[m]:
-                        cand.cores[tid] = choose_core(cand, sb, a, r, tt, n2, block_size=p.block_size)
-                    plain[m][tid] = choose_core(cands[m][0], sb, a, r, None, n2)  # all fp16: as precision fp16 stores it
-                continue
-            if b.k == 0:
-                proj.coeffs[m] = {"sigma": torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1], dtype=p.dtype)}
-                proj.fidelity[m] = 0.0 if proj.norms[m] == 0 else 1.0
-                continue
-            with _one_thread():
-                proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype,
-                                                                grams=grams[m], n2=n2)
-        tasks[tid] = proj
+    shared = (modules, bases, grams, cands, {m: dict(zip(reader.task_ids, v)) for m, v in norms2.items()},
+              replace(p, quantized_out={}))
+    tasks, choices, quantized = reader.run(coefficients_map, coefficients_combine, shared, t, "coefficients")
+    p.quantized_out.update(quantized)
+    for m, per_task in choices.items():
+        for tid, (per_cand, fp16) in per_task.items():
+            for cand, ch in zip(cands[m], per_cand):
+                cand.cores[tid] = ch
+            plain[m][tid] = fp16
     for m, cs in cands.items():  # the shared module's cheapest basis and core precisions that meet the rule
         for c in cs:
             c.feasible = _meets_rule(p, [(c.cores[tid].error, *p.prior_of(tid, m)) for tid in c.cores])
@@ -688,6 +382,67 @@ def build_joint(source: AdapterSource, shapes: dict[str, tuple[int, int]], p: Jo
             tasks[tid].coeffs[m], tasks[tid].fidelity[m] = ch.coeffs(), ch.error
             p.quantized_out.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
     return bases, tasks
+
+
+def coefficients_map(shard: AdapterSource, shared: Any, tick: Any) -> tuple[dict[str, TaskProjection], dict, dict]:
+    """The final pass over a shard: each task's coefficients in the stored (rounded) bases and its measured errors.
+
+    Returns ``(tasks, choices, quantized)``: the shard's :class:`TaskProjection` records; for
+    modules whose precision is chosen (``auto``), module → task → (the core chosen in each
+    candidate basis, the fp16 core); the tensors quantised here (``JointParams.quantized_out``).
+    """
+    modules, bases, grams, cands, norms2, p = shared
+    target = p.target
+    tasks: dict[str, TaskProjection] = {}
+    choices: dict[str, dict[str, Any]] = {m: {} for m in cands}
+    quantized: dict[tuple[str, ...], Any] = {}
+    for _, tid, ad in read(shard):
+        if tick is not None:
+            tick(f"coefficients: {tid}")
+        ranks = {m: ad.module_rank(m) for m in modules}
+        orig = sum(ad.lora_a[m].numel() * ad.lora_a[m].element_size() + ad.lora_b[m].numel() * ad.lora_b[m].element_size()
+                   for m in modules)
+        proj = TaskProjection(tid, {}, ranks=ranks, template=config_template(ad, tid), original_bytes=orig)
+        for m in modules:
+            sb, a = effective_factors(ad, m)
+            r = ranks[m]
+            n2 = norms2[m][tid] if m in norms2 else float(ops.lowrank_sqnorm(sb, a))
+            proj.norms[m] = n2 ** 0.5
+            b = bases[m]
+            if b.kind == "separate":
+                q_fixed = None
+                if target is None:
+                    _, s, _ = ops.lowrank_svd(sb, a)
+                    q_fixed = _separate_rank(s, p, r)
+                if p.precision == "auto" and target is not None:
+                    ch = choose_separate(sb, a, task_target(target, *p.prior_of(tid, m)), q_fixed=q_fixed,
+                                         block_size=p.block_size)
+                    proj.coeffs[m], proj.fidelity[m] = ch.coeffs(), ch.error
+                    quantized.update({(tid, m, k): qt for k, qt in ch.quantized().items()})
+                    continue
+                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, task_target(target, *p.prior_of(tid, m)),
+                                                                   q_fixed, p.dtype)
+                continue
+            if m in cands:
+                tt = task_target(target, *p.prior_of(tid, m))
+                with _one_thread():
+                    choices[m][tid] = ([choose_core(cand, sb, a, r, tt, n2, block_size=p.block_size) for cand in cands[m]],
+                                       choose_core(cands[m][0], sb, a, r, None, n2))  # all fp16: as precision fp16 stores it
+                continue
+            if b.k == 0:
+                proj.coeffs[m] = {"sigma": torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1], dtype=p.dtype)}
+                proj.fidelity[m] = 0.0 if proj.norms[m] == 0 else 1.0
+                continue
+            with _one_thread():
+                proj.coeffs[m], proj.fidelity[m] = encode_joint(b.tensors["U"], b.tensors["V"], sb, a, r, p.dtype,
+                                                                grams=grams[m], n2=n2)
+        tasks[tid] = proj
+    return tasks, choices, quantized
+
+
+def coefficients_combine(x: tuple[dict, dict, dict], y: tuple[dict, dict, dict]) -> tuple[dict, dict, dict]:
+    """Two neighbouring shards' records, the tasks of ``x`` first."""
+    return ({**x[0], **y[0]}, {m: {**c, **y[1].get(m, {})} for m, c in x[1].items()}, {**x[2], **y[2]})
 
 
 def _meets_rule(p: JointParams, errs: list[tuple[float, float, float]]) -> bool:

@@ -12,7 +12,7 @@ from ..params import ADAPTERS, EXCLUDE, FORCE, default_compress_method, method_c
 from ..reports import module_rows, ratio_words
 
 
-_COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force", "exclude", "group_by")
+_COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force", "exclude", "group_by", "engine", "scheduler")
 
 
 def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -46,6 +46,9 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     method = params["method"]
     info = get_method("compress", method)
     kwargs = method_kwargs("compress", method, params, _COMPRESS_FIXED)
+    kwargs.update(_engine_kwargs(params))
+    if kwargs.get("executor") == "dask" and "streaming" in kwargs:
+        kwargs["streaming"] = True  # workers read their shard's tensors from the paths
     streaming = bool(kwargs.get("streaming"))
     grouped = params.get("group_by") == "compat"
     stages = StagedProgress(progress, {"load": 1, "build": 4, "save": 1})
@@ -113,6 +116,21 @@ def _compress_groups(params: dict[str, Any], info: Any, kwargs: dict[str, Any], 
     )
 
 
+def _engine_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """``executor``/``scheduler`` for the build from the job's ``engine``/``scheduler`` (nothing for the default)."""
+    engine, scheduler = params.get("engine") or "inprocess", params.get("scheduler") or None
+    if scheduler and engine != "dask":
+        raise ValueError(f"scheduler: {scheduler!r} needs engine dask (--engine dask)")
+    if scheduler and not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+        raise ValueError(f"scheduler: {scheduler!r} is not a scheduler address; use tcp://HOST:PORT")
+    if engine == "inprocess":
+        return {}
+    from ...executors import _import_distributed
+
+    _import_distributed()  # the install hint before any adapter is read
+    return {"executor": engine, "scheduler": scheduler}
+
+
 def _check_ids(ids: list[str], n: int) -> None:
     if len(ids) != n:
         raise ValueError(f"task_ids: got {len(ids)} id(s) for {n} adapter(s)")
@@ -130,6 +148,11 @@ KIND = JobKind(
         *method_params("compress", _COMPRESS_FIXED),
         Param("task_ids", "strs", None, "one task id per adapter (default: folder or repo names)"),
         EXCLUDE,
+        Param("engine", "choice", "inprocess", "where the build runs: inprocess, or dask (a LocalCluster of the "
+              "CPU cores, or --scheduler's cluster; workers read the adapters from their paths; "
+              "pip install 'vlora-tui[dask]')", ("inprocess", "dask")),
+        Param("scheduler", "str", None, "with engine dask: a running Dask scheduler's address tcp://HOST:PORT "
+              "(default: start a LocalCluster)"),
         Param("group_by", "choice", "none", "compat: one subspace per set of adapters with the same target "
               "modules and shapes, written as OUTPUT/<set name>; none: refuse adapters that differ", ("none", "compat")),
         FORCE,

@@ -1,0 +1,254 @@
+"""Where a build's passes run: in this process (the default) or on a Dask cluster.
+
+Each pass of the joint/share build over the adapters is a map from a shard of
+adapters (a slice of an :class:`~engine.subspace.common.AdapterSource`: paths, or
+adapters in memory) to sufficient statistics, an associative combine of two
+partial results of neighbouring shards, and a finalize on the caller's side. An
+:class:`Executor` runs the map and the combine; the build does the rest.
+
+:class:`InProcessExecutor` maps the shards one after the other here (one shard:
+today's build, step for step). :class:`DaskExecutor` submits one task per shard
+to a ``dask.distributed`` cluster (a ``LocalCluster`` by default, or a running
+scheduler's address); workers read their shard's tensors from the paths
+themselves, partial results are combined on the workers in a tree (neighbours
+only, so that per-task lists keep the task order) and only the final, small
+result comes back. ``dask`` is imported only when a Dask executor is made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import JobCancelled, VloraError
+
+#: Names accepted for ``executor=``.
+EXECUTORS = ("inprocess", "dask")
+#: The extra that brings Dask in.
+DASK_HINT = "pip install 'vlora-tui[dask]'"
+
+#: ``fn(shard, shared, tick)``: the map. ``tick`` is the per-adapter progress/cancel ticker, or ``None`` off-process.
+MapFn = Callable[[Any, Any, Any], Any]
+#: ``combine(left, right)``: two partial results of neighbouring shards, left first.
+CombineFn = Callable[[Any, Any], Any]
+
+
+class MissingDependencyError(VloraError, ValueError):
+    """An optional dependency (an extra) is not installed: a request the installation cannot serve (exit 2)."""
+
+    title = "missing dependency"
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs the map of a pass over shards and combines the partial results.
+
+    ``map_reduce`` returns ``combine`` folded over ``fn(shard_j, shared, tick)`` in
+    shard order (any bracketing: ``combine`` is associative). ``on_done(j)`` is
+    called once shard ``j`` is mapped where ``tick`` is not handed to ``fn``;
+    ``cancel.is_set()`` stops the work and raises :class:`~engine.errors.JobCancelled`.
+    """
+
+    name: str
+
+    def shard_count(self, n: int) -> int:
+        """How many shards to cut ``n`` adapters into."""
+        ...
+
+    def map_reduce(self, fn: MapFn, shards: Sequence[Any], combine: CombineFn, *, shared: Any = None,
+                   tick: Any = None, on_done: Callable[[int], None] | None = None, cancel: Any = None) -> Any:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class InProcessExecutor:
+    """The shards one after the other in this process; ``tick`` reaches the map (progress per adapter)."""
+
+    name = "inprocess"
+
+    def __init__(self, shards: int = 1) -> None:
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        self.shards = shards
+
+    def shard_count(self, n: int) -> int:
+        return max(1, min(n, self.shards))
+
+    def map_reduce(self, fn: MapFn, shards: Sequence[Any], combine: CombineFn, *, shared: Any = None,
+                   tick: Any = None, on_done: Callable[[int], None] | None = None, cancel: Any = None) -> Any:
+        acc: Any = None
+        for j, s in enumerate(shards):
+            if cancel is not None and cancel.is_set():
+                raise JobCancelled("cancelled")
+            part = fn(s, shared, tick)
+            acc = part if j == 0 else combine(acc, part)
+        return acc
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"InProcessExecutor(shards={self.shards})"
+
+
+def _import_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise MissingDependencyError(f"executor 'dask' needs dask.distributed, which is not installed: {DASK_HINT}") from exc
+    return distributed
+
+
+class DaskExecutor:
+    """The shards as tasks on a ``dask.distributed`` cluster.
+
+    Args:
+        scheduler: ``tcp://HOST:PORT`` of a running scheduler; ``None`` starts a
+            ``LocalCluster`` (closed with the executor).
+        n_workers: Workers of the ``LocalCluster`` (default: the CPU cores), one thread each.
+        client: An existing ``distributed.Client`` to use (left open by :meth:`close`).
+        shards_per_worker: Shards per worker and pass (more: finer progress and balance).
+        processes: ``LocalCluster(processes=…)``; threads in this process with ``False``.
+    """
+
+    name = "dask"
+
+    def __init__(self, scheduler: str | None = None, *, n_workers: int | None = None, client: Any = None,
+                 shards_per_worker: int = 2, processes: bool = True, poll_s: float = 0.1) -> None:
+        distributed = _import_distributed()
+        self._distributed = distributed
+        self._cluster = None
+        self._own_client = client is None
+        self.poll_s = poll_s
+        self.shards_per_worker = max(1, int(shards_per_worker))
+        if client is not None:
+            self.client = client
+        elif scheduler:
+            try:
+                self.client = distributed.Client(scheduler, timeout="10s")
+            except OSError as exc:
+                raise VloraError(f"scheduler {scheduler}: cannot connect ({exc})", title="dask scheduler") from exc
+        else:
+            import multiprocessing
+
+            workers = n_workers or os.cpu_count() or 1
+            # a daemonic process (the TUI's job process) may not start worker processes: threads then
+            processes = processes and not multiprocessing.current_process().daemon
+            self._cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
+                                                     dashboard_address=None)
+            self.client = distributed.Client(self._cluster)
+
+    def workers(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def shard_count(self, n: int) -> int:
+        return max(1, min(n, self.workers() * self.shards_per_worker))
+
+    def map_reduce(self, fn: MapFn, shards: Sequence[Any], combine: CombineFn, *, shared: Any = None,
+                   tick: Any = None, on_done: Callable[[int], None] | None = None, cancel: Any = None) -> Any:
+        """Map every shard on the cluster, combine neighbours there as they finish, gather the one result."""
+        dist = self._distributed
+        client = self.client
+        # sent once to every worker (not with each task): the bases, spaces and parameters of the pass
+        shared_f = client.scatter([shared], broadcast=True, hash=False)[0] if shared is not None else None
+        n = len(shards)
+        live: dict[Any, tuple[int, int, bool]] = {}  # future → (first shard, end shard, is a map)
+        for j, s in enumerate(shards):
+            live[client.submit(fn, s, shared_f, None, pure=False)] = (j, j + 1, True)
+        by_start: dict[int, tuple[int, Any]] = {}  # finished partials: first shard → (end shard, future)
+        by_end: dict[int, int] = {}
+        inputs: dict[Any, tuple[Any, Any]] = {}  # combine → the partials it reads
+        pending = set(live)
+        try:
+            while pending or not (0 in by_start and by_start[0][0] == n):
+                if cancel is not None and cancel.is_set():
+                    raise JobCancelled("cancelled")
+                try:  # poll, so that cancel is seen while the shards run
+                    done, pending = dist.wait(list(pending), timeout=self.poll_s, return_when="FIRST_COMPLETED")
+                except TimeoutError:  # nothing finished in poll_s
+                    continue
+                for f in done:
+                    lo, hi, is_map = live[f]
+                    if f.status != "finished":
+                        raise _worker_error(f, shards[lo] if is_map else None)
+                    if is_map and on_done is not None:
+                        on_done(lo)
+                    for consumed in inputs.pop(f, ()):
+                        del live[consumed]
+                    # a finished neighbour on either side: combine with it on the cluster, in order
+                    if hi in by_start:
+                        hi2, g = by_start.pop(hi)
+                        del by_end[hi2]
+                        c = client.submit(combine, f, g, pure=False)
+                        live[c] = (lo, hi2, False)
+                        pending.add(c)
+                        inputs[c] = (f, g)  # held until the combine ran, then dropped from the cluster
+                    elif lo in by_end:
+                        lo0 = by_end.pop(lo)
+                        _, g = by_start.pop(lo0)
+                        c = client.submit(combine, g, f, pure=False)
+                        live[c] = (lo0, hi, False)
+                        pending.add(c)
+                        inputs[c] = (g, f)
+                    else:
+                        by_start[lo] = (hi, f)
+                        by_end[hi] = lo
+            return by_start[0][1].result()
+        except BaseException:
+            client.cancel(list(live))
+            raise
+        finally:
+            live.clear()
+
+    def close(self) -> None:
+        if self._own_client:
+            self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def __enter__(self) -> DaskExecutor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DaskExecutor({self.client.scheduler.address if self.client.scheduler else '?'})"
+
+
+def _worker_error(future: Any, shard: Any) -> BaseException:
+    """The worker's exception as raised (engine errors name the adapter), else one naming the shard's adapters."""
+    try:
+        exc = future.exception()
+    except BaseException as e:  # cancelled, or the worker died
+        exc = e
+    if isinstance(exc, (VloraError, ValueError)):
+        return exc
+    where = ""
+    if shard is not None and len(shard):
+        where = f" on {shard.label(0)}" + (f" … {shard.label(len(shard) - 1)}" if len(shard) > 1 else "")
+    return VloraError(f"dask worker failed{where}: {type(exc).__name__}: {exc}", title="dask worker failed")
+
+
+def make_executor(executor: str | Executor | None = None, scheduler: str | None = None, *,
+                  n_workers: int | None = None) -> tuple[Executor, bool]:
+    """``(executor, owned)`` for ``executor=`` ``"inprocess"``/``"dask"``/an :class:`Executor`; ``owned``: close it after.
+
+    Raises:
+        ValueError: an unknown name, or ``scheduler`` without ``"dask"``.
+        MissingDependencyError: ``"dask"`` without ``dask.distributed`` installed.
+    """
+    if executor is None or executor == "inprocess":
+        if scheduler:
+            raise ValueError(f"scheduler={scheduler!r} needs executor='dask'")
+        return InProcessExecutor(), True
+    if executor == "dask":
+        return DaskExecutor(scheduler, n_workers=n_workers), True
+    if isinstance(executor, str):
+        raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if not isinstance(executor, Executor):
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)} or an Executor, got {type(executor).__name__}")
+    return executor, False
