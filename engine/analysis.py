@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops
 from .errors import IncompatibleAdaptersError
 from .io.local import check_compatible
 from .progress import CancelLike, ProgressFn, tick
@@ -809,11 +810,6 @@ class ExplainedVariance:
         }
 
 
-def _sqrt_psd(g: Tensor) -> Tensor:
-    w, q = torch.linalg.eigh(g)
-    return (q * w.clamp(min=0).sqrt()) @ q.T
-
-
 def explained_variance(
     adapters: Sequence[LoRAWeights],
     ks: Sequence[int] | None = None,
@@ -848,9 +844,9 @@ def explained_variance(
             b = a.lora_b[m].to(torch.float32) * a.scale(m)
             aa = a.lora_a[m].to(torch.float32)
             if side == "column":
-                parts.append(b @ _sqrt_psd((aa @ aa.T).to(_DTYPE)).to(torch.float32))
+                parts.append(b @ ops.psd_sqrt((aa @ aa.T).to(_DTYPE)).to(torch.float32))
             else:
-                parts.append(aa.T @ _sqrt_psd((b.T @ b).to(_DTYPE)).to(torch.float32))
+                parts.append(aa.T @ ops.psd_sqrt((b.T @ b).to(_DTYPE)).to(torch.float32))
         c = torch.cat(parts, dim=1)
         ev = torch.linalg.eigvalsh((c.T @ c).to(_DTYPE)).clamp(min=0).flip(0)
         rank_cap = min(c.shape)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops
 from .io.local import check_compatible
 from .progress import CancelLike, ProgressFn, tick
 from .types import LoRAWeights
@@ -294,7 +295,7 @@ def truncate_factors(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, f
         ``rank`` when the product has lower rank.
     """
     if b.shape[1] <= rank:
-        norm = _lowrank_norm(b, a)
+        norm = ops.lowrank_norm(b, a)
         pb, pa = _pad_rank(b, a, rank)
         return pb, pa, 0.0, norm
     qb, rb = torch.linalg.qr(b)
@@ -309,12 +310,6 @@ def truncate_factors(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, f
     b_k, a_k = _pad_rank(b_k, a_k, rank)
     err = math.sqrt(tail / total) if total > 0 else 0.0
     return b_k, a_k, err, math.sqrt(total)
-
-
-def _lowrank_norm(b: Tensor, a: Tensor) -> float:
-    """``‖b @ a‖_F`` through ``tr((bᵀb)(a aᵀ))``."""
-    val = float(((b.T @ b).double() * (a @ a.T).double()).sum())
-    return math.sqrt(max(val, 0.0))
 
 
 def _dense_delta(adapter: LoRAWeights, module: str) -> Tensor:
@@ -562,7 +557,7 @@ def merge_adapters(
             if rk == "exact":
                 factors[m] = (b, a)
                 errors[m] = 0.0
-                norms[m] = _lowrank_norm(b, a)
+                norms[m] = ops.lowrank_norm(b, a)
             else:
                 bk, ak, errors[m], norms[m] = truncate_factors(b, a, int(rk))
                 factors[m] = (bk, ak)
