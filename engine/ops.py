@@ -299,6 +299,21 @@ def lowrank_sqnorm(b: Tensor, a: Tensor) -> Tensor:
     return torch.einsum("ij,ji->", b.T @ b, a @ a.T)
 
 
+def lowrank_norm(b: Tensor, a: Tensor) -> float:
+    """``‖B·A‖_F`` (the square root of :func:`lowrank_sqnorm`, rounding below zero clipped)."""
+    return max(float(lowrank_sqnorm(b, a)), 0.0) ** 0.5
+
+
+def psd_sqrt(g: Tensor) -> Tensor:
+    """A factor ``L`` with ``L·Lᵀ = g`` of a symmetric PSD matrix ``g`` (eigen-decomposition, negatives clipped).
+
+    ``L = Q·diag(√λ)``, not the symmetric root ``Q·diag(√λ)·Qᵀ``: the two differ by an
+    orthogonal factor on the right, which no Gram matrix ``X·L·Lᵀ·Xᵀ`` (or its spectrum) sees.
+    """
+    w, q = torch.linalg.eigh(g)
+    return q * w.clamp_min(0).sqrt()
+
+
 def lowrank_rel_error(b: Tensor, a: Tensor, b_hat: Tensor, a_hat: Tensor) -> float:
     """``‖BA − B̂Â‖_F / ‖BA‖_F`` through small products (0 when both are zero, inf if only BA is)."""
     n2 = float(lowrank_sqnorm(b, a))
@@ -333,6 +348,7 @@ __all__ = [
     "gram_schmidt",
     "incremental_svd_update",
     "lowrank_inner",
+    "lowrank_norm",
     "lowrank_rel_error",
     "lowrank_sqnorm",
     "lowrank_svd",
@@ -341,6 +357,7 @@ __all__ = [
     "nf4_unpack",
     "pack_nibbles",
     "project_onto_subspace",
+    "psd_sqrt",
     "reconstruct_from_subspace",
     "select_num_components",
     "unpack_nibbles",

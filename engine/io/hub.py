@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from ..errors import AdapterFormatError, HubError
-from .scan import validate_repo_id
+from .scan import hub_spec_label, parse_hub_spec, validate_repo_id
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def download_adapter(repo_id: str, revision: str | None = None, *, token: str | 
         HubError: missing repo/revision/file, offline and not cached, network failure.
     """
     validate_repo_id(repo_id)
-    what = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    what = hub_spec_label(repo_id, revision)
     cfg = _fetch(repo_id, ADAPTER_CONFIG_NAME, revision, token, what, "not a PEFT adapter repo")
     # Pin the weights to the commit the config came from, so a push between the
     # two requests cannot pair one commit's config with another's weights.
@@ -137,20 +138,50 @@ def load_adapter_from_hub(repo_id: str, revision: str | None = None, *, token: s
 
     folder = download_adapter(repo_id, revision, token=token)
     w = load_adapter(folder, name=repo_id.split("/")[-1])
-    w.source = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
+    w.source = hub_spec_label(repo_id, revision)
     return w
 
 
-def search_hub_adapters(query: str = "", *, author: str | None = None, limit: int = 50, token: str | None = None) -> list[HubRepo]:
+def search_hub_adapters(query: str = "", *, author: str | None = None, limit: int = 50, token: str | None = None,
+                        timeout: float | None = None) -> list[HubRepo]:
     """Search Hub model repos tagged ``peft`` (LoRA adapters), most downloaded first.
 
-    Raises:
-        HubError: offline mode, or the Hub cannot be reached.
-    """
-    from huggingface_hub import HfApi
+    Args:
+        query: Words to search for (empty: every adapter).
+        author: Only this user's or organisation's repos.
+        limit: At most this many repos.
+        token: A Hub token (default: ``HF_TOKEN`` / the stored login).
+        timeout: Give up after this many seconds, so that a dead network never hangs
+            the caller (the request goes on in a daemon thread; its answer is dropped).
 
+    Raises:
+        HubError: offline mode, the Hub cannot be reached, or no answer within ``timeout``.
+    """
     if hub_offline():
         raise HubError("Hub search is unavailable in offline mode (HF_HUB_OFFLINE is set); the local cache is listed instead")
+    if timeout is None:
+        return _search(query, author, limit, token)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["repos"] = _search(query, author, limit, token)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True, name="hub-search")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise HubError(f"the Hub did not answer within {timeout:.0f} s (offline? set HF_HUB_OFFLINE=1)")
+    if "error" in box:
+        raise box["error"]
+    return box["repos"]
+
+
+def _search(query: str, author: str | None, limit: int, token: str | None) -> list[HubRepo]:
+    from huggingface_hub import HfApi
+
     api = HfApi(token=token)
     with _hub_errors(f"Hub search {query!r}"):
         models = list(
@@ -163,6 +194,21 @@ def search_hub_adapters(query: str = "", *, author: str | None = None, limit: in
         lm = getattr(m, "last_modified", None)
         out.append(HubRepo(m.id, getattr(m, "downloads", None), getattr(m, "likes", None), str(lm) if lm else None, tags, base))
     return out
+
+
+def cached_adapter_files(spec: str) -> tuple[Path, Path] | None:
+    """The config and weights of ``hf://org/repo[@rev]`` in the local cache, or ``None`` (never a request).
+
+    Raises:
+        ValueError: a malformed ``hf://`` id.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    s = parse_hub_spec(spec)
+    found = [try_to_load_from_cache(s.repo_id, name, revision=s.revision) for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)]
+    if not all(isinstance(f, str) for f in found):
+        return None
+    return Path(found[0]), Path(found[1])
 
 
 def list_cached_adapters(cache_dir: str | Path | None = None) -> list[CachedAdapter]:

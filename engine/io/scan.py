@@ -12,6 +12,9 @@ from pathlib import Path
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLE_WEIGHTS_NAMES, SUBSPACE_MANIFEST_NAME
 from ..errors import AdapterFormatError
 
+#: The prefix of a Hub adapter argument: ``hf://org/repo[@revision]``.
+HUB_PREFIX = "hf://"
+
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -99,8 +102,9 @@ class AdapterSpec:
 
     @property
     def label(self) -> str:
+        """The argument that names it: its path, or ``hf://org/repo[@rev]``."""
         if self.repo_id:
-            return f"hf://{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
+            return hub_spec_label(self.repo_id, self.revision)
         return str(self.path)
 
     @property
@@ -111,9 +115,19 @@ class AdapterSpec:
         return clean.replace("..", "_")
 
 
+def is_hub_spec(spec: str | Path) -> bool:
+    """True if an adapter argument names a Hub repo (``hf://…``), not a local path."""
+    return str(spec).startswith(HUB_PREFIX)
+
+
+def hub_spec_label(repo_id: str, revision: str | None = None) -> str:
+    """``hf://org/repo`` or ``hf://org/repo@rev``: the argument that names a Hub adapter."""
+    return f"{HUB_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+
+
 def parse_hub_spec(spec: str) -> AdapterSpec:
     """Parse ``hf://org/repo[@revision]``."""
-    body = spec[len("hf://"):]
+    body = spec[len(HUB_PREFIX):]
     repo, _, rev = body.partition("@")
     validate_repo_id(repo)
     return AdapterSpec(repo_id=repo, revision=rev or None)
@@ -126,7 +140,7 @@ def spec_of(spec: str | Path) -> AdapterSpec:
         ValueError: a malformed ``hf://`` id.
     """
     text = str(spec)
-    return parse_hub_spec(text) if text.startswith("hf://") else AdapterSpec(path=Path(text))
+    return parse_hub_spec(text) if is_hub_spec(text) else AdapterSpec(path=Path(text))
 
 
 def spec_name(spec: str | Path) -> str:
@@ -134,7 +148,7 @@ def spec_name(spec: str | Path) -> str:
     try:
         return spec_of(spec).name
     except ValueError:  # a malformed hf:// id still needs a label
-        return AdapterSpec(path=Path(str(spec).removeprefix("hf://").split("@", 1)[0])).name
+        return AdapterSpec(path=Path(str(spec).removeprefix(HUB_PREFIX).split("@", 1)[0])).name
 
 
 def spec_excluded(spec: AdapterSpec, patterns: Sequence[str], root: str | Path | None = None) -> bool:
@@ -180,7 +194,7 @@ def expand_adapter_specs(specs: list[str], exclude: Sequence[str] | None = None)
     out: list[AdapterSpec] = []
     dropped = 0
     for s in specs:
-        if s.startswith("hf://"):
+        if is_hub_spec(s):
             found_specs, root = [parse_hub_spec(s)], None
         else:
             p = Path(s)

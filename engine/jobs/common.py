@@ -1,6 +1,6 @@
 """Helpers the job implementations share: loading adapter specs, naming tasks, soft problems of an adapter.
 
-The figures of a module (norms, spectrum) are :func:`engine.figures.module_figures`.
+The figures of a module (norms, spectrum) are :func:`engine.analysis.figures.module_figures` (no math here).
 
 Torch is imported inside functions only.
 """
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..figures import module_figures
+from ..analysis.figures import module_figures
 from ..progress import CancelLike, ProgressFn, tick
 
 __all__ = ["adapter_warnings", "load_adapters", "load_one", "load_spec", "local_folder", "module_figures",

@@ -145,10 +145,7 @@ class _ModStats:
     feasible: bool = True  # an error target is met by some (k_u, k_v) within the sketch
 
 
-def _psd_sqrt(g: Tensor) -> Tensor:
-    """``L`` with ``L·Lᵀ = g`` for a symmetric PSD r×r ``g`` (eigen-decomposition, negatives clipped)."""
-    w, e = torch.linalg.eigh(g)
-    return e * w.clamp_min(0).sqrt()
+_psd_sqrt = ops.psd_sqrt  # ``L`` with ``L·Lᵀ = g`` (one toolkit: engine/ops.py)
 
 
 def _singular_values(ga: Tensor, gb: Tensor) -> Tensor:

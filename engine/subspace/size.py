@@ -36,9 +36,11 @@ def adapter_input_bytes(source: str | Path | None) -> tuple[int, int] | None:
     if source is None:
         return None
     from ..errors import VloraError
+    from ..io.hub import cached_adapter_files
+    from ..io.scan import is_hub_spec
 
     try:
-        files = _hub_files(str(source)) if str(source).startswith("hf://") else _local_files(Path(source))
+        files = cached_adapter_files(str(source)) if is_hub_spec(source) else _local_files(Path(source))
     except (VloraError, OSError, ValueError):
         return None
     if files is None:
@@ -60,20 +62,6 @@ def adapter_input_bytes(source: str | Path | None) -> tuple[int, int] | None:
                 numel *= int(d)
             wide += numel * (size - 2)
     return total, total - wide
-
-
-def _hub_files(spec: str) -> tuple[Path, Path] | None:
-    """The cached config and weights of ``hf://repo[@rev]`` (the local cache only: no request)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-    from ..io.scan import parse_hub_spec
-
-    s = parse_hub_spec(spec)
-    found = [try_to_load_from_cache(s.repo_id, name, revision=s.revision) for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)]
-    if not all(isinstance(f, str) for f in found):
-        return None
-    return Path(found[0]), Path(found[1])
 
 
 def _local_files(p: Path) -> tuple[Path, Path] | None:

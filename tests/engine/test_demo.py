@@ -1,10 +1,11 @@
-"""The built-in demo collection: deterministic, real PEFT folders, structured families; ``--batch info`` on it."""
+"""The built-in demo collection: deterministic, real PEFT folders, structured families.
+
+``--batch info`` on it: tests/batch/test_batch_info.py.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from engine.demo import DEMO_BASE_MODEL, DEMO_FAMILIES, DemoShape, make_demo_ada
 from engine.errors import JobCancelled, OutputExistsError
 from engine.io.local import check_compatible, load_adapter
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -105,58 +105,6 @@ def test_progress_and_cancel(tmp_path):
         make_demo_collection(tmp_path / "c", progress=stop_after_two, cancel=cancel)
     written = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
     assert 2 <= len(written) < len(paths)  # stopped at the next step, not at the end
-
-
-def _info_payload(doc: dict) -> dict:
-    """The adapter summary in ``--batch info --json`` output (bare, or as a job result's ``data``)."""
-    return doc["data"] if isinstance(doc.get("data"), dict) else doc
-
-
-def test_batch_info_json_on_demo_adapter(demo_dir):
-    path = demo_dir / "math-proofs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vlora_tui", "--batch", "info", str(path), "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    data = _info_payload(json.loads(proc.stdout))
-    shape = DemoShape()
-    assert data["rank"] == shape.rank
-    assert len(data["modules"]) == shape.layers * 4
-    assert data["num_params"] == sum(shape.rank * (o + i) for o, i in shape.modules().values())
-    assert data["base_model"] == DEMO_BASE_MODEL
-
-
-def test_batch_info_does_not_import_torch(demo_dir):
-    code = (
-        "import sys\n"
-        "from vlora_tui.__main__ import main\n"
-        f"rc = main(['--batch', 'info', {str(demo_dir / 'sql-postgres')!r}, '--json'])\n"
-        "assert rc == 0, rc\n"
-        "bad = sorted(m for m in ('torch', 'safetensors', 'textual', 'numpy') if m in sys.modules)\n"
-        "assert not bad, bad\n"
-        "print('CLEAN', file=sys.stderr)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "CLEAN" in proc.stderr
-    assert _info_payload(json.loads(proc.stdout))["rank"] == DemoShape().rank
-
-
-def test_batch_info_bad_adapter_exit_code(tmp_path):
-    (tmp_path / "empty").mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "vlora_tui", "--batch", "info", str(tmp_path / "empty"), "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode not in (0, None)
-    assert str(tmp_path / "empty") in proc.stdout + proc.stderr
 
 
 def test_a_cached_demo_from_another_generator_version_is_not_reused(tmp_path: Path) -> None:

@@ -235,3 +235,26 @@ def test_list_cached_adapters(hub, peft_family_dirs):
     assert cached[0].size_on_disk > 0
     assert load_adapter(cached[0].path).layer_names == load_adapter(peft_family_dirs[0]).layer_names
     assert list_cached_adapters(hub.cache) == cached
+
+
+def test_search_gives_up_after_timeout(hub, monkeypatch):
+    """A Hub that accepts the connection and never answers: a HubError naming the timeout, not a hang."""
+    import socket
+
+    import huggingface_hub.constants as C
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections wait in the backlog; nothing ever answers them
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(C, "ENDPOINT", url)
+    try:
+        with pytest.raises(HubError, match="did not answer within 1 s"):
+            search_hub_adapters("sql", timeout=1)
+    finally:
+        silent.close()
+    hub.add_listing("org/sql-lora", tags=("peft",))
+    monkeypatch.setattr(C, "ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert [r.repo_id for r in search_hub_adapters("sql", timeout=60)] == ["org/sql-lora"]

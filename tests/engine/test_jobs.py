@@ -261,16 +261,29 @@ def test_compress_cancel_in_process_runner_leaves_nothing(monkeypatch, tmp_path,
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-def test_compress_add_export_inline(tmp_path, peft_family_dirs):
+def _compress_abcd(tmp_path, peft_family_dirs):
     sub = tmp_path / "sub"
     res = run_job(JobRequest("compress", {"adapters": [str(p) for p in peft_family_dirs[:4]], "output": sub,
                                           "max_error": 0.001, "dtype": "float32", "task_ids": ["a", "b", "c", "d"]}))
+    return sub, res
+
+
+def test_compress_job_inline(tmp_path, peft_family_dirs):
+    _, res = _compress_abcd(tmp_path, peft_family_dirs)
     assert res.ok and res.data["tasks"] == ["a", "b", "c", "d"] and res.data["stats"]["error"]["max"] <= 0.0011
     with pytest.raises(ValueError, match="task_ids"):
         run_job(JobRequest("compress", {"adapters": peft_family_dirs[:2], "output": tmp_path / "x", "task_ids": ["a"]}))
+
+
+def test_add_job_inline(tmp_path, peft_family_dirs):
+    sub, _ = _compress_abcd(tmp_path, peft_family_dirs)
     add = run_job(JobRequest("add", {"subspace": sub, "adapter": peft_family_dirs[4], "task_id": "e", "project": True,
                                       "force": True, "allow_worse": True}))
     assert add.data["mode"] == "project" and add.outputs == [str(sub)]
+
+
+def test_export_job_inline(tmp_path, peft_family_dirs):
+    sub, _ = _compress_abcd(tmp_path, peft_family_dirs)
     exp = run_job(JobRequest("export", {"subspace": sub, "task_id": "b", "output": tmp_path / "b", "exact_rank": True,
                                         "base_model": "other/base", "target_modules": ["q_proj", "v_proj"]}))
     cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())

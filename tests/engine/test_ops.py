@@ -86,3 +86,18 @@ def test_lowrank_products_match_dense():
     u, s, vh = ops.lowrank_svd(b1.double(), a1.double())
     assert torch.allclose((u * s) @ vh, d1, atol=1e-9)
     assert torch.allclose(s, torch.linalg.svdvals(d1)[:3], atol=1e-9)
+
+
+def test_lowrank_norm_and_psd_sqrt():
+    g = torch.Generator().manual_seed(6)
+    b, a = torch.randn(10, 3, generator=g), torch.randn(3, 8, generator=g)
+    d = b.double() @ a.double()
+    assert ops.lowrank_norm(b, a) == pytest.approx(float(np.linalg.norm(d.numpy())), rel=1e-9)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    gram = x @ x.T  # rank 3: two zero eigenvalues, clipped
+    lo = ops.psd_sqrt(gram)
+    assert torch.allclose(lo @ lo.T, gram, atol=1e-10)
+    m = (b.double() @ a.double()[:, :5]).numpy()  # 10×5
+    sv = np.linalg.svd(m @ lo.numpy(), compute_uv=False)[:3]
+    eig = np.linalg.eigvalsh(m @ gram.numpy() @ m.T)[::-1][:3]  # the spectrum of M·g·Mᵀ, independently
+    assert np.allclose(sv, np.sqrt(eig), rtol=1e-8)

@@ -353,8 +353,19 @@ def test_rank_contradicts_config(loader, tmp_path):
     msg = str(ei.value)
     assert "model.layers.0.self_attn.q_proj" in msg and "rank 4" in msg and "r=8" in msg
     # a rank_pattern that explains the difference is fine
+    tensors = _tensors(r=4)
     _write(folder, None, _config(r=8, rank_pattern={"q_proj": 4, "v_proj": 4}))
-    assert loader(folder) is not None
+    got = loader(folder)
+    # each module's rank is its tensors' (lora_A's rows), which the rank_pattern names
+    want = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): int(v.shape[0])
+            for k, v in tensors.items() if k.endswith(".lora_A.weight")}
+    assert want == {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.self_attn.v_proj": 4}
+    if isinstance(got, LoRAWeights):
+        assert got.ranks == want and got.rank == 8
+        # PEFT's scale for a pattern rank: lora_alpha / rank_pattern[module] = 8 / 4
+        assert {m: got.scale(m) for m in got.layer_names} == {m: 8 / 4 for m in want}
+    else:
+        assert {m.name: m.rank for m in got.modules} == want and got.rank == 8
 
 
 @pytest.mark.parametrize("loader", LOADERS)

@@ -422,15 +422,3 @@ def test_collection_screen_reads_headers_without_torch(fixed_demo: Path) -> None
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[-2:] == ["14 0", "False"], out.stdout
-
-
-def test_incompatible_majority_rules() -> None:
-    from vlora_tui.compat import incompatible
-
-    a = ("base", (("m1", 8, 8), ("m2", 8, 8)))
-    other_shape = ("base", (("m1", 8, 8), ("m2", 8, 4)))
-    other_base = ("other", a[1])
-    no_base = (None, a[1])
-    out = incompatible({"x": a, "y": a, "z": other_shape, "w": other_base, "v": no_base, "u": "cannot read: broken"})
-    assert set(out) == {"z", "w", "u"}
-    assert "m2 is 8×4" in out["z"] and "other" in out["w"]

@@ -14,6 +14,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
+from engine.io.scan import is_hub_spec
+
 from .base import VloraScreen
 
 
@@ -107,7 +109,8 @@ class AdapterScreen(VloraScreen):
             return
         insp = app.inspections.get(spec)
         summary = None
-        if not spec.startswith("hf://"):
+        hub = is_hub_spec(spec)
+        if not hub:
             from engine.errors import VloraError
             from engine.io.header import read_adapter_summary
 
@@ -121,7 +124,7 @@ class AdapterScreen(VloraScreen):
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold")
         grid.add_column()
-        name = Path(spec).name if not spec.startswith("hf://") else spec
+        name = spec if hub else Path(spec).name
         grid.add_row("adapter", name)
         if summary is not None:
             tm = summary.target_modules if isinstance(summary.target_modules, str) else ", ".join(summary.target_modules)

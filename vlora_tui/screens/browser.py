@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,6 +13,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Input, Label, OptionList, Static, TabbedContent, TabPane
 from textual.widgets.option_list import Option
+
+from engine.io.scan import hub_spec_label
 
 from ..messages import AddToCollection, CachedAdaptersListed, HubSearchDone
 from ..widgets.adapter_tree import AdapterTree
@@ -183,7 +184,7 @@ class BrowserScreen(VloraScreen):
         elif tab == "hub":
             row = self.query_one("#hub-table", DataTable).cursor_row
             if 0 <= row < len(self._hub_repos):
-                self.post_message(AddToCollection([f"hf://{self._hub_repos[row].repo_id}"]))
+                self.post_message(AddToCollection([hub_spec_label(self._hub_repos[row].repo_id)]))
 
     def action_open(self) -> None:
         if self.query_one("#collection-list", OptionList).has_focus:
@@ -278,23 +279,14 @@ class BrowserScreen(VloraScreen):
 
     @work(thread=True, exit_on_error=False, group="hub-search", exclusive=True)
     def _search_hub(self, query: str, timeout: float) -> None:
-        """Search in a helper thread and give up after ``timeout`` seconds, so a dead network never hangs."""
-        box: dict[str, Any] = {}
+        """Search the Hub; the engine gives up after ``timeout`` seconds, so a dead network never hangs."""
+        from engine.io.hub import search_hub_adapters
 
-        def search() -> None:
-            from engine.io.hub import search_hub_adapters
-
-            try:
-                box["repos"] = search_hub_adapters(query, limit=50)
-            except Exception as exc:  # HubError or anything the network throws
-                box["error"] = str(exc)
-
-        t = threading.Thread(target=search, daemon=True, name="hub-search")
-        t.start()
-        t.join(timeout)
-        if t.is_alive():
-            box["error"] = f"the Hub did not answer within {timeout:.0f} s (offline? set HF_HUB_OFFLINE=1)"
-        self.post_message(HubSearchDone(query, box.get("repos", []), box.get("error")))
+        try:
+            repos, error = search_hub_adapters(query, limit=50, timeout=timeout), None
+        except Exception as exc:  # HubError or anything the network throws
+            repos, error = [], str(exc)
+        self.post_message(HubSearchDone(query, repos, error))
 
     @on(HubSearchDone)
     def _hub_done(self, event: HubSearchDone) -> None:

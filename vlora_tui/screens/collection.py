@@ -89,13 +89,19 @@ class CollectionScreen(VloraScreen):
 
     def _check_compatibility(self) -> None:
         """Mark adapters whose modules/shapes differ from the majority (headers only, read once per adapter)."""
-        from ..compat import incompatible, read_signature
+        from engine.io.compat import incompatible_with_majority
+        from engine.io.header import read_adapter_summary
+        from engine.io.scan import is_hub_spec
 
         for spec in self.app.collection:
-            if spec not in self._signatures and not spec.startswith("hf://"):
-                self._signatures[spec] = read_signature(spec)
-        known = {s: self._signatures[s] for s in self.app.collection if s in self._signatures}
-        self.incompatible = incompatible(known) if len(known) >= 2 else {}
+            if spec not in self._signatures and not is_hub_spec(spec):  # a Hub adapter: not downloaded yet
+                try:
+                    self._signatures[spec] = read_adapter_summary(spec)
+                except Exception:  # the engine reads it again and says why ("cannot read: …")
+                    self._signatures[spec] = spec
+        known = [s for s in self.app.collection if s in self._signatures]
+        self.incompatible = (incompatible_with_majority([self._signatures[s] for s in known], names=known)
+                             if len(known) >= 2 else {})
 
     def selected_specs(self) -> list[str]:
         sl = self.query_one("#members", SelectionList)

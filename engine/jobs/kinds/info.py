@@ -77,10 +77,10 @@ def run_info(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
       ``shared``: False for a module stored per task, ``stored``: ``"shared 3×4"`` or ``"per task, rank 4"``),
       "fidelity": {task: {module: error}}, "variance": {module: [cumulative explained share for k = 1, 2, …]}}``.
     """
-    from ...io.scan import is_adapter_dir, is_subspace_dir
+    from ...io.scan import is_adapter_dir, is_hub_spec, is_subspace_dir
 
     spec = str(params["path"])
-    if spec.startswith("hf://"):
+    if is_hub_spec(spec):
         from ...io.header import read_adapter_summary
         from ...io.scan import spec_of
         from ..common import local_folder

@@ -21,7 +21,7 @@ def run_inspect(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     "norm_delta_total", "problems": [str, …]}``
     """
     from ...io.local import load_adapter
-    from ...figures import module_figures
+    from ...analysis.figures import module_figures
     from ...io.scan import spec_of
     from ..common import adapter_warnings, local_folder
 

@@ -27,7 +27,7 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     from ...errors import IncompatibleAdaptersError, VloraError
     from ...io.local import check_compatible
     from ...io.scan import expand_adapter_specs
-    from ...figures import module_figures
+    from ...analysis.figures import module_figures
     from ..common import adapter_warnings, load_spec, unique_names
 
     from ...io.targets import target_problems

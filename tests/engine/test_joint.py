@@ -1,10 +1,11 @@
-"""The joint build's randomized range sketch and the mean-error k rule, against independent computations."""
+"""engine.subspace.joint: the joint build (exactness, rotation invariance), its randomized range sketch and the
+mean-error k rule, against independent computations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_subspace import MODS, R, dense_err, family
+from test_subspace import MODS, R, dense_err, family, lora
 
 from engine.io import save_adapter
 from engine.subspace import SharedSubspace
@@ -13,6 +14,38 @@ from engine.subspace.joint import encode_joint
 
 def _dense_mean_err(sub: SharedSubspace, ads, m: str) -> float:
     return sum(dense_err(a, sub.reconstruct(a.name), m) for a in ads) / len(ads)
+
+
+def test_joint_exact_on_collection_in_k_dim_space():
+    ads = family(6, k0=4)
+    sub = SharedSubspace.from_adapters(ads, num_components=4, dtype="float32", method="joint")
+    assert sub.k_per_module == {m: 4 for m in MODS}
+    assert sub.compression_stats()["error"]["max"] < 1e-5
+    for a in ads:
+        rec = sub.reconstruct(a.name)
+        for m in MODS:
+            assert dense_err(a, rec, m) < 1e-5
+
+
+def test_joint_blind_to_rank_rotation():
+    ads = family(5, noise=0.4, seed=4)
+    g = torch.Generator().manual_seed(99)
+    rotated = []
+    for a in ads:
+        qs = {m: torch.linalg.qr(torch.randn(R, R, generator=g))[0] for m in MODS}
+        rotated.append(lora({m: qs[m].T @ a.lora_a[m] for m in MODS}, {m: a.lora_b[m] @ qs[m] for m in MODS}, a.name))
+    s1 = SharedSubspace.from_adapters(ads, num_components=3, dtype="float32", method="joint")
+    s2 = SharedSubspace.from_adapters(rotated, num_components=3, dtype="float32", method="joint")
+    for a in ads:
+        for m in MODS:
+            assert s1.tasks[a.name].fidelity[m] == pytest.approx(s2.tasks[a.name].fidelity[m], rel=1e-4, abs=1e-6)
+            d1 = s1.reconstruct(a.name).delta_weight(m)
+            d2 = s2.reconstruct(a.name).delta_weight(m)
+            assert torch.allclose(d1, d2, atol=1e-5 * float(d1.norm()))
+    # the seed is not: its factor-space PCA sees different data
+    p1 = SharedSubspace.from_adapters(ads, method="pca", num_components=2, dtype="float32")
+    p2 = SharedSubspace.from_adapters(rotated, method="pca", num_components=2, dtype="float32")
+    assert abs(p1.compression_stats()["error"]["mean"] - p2.compression_stats()["error"]["mean"]) > 1e-3
 
 
 def test_sketch_narrower_than_the_ranks_still_exact_on_a_low_rank_collection():

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import engine.io.local as local
-from engine.io.local import atomic_dir, sweep_siblings
+import engine.io.atomic as atomic
+from engine.io.atomic import atomic_dir, sweep_siblings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +117,7 @@ def test_live_writers_hidden_output_is_not_taken(tmp_path):
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_output_present_at_every_step_of_a_replace(tmp_path, monkeypatch, exchange):
-    if exchange and not local._renameat2():
+    if exchange and not atomic._renameat2():
         pytest.skip("no renameat2 here")
     out = tmp_path / "out"
     _write(out, "old")
@@ -127,7 +127,7 @@ def test_output_present_at_every_step_of_a_replace(tmp_path, monkeypatch, exchan
         marker = out / "marker.txt"
         seen.append((step, marker.read_text() if marker.exists() else None))
 
-    real_exchange, real_rename, real_replace, real_rmtree = local._exchange, os.rename, os.replace, local.shutil.rmtree
+    real_exchange, real_rename, real_replace, real_rmtree = atomic._exchange, os.rename, os.replace, atomic.shutil.rmtree
 
     def exchange_(a, b):
         state("before exchange")
@@ -149,10 +149,10 @@ def test_output_present_at_every_step_of_a_replace(tmp_path, monkeypatch, exchan
         state("before rmtree")
         real_rmtree(p, *args, **kwargs)
 
-    monkeypatch.setattr(local, "_exchange", exchange_)
-    monkeypatch.setattr(local.os, "rename", rename)
-    monkeypatch.setattr(local.os, "replace", replace)
-    monkeypatch.setattr(local.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(atomic, "_exchange", exchange_)
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
     _write(out, "new")
     monkeypatch.undo()
     assert (out / "marker.txt").read_text() == "new" and _siblings(tmp_path) == []
@@ -165,20 +165,20 @@ def test_output_present_at_every_step_of_a_replace(tmp_path, monkeypatch, exchan
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import engine.io.local as local
+    import engine.io.atomic as atomic
     out, point, exchange = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
-    real_exchange, real_rename = local._exchange, os.rename
+    real_exchange, real_rename = atomic._exchange, os.rename
     if not exchange:
-        local._exchange = lambda a, b: False
+        atomic._exchange = lambda a, b: False
     if point == "writing":
-        local._normalize_modes = die
+        atomic._normalize_modes = die
     elif point == "after_exchange":
-        local.shutil.rmtree = die
+        atomic.shutil.rmtree = die
     elif point == "between_renames":
-        local.os.replace = die
-    with local.atomic_dir(out, force=True) as tmp:
+        atomic.os.replace = die
+    with atomic.atomic_dir(out, force=True) as tmp:
         (tmp / "marker.txt").write_text("new")
 """)
 
@@ -186,7 +186,7 @@ _KILLER = textwrap.dedent("""
 @pytest.mark.parametrize(("point", "exchange"), [("writing", True), ("after_exchange", True),
                                                  ("writing", False), ("between_renames", False)])
 def test_killed_writer_leaves_output_or_a_recoverable_one(tmp_path, point, exchange):
-    if exchange and not local._renameat2():
+    if exchange and not atomic._renameat2():
         pytest.skip("no renameat2 here")
     out = tmp_path / "out"
     _write(out, "old")
@@ -217,7 +217,7 @@ def test_exchange_falls_back_when_unsupported(tmp_path, monkeypatch):
         ctypes.set_errno(errno.EINVAL)
         return -1
 
-    monkeypatch.setattr(local, "_renameat2_fn", refuse)
-    assert local._exchange(tmp_path / "x", out) is False
+    monkeypatch.setattr(atomic, "_renameat2_fn", refuse)
+    assert atomic._exchange(tmp_path / "x", out) is False
     _write(out, "new")
     assert (out / "marker.txt").read_text() == "new" and _siblings(tmp_path) == []
