@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..errors import AdapterFormatError, VloraError
 from ..executors import Executor, InProcessExecutor
 from .common import AdapterSource, effective_factors
