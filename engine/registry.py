@@ -86,7 +86,10 @@ class Param:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A registered method: its kind (``compress``/``merge``/``quantize``), name, help, parameters."""
+    """A registered method: its kind (``compress``/``merge``/``quantize``), name, help, parameters.
+
+    ``func`` runs it; a subclass may carry more (``engine.methods.compress.CompressMethod`` builds).
+    """
 
     kind: str
     name: str
@@ -102,10 +105,16 @@ def register(kind: str, name: str, help: str, params: tuple[Param, ...] = ()) ->
     """Decorator: register ``func`` as method ``name`` of ``kind``."""
 
     def deco(func: Callable[..., Any]) -> Callable[..., Any]:
-        _REGISTRY.setdefault(kind, {})[name] = MethodInfo(kind, name, help, tuple(params), func)
+        register_method(MethodInfo(kind, name, help, tuple(params), func))
         return func
 
     return deco
+
+
+def register_method(method: MethodInfo) -> MethodInfo:
+    """Register a method object (a :class:`MethodInfo` or subclass, e.g. a compression method that owns its build)."""
+    _REGISTRY.setdefault(method.kind, {})[method.name] = method
+    return method
 
 
 def methods(kind: str) -> dict[str, MethodInfo]:

@@ -32,47 +32,82 @@ def _label(a: LoRAWeights, i: int) -> str:
     return a.name or a.source or f"adapter #{i}"
 
 
-def check_compatible(adapters: Sequence[LoRAWeights], *, allow_mixed_ranks: bool = True) -> CompatibilityReport:
+@dataclass(frozen=True)
+class _Facts:
+    """What the compatibility checks read of one adapter: from its tensors or from its header."""
+
+    label: str
+    base_model: str | None
+    modules: list[str]
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[str, int]
+
+
+def _facts(item: Any, i: int) -> _Facts:
+    """The facts of a ``LoRAWeights``, an ``AdapterSummary`` or an adapter path (header and config only)."""
+    from ..types import AdapterSummary
+    from .header import read_adapter_summary
+
+    if isinstance(item, (str, Path)):
+        label = str(item)
+        item = read_adapter_summary(item)
+    else:
+        label = ""
+    if isinstance(item, AdapterSummary):
+        return _Facts(label or Path(item.path).name, item.base_model, [m.name for m in item.modules],
+                      {m.name: (int(m.out_features), int(m.in_features)) for m in item.modules},
+                      {m.name: int(m.rank) for m in item.modules})
+    if isinstance(item, LoRAWeights):
+        return _Facts(_label(item, i), item.base_model_name_or_path, list(item.layer_names),
+                      {m: item.shapes(m) for m in item.layer_names}, {m: item.module_rank(m) for m in item.layer_names})
+    raise TypeError(f"expected LoRAWeights, AdapterSummary or an adapter path, got {type(item).__name__}")
+
+
+def check_compatible(adapters: Sequence[Any], *, allow_mixed_ranks: bool = True) -> CompatibilityReport:
     """Check that adapters can share a basis: same base model, modules and shapes.
 
-    Different ranks are reported (``mixed_ranks``) and refused only when
-    ``allow_mixed_ranks`` is false.
+    The one check for adapters in memory and for adapter folders (``from_adapters_streaming``):
+    ``adapters`` are :class:`~engine.types.LoRAWeights`, or paths / ``AdapterSummary`` read
+    from their headers and configs only (no tensors). Different ranks are reported
+    (``mixed_ranks``) and refused only when ``allow_mixed_ranks`` is false.
 
     Raises:
         IncompatibleAdaptersError: naming the first adapter and module that differ.
+        AdapterFormatError: an unreadable path.
         ValueError: empty input.
     """
     if not adapters:
         raise ValueError("no adapters given")
-    ref = adapters[0]
+    facts = [_facts(a, i) for i, a in enumerate(adapters)]
+    ref = facts[0]
     problems: list[str] = []
-    bases = {a.base_model_name_or_path for a in adapters if a.base_model_name_or_path}
+    bases = {f.base_model for f in facts if f.base_model}
     if len(bases) > 1:
         problems.append("different base models: " + ", ".join(sorted(bases)))
-    ref_set = set(ref.layer_names)
-    shapes = {m: ref.shapes(m) for m in ref.layer_names}
-    ranks: dict[str, list[int]] = {m: [] for m in ref.layer_names}
-    for i, a in enumerate(adapters):
-        s = set(a.layer_names)
+    ref_set = set(ref.modules)
+    shapes = dict(ref.shapes)
+    ranks: dict[str, list[int]] = {m: [] for m in ref.modules}
+    for f in facts:
+        s = set(f.modules)
         if s != ref_set:
             missing, added = sorted(ref_set - s), sorted(s - ref_set)
             detail = []
             if missing:
-                detail.append(f"lacks {len(missing)} module(s) of {_label(ref, 0)}, e.g. '{missing[0]}'")
+                detail.append(f"lacks {len(missing)} module(s) of {ref.label}, e.g. '{missing[0]}'")
             if added:
-                detail.append(f"has {len(added)} module(s) {_label(ref, 0)} lacks, e.g. '{added[0]}'")
-            problems.append(f"{_label(a, i)} " + " and ".join(detail))
+                detail.append(f"has {len(added)} module(s) {ref.label} lacks, e.g. '{added[0]}'")
+            problems.append(f"{f.label} " + " and ".join(detail))
             continue
-        for m in ref.layer_names:
-            if a.shapes(m) != shapes[m]:
-                problems.append(f"{_label(a, i)}: module '{m}' has shape {a.shapes(m)}, {_label(ref, 0)} has {shapes[m]}")
+        for m in ref.modules:
+            if f.shapes[m] != shapes[m]:
+                problems.append(f"{f.label}: module '{m}' has shape {f.shapes[m]}, {ref.label} has {shapes[m]}")
                 break
-            ranks[m].append(a.module_rank(m))
+            ranks[m].append(f.ranks[m])
     if problems:
         raise IncompatibleAdaptersError("; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
     mixed = any(len(set(v)) > 1 for v in ranks.values())
     report = CompatibilityReport(
-        modules=list(ref.layer_names), shapes=shapes, ranks=ranks, base_model=next(iter(bases), None), mixed_ranks=mixed
+        modules=list(ref.modules), shapes=shapes, ranks=ranks, base_model=next(iter(bases), None), mixed_ranks=mixed
     )
     if mixed:
         rset = sorted({r for v in ranks.values() for r in v})

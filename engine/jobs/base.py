@@ -88,6 +88,9 @@ class JobKind:
         view: The TUI's view of a finished job's result (a name in
             ``vlora_tui.results.VIEWS``); ``None``: a toast with the summary only.
         stderr_warnings: ``--batch`` prints the result's ``data["warnings"]`` on stderr.
+        check: Checks the parameters together, after each was checked alone (``check(params)``,
+            ``ValueError`` naming the parameter); torch-free, so the TUI's form and ``--batch``
+            refuse bad input before any work (``compress``: its ``BuildParams``).
     """
 
     name: str
@@ -104,6 +107,7 @@ class JobKind:
     form_rank: int | None = None
     view: str | None = None
     stderr_warnings: bool = False
+    check: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]

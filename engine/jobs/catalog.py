@@ -36,7 +36,8 @@ def validate_request(req: JobRequest) -> dict[str, Any]:
     Returns a dict with every parameter of the kind (defaults filled in).
 
     Raises:
-        ValueError: unknown kind, unknown parameter, or a bad/missing value (naming it).
+        ValueError: unknown kind, unknown parameter, a bad/missing value, or values that do not
+            go together (the kind's ``check``), naming the parameter.
     """
     kind = get_kind(req.kind)
     names = {p.name for p in kind.params}
@@ -49,6 +50,8 @@ def validate_request(req: JobRequest) -> dict[str, Any]:
         if value is None:
             value = p.default
         out[p.name] = p.validate(value)
+    if kind.check is not None:
+        kind.check(out)
     return out
 
 

@@ -12,12 +12,15 @@ import torch
 from torch import Tensor
 
 from ..errors import IncompatibleAdaptersError
+from ..methods.build_params import dtype_name as _dtype_name
+from ..methods.compress import DEFAULT_COMPRESS_METHOD
+from ..registry import methods as _methods
 from ..types import LoRAWeights
 
-#: Compression methods. ``pca`` is the seed; ``joint``/``share`` share row and column
-#: bases per module; ``svd`` is the honest per-task baseline.
-METHODS = ("joint", "share", "pca", "svd")
-DEFAULT_METHOD = "joint"
+#: Compression methods, as registered (:mod:`engine.methods.compress`). ``pca`` is the seed;
+#: ``joint``/``share`` share row and column bases per module; ``svd`` is the honest per-task baseline.
+METHODS = tuple(_methods("compress"))
+DEFAULT_METHOD = DEFAULT_COMPRESS_METHOD
 
 
 def module_scale(template: LoRAWeights, module: str, rank: int) -> float:
@@ -237,13 +240,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype(dtype: Any) -> torch.dtype:
     """``torch.float16`` from ``"float16"``/``"fp16"``/a torch dtype; ``ValueError`` otherwise."""
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"storage dtype must be a float type, got {dtype}")
-        return dtype
-    names = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-             "float64": torch.float64}
-    if str(dtype) not in names:
-        raise ValueError(f"unknown storage dtype {dtype!r}; use float16, bfloat16 or float32")
-    return names[str(dtype)]
+    dt = getattr(torch, _dtype_name(dtype))
+    assert isinstance(dt, torch.dtype)
+    return dt

@@ -1,10 +1,16 @@
-"""``SharedSubspace``: one shared basis per module plus small per-task coefficients."""
+"""``SharedSubspace``: one shared basis per module plus small per-task coefficients.
+
+The class holds the subspace's state, its facts, reconstruction, quantisation,
+accounting and persistence. Building lives in :mod:`.build` (the registered method
+builds: ``engine.methods.compress``), task operations (project, absorb, add, train) in
+:mod:`.tasks`, accounting (bytes, ratios, storage) in :mod:`.accounting`; the methods
+here of those names delegate to them. Above ~450 lines because it is the public API: the
+seed-compatible attributes and every public method with its docstring (the reference).
+"""
 
 from __future__ import annotations
 
 import copy
-import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,82 +19,19 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..errors import AdapterFormatError, ErrorTargetError, IncompatibleAdaptersError, UnknownTaskError
-from ..io.scan import validate_task_id
+from ..errors import UnknownTaskError
+from ..methods.build_params import SEED_VARIANCE_THRESHOLD, BuildParams
 from ..progress import CancelLike, ProgressFn, tick
 from ..types import LoRAWeights
-from .chunks import DEFAULT_MEMORY_BUDGET_MB, build_in_chunks
-from .common import (
-    DEFAULT_METHOD,
-    METHODS,
-    AdapterSource,
-    ModuleBasis,
-    TaskProjection,
-    check_finite,
-    check_shapes,
-    config_template,
-    dtype_name,
-    effective_factors,
-    nbytes,
-    parse_dtype,
-    vllm_rank,
-)
-from .joint import (
-    JointParams,
-    encode_joint,
-    encode_separate,
-    error_target,
-    extend_for_task,
-    joint_factors,
-)
-from .pca import PCAParams, encode_pca, pca_factors
-from .precision import check_build_precision
+from . import accounting as _accounting
+from . import tasks as _tasks
+from .build import from_params as _from_params
+from .chunks import DEFAULT_MEMORY_BUDGET_MB
+from .common import ModuleBasis, TaskProjection, dtype_name, effective_factors, parse_dtype, vllm_rank
+from .joint import joint_factors
+from .pca import pca_factors
 from .quant import QuantizedTensor, quantize_tensor
-from .rule import RuleBreak, breaks_message, complete_params, k_rule, rule_breaks, tolerance
-
-
-def resolve_method(method: str | None, max_error: float | None, mean_error: float | None) -> str:
-    """The method a build uses when ``method`` is not given.
-
-    The seed's call, ``from_adapters(adapters, num_components=k)`` (or with
-    ``variance_threshold``/``adaptive_k``), keeps the seed's meaning: ``pca`` of the
-    flattened factors with k components. With an error target (``max_error`` /
-    ``mean_error``, this project's parameters) the build is ``joint``. The job layer,
-    the CLI and the TUI always pass ``method`` explicitly.
-    """
-    if method is not None:
-        return method
-    return DEFAULT_METHOD if (max_error is not None or mean_error is not None) else "pca"
-
-
-def resolve_dtype(dtype: Any, method: str) -> Any:
-    """Storage precision when ``dtype`` is not given: float32 for ``pca`` (the seed stores the
-    factors' own precision), float16 for the others."""
-    if dtype is not None:
-        return dtype
-    return torch.float32 if method == "pca" else torch.float16
-
-
-def _task_ids(n: int, task_ids: Sequence[str] | None, names: Sequence[str | None]) -> list[str]:
-    if task_ids is not None:
-        ids = [str(t) for t in task_ids]
-        if len(ids) != n:
-            raise ValueError(f"task_ids has {len(ids)} entries for {n} adapters")
-    else:
-        ids = []
-        for i, nm in enumerate(names):
-            try:
-                ids.append(validate_task_id(str(nm)) if nm else f"task_{i}")
-            except ValueError:
-                ids.append(f"task_{i}")
-        if len(set(ids)) != len(ids):
-            ids = [f"task_{i}" for i in range(n)]
-    for t in ids:
-        validate_task_id(t)
-    dup = sorted({t for t in ids if ids.count(t) > 1})
-    if dup:
-        raise ValueError(f"duplicate task ids: {', '.join(dup)}")
-    return ids
+from .rule import RuleBreak, complete_params, k_rule
 
 
 class SharedSubspace:
@@ -164,7 +107,7 @@ class SharedSubspace:
 
     @property
     def variance_threshold(self) -> float:
-        return float(self.params.get("variance_threshold") or 0.6)
+        return float(self.params.get("variance_threshold") or SEED_VARIANCE_THRESHOLD)
 
     def _pca_view(self, key: str, what: str) -> dict[str, Tensor]:
         """The seed's per-module tensors of a ``pca`` subspace (module → tensor, storage precision)."""
@@ -224,6 +167,7 @@ class SharedSubspace:
             raise UnknownTaskError(f"unknown task {task_id!r}; the subspace holds: {known or '(none)'}")
         return self.tasks[task_id]
 
+
     # -- building -----------------------------------------------------------
     @classmethod
     def from_adapters(
@@ -231,7 +175,7 @@ class SharedSubspace:
         adapters: Sequence[LoRAWeights],
         task_ids: Sequence[str] | None = None,
         num_components: int | None = None,
-        variance_threshold: float = 0.6,
+        variance_threshold: float = SEED_VARIANCE_THRESHOLD,
         adaptive_k: bool = False,
         max_error: float | None = None,
         method: str | None = None,
@@ -266,7 +210,7 @@ class SharedSubspace:
                 so the overall mean meets it too); with both, k meets both.
             method: ``joint``, ``share``, ``pca`` or ``svd``. Not given: ``pca`` (the seed's
                 meaning of ``num_components``/``variance_threshold``/``adaptive_k``), or
-                ``joint`` when ``max_error``/``mean_error`` is given (see :func:`resolve_method`).
+                ``joint`` when ``max_error``/``mean_error`` is given (see :func:`engine.methods.build_params.resolve_method`).
             refine: Alternating refinement rounds of the joint basis.
             hybrid: See ``max_error``.
             dtype: Storage precision (default float32 for pca, as the seed, float16 for the
@@ -298,23 +242,10 @@ class SharedSubspace:
             ValueError: bad arguments, NaN/Inf, k too large, invalid task ids.
             IncompatibleAdaptersError: different modules/shapes/base models (or ranks for pca).
         """
-        from ..io.local import check_compatible
-
-        method = resolve_method(method, max_error, mean_error)
-        dtype = resolve_dtype(dtype, method)
-        if not adapters:
-            raise ValueError("from_adapters: no adapters given")
-        ids = _task_ids(len(adapters), task_ids, [a.name for a in adapters])
-        report = check_compatible(list(adapters))
-        for i, a in enumerate(adapters):
-            check_finite(a, f"adapter {ids[i]!r}")
-        if method == "pca" and report.mixed_ranks:
-            raise IncompatibleAdaptersError(report.warnings[0] + "; method 'pca' needs one rank, use method='joint'")
-        source = AdapterSource(ids, adapters=adapters)
-        return cls._build(source, report.shapes, method, num_components, variance_threshold, adaptive_k, max_error,
-                          mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=report.ranks,
-                          memory_budget_mb=memory_budget_mb, prior=_prior, precision=precision, block_size=block_size,
-                          executor=executor, scheduler=scheduler, n_workers=n_workers)
+        params = BuildParams(method, num_components, variance_threshold, adaptive_k, max_error, mean_error, refine, hybrid,
+                             sketch_rank, dtype, precision, block_size)
+        return cls.from_params(adapters, params, task_ids, memory_budget_mb=memory_budget_mb, prior=_prior,
+                               progress=progress, cancel=cancel, executor=executor, scheduler=scheduler, n_workers=n_workers)
 
     @classmethod
     def from_adapters_streaming(
@@ -322,7 +253,7 @@ class SharedSubspace:
         paths: Sequence[str | Path],
         task_ids: Sequence[str] | None = None,
         num_components: int | None = None,
-        variance_threshold: float = 0.6,
+        variance_threshold: float = SEED_VARIANCE_THRESHOLD,
         adaptive_k: bool = False,
         max_error: float | None = None,
         method: str | None = None,
@@ -349,138 +280,27 @@ class SharedSubspace:
         chunk's statistics (``memory_budget_mb``) plus the result. With ``executor="dask"``
         each worker reads only its shard's tensors of the chunk from the paths.
         """
-        from ..io.header import (
-            read_config,
-            read_safetensors_header,
-            resolve_adapter_files,
-            strip_prefix,
-        )
-
-        method = resolve_method(method, max_error, mean_error)
-        dtype = resolve_dtype(dtype, method)
-        if not paths:
-            raise ValueError("from_adapters_streaming: no adapter paths given")
-        _return_freed_memory()
-        ps = [Path(p) for p in paths]
-        ids = _task_ids(len(ps), task_ids, [p.name for p in ps])
-        # validate every file's header up front (cheap, no tensors), collecting the problems
-        shapes: dict[str, tuple[int, int]] | None = None
-        ranks: set[int] = set()
-        module_ranks: dict[str, list[int]] = {}
-        problems: list[str] = []
-        base: str | None = None
-        for p in ps:
-            cfg_path, w_path = resolve_adapter_files(p)
-            cfg = read_config(cfg_path)
-            hdr = read_safetensors_header(w_path)
-            mods: dict[str, dict[str, Any]] = {}
-            for key, info in hdr.items():
-                for side in ("A", "B"):
-                    tag = f".lora_{side}."
-                    if tag in key and key.endswith(".weight"):
-                        mods.setdefault(strip_prefix(key.split(tag)[0]), {})[side] = info["shape"]
-            sh = {m: (int(v["B"][0]), int(v["A"][1])) for m, v in mods.items() if "A" in v and "B" in v}
-            ranks |= {int(v["A"][0]) for v in mods.values() if "A" in v}
-            for m, v in mods.items():
-                if "A" in v:
-                    module_ranks.setdefault(m, []).append(int(v["A"][0]))
-            b = cfg.get("base_model_name_or_path")
-            if shapes is None:
-                shapes, base = sh, b
-            elif sh != shapes:
-                diff = sorted(set(sh) ^ set(shapes)) or sorted(m for m in sh if sh[m] != shapes.get(m))
-                problems.append(f"{p}: modules or shapes differ from {ps[0]} (e.g. '{diff[0]}')")
-            elif base and b and b != base:
-                problems.append(f"{p}: base model {b!r} differs from {base!r}")
-        if problems:
-            raise IncompatibleAdaptersError("; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
-        if method == "pca" and len(ranks) > 1:
-            raise IncompatibleAdaptersError(f"adapters have different ranks ({', '.join(map(str, sorted(ranks)))}); "
-                                            "method 'pca' needs one rank, use method='joint'")
-        assert shapes is not None
-        source = AdapterSource(ids, paths=ps)
-        return cls._build(source, shapes, method, num_components, variance_threshold, adaptive_k, max_error,
-                          mean_error, refine, hybrid, dtype, sketch_rank, progress, cancel, ranks=module_ranks,
-                          memory_budget_mb=memory_budget_mb, precision=precision, block_size=block_size,
-                          executor=executor, scheduler=scheduler, n_workers=n_workers)
+        params = BuildParams(method, num_components, variance_threshold, adaptive_k, max_error, mean_error, refine, hybrid,
+                             sketch_rank, dtype, precision, block_size)
+        return cls.from_params(paths, params, task_ids, streaming=True, memory_budget_mb=memory_budget_mb,
+                               progress=progress, cancel=cancel, executor=executor, scheduler=scheduler, n_workers=n_workers)
 
     @classmethod
-    def _build(cls, source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
-               num_components: int | None, variance_threshold: float, adaptive_k: bool, max_error: float | None,
-               mean_error: float | None, refine: int, hybrid: bool, dtype: Any, sketch_rank: int, progress: Any, cancel: Any, *,
-               ranks: dict[str, list[int]], memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
-               prior: dict[str, dict[str, tuple[float, float]]] | None = None, precision: str = "fp16",
-               block_size: int = 64, executor: Any = None, scheduler: str | None = None,
-               n_workers: int | None = None) -> SharedSubspace:
-        if method not in METHODS:
-            raise ValueError(f"unknown compression method {method!r}; choose from {', '.join(METHODS)}")
-        if num_components is not None and num_components < 1:
-            raise ValueError(f"num_components must be >= 1, got {num_components}")
-        if not 0.0 < variance_threshold <= 1.0:
-            raise ValueError(f"variance_threshold must be in (0, 1], got {variance_threshold}")
-        if max_error is not None and not 0.0 <= max_error < 1.0:
-            raise ValueError(f"max_error must be in [0, 1), got {max_error}")
-        if mean_error is not None and not 0.0 <= mean_error < 1.0:
-            raise ValueError(f"mean_error must be in [0, 1), got {mean_error}")
-        if sketch_rank < 1:
-            raise ValueError(f"sketch_rank must be >= 1, got {sketch_rank}")
-        if refine < 0:
-            raise ValueError(f"refine must be >= 0, got {refine}")
-        if memory_budget_mb is not None and not memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb must be > 0 (or None for no limit), got {memory_budget_mb}")
-        dt = parse_dtype(dtype)
-        check_build_precision(precision, block_size, method, dt)
-        params = {"num_components": num_components, "variance_threshold": variance_threshold, "adaptive_k": adaptive_k,
-                  "max_error": max_error, "mean_error": mean_error, "refine": refine, "hybrid": hybrid, "sketch_rank": sketch_rank,
-                  "precision": precision, "block_size": block_size,
-                  # mean_error per task over its modules where the build spends a budget (precision auto), else per module
-                  "mean_over": "task" if precision == "auto" and method != "pca" else "module"}
-        bp: JointParams | PCAParams
-        if method == "pca":
-            bp = PCAParams(num_components, variance_threshold, adaptive_k, max_error, dt, mean_error, prior=prior)
-        else:
-            bp = JointParams(basis="factors" if method == "share" else "delta", num_components=num_components,
-                             variance_threshold=variance_threshold, adaptive_k=adaptive_k, max_error=max_error,
-                             mean_error=mean_error, refine=refine if method == "joint" else 0, hybrid=hybrid and method != "svd",
-                             sketch_rank=sketch_rank, dtype=dt, separate_only=method == "svd", prior=prior,
-                             precision=precision, block_size=block_size)
-        bases, tasks = build_in_chunks(source, shapes, method, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
-                                       checked=_CheckedSource, progress=progress, cancel=cancel,
-                                       executor=executor, scheduler=scheduler, n_workers=n_workers)
-        srcs: list[Any] = list(source.paths) if source.paths is not None else [a.source for a in source.adapters or []]
-        for tid, src in zip(source.task_ids, srcs):
-            if tid in tasks:
-                _record_input(tasks[tid], src)
-        sub = cls(method, bases, tasks, params, dt)
-        sub.quantized.update(getattr(bp, "quantized_out", {}))
-        return sub
+    def from_params(cls, adapters: Sequence[Any], params: BuildParams, task_ids: Sequence[str] | None = None, *,
+                    streaming: bool = False, memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+                    prior: dict[str, dict[str, tuple[float, float]]] | None = None,
+                    progress: ProgressFn | None = None, cancel: CancelLike | None = None, executor: Any = "inprocess",
+                    scheduler: str | None = None, n_workers: int | None = None) -> SharedSubspace:
+        """Build from checked :class:`~engine.methods.build_params.BuildParams` (what the ``compress`` job does).
 
-    # -- tasks ----------------------------------------------------------------
-    def _check_adapter(self, adapter: LoRAWeights, label: str) -> None:
-        check_shapes(adapter, label, self.shapes, self.base_model)
-        check_finite(adapter, label)
-        if self.method == "pca":
-            bad = [m for m, b in self.modules.items() if adapter.module_rank(m) != b.rank]
-            if bad:
-                raise IncompatibleAdaptersError(f"{label}: module '{bad[0]}' has rank {adapter.module_rank(bad[0])}, "
-                                                f"the pca subspace has rank {self.modules[bad[0]].rank}")
+        ``adapters``: ``LoRAWeights``, or adapter folders with ``streaming``; see :meth:`from_adapters`,
+        :meth:`from_adapters_streaming` and :func:`engine.subspace.build.from_params`.
+        """
+        return _from_params(cls, adapters, params, task_ids, streaming=streaming, memory_budget_mb=memory_budget_mb,
+                            prior=prior, progress=progress, cancel=cancel, executor=executor, scheduler=scheduler,
+                            n_workers=n_workers)
 
-    def _target(self) -> float | None:
-        """The build's per-task error target: the stricter of ``max_error`` and ``mean_error`` (``None``: no target)."""
-        return error_target(self.params.get("max_error"), self.params.get("mean_error"))
-
-    def _encode(self, m: str, adapter: LoRAWeights, template: LoRAWeights) -> tuple[dict[str, Tensor], float]:
-        b = self.modules[m]
-        sb, a = effective_factors(adapter, m)
-        if b.kind == "pca":
-            return encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, template, m, self.dtype)
-        if b.kind == "separate":
-            me = self._target()
-            if me is None:
-                me = max((t.fidelity.get(m, 0.0) for t in self.tasks.values()), default=0.0)
-            return encode_separate(sb, a, me, None, self.dtype)
-        return encode_joint(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), self.dtype)
-
+    # -- tasks (engine.subspace.tasks) ----------------------------------------
     def project(self, adapter: LoRAWeights, task_id: str, warn_threshold: float | None = None, *,
                 progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> TaskProjection:
         """Coefficients of ``adapter`` in the current bases (they do not change), with its measured error.
@@ -494,53 +314,11 @@ class SharedSubspace:
                 mean coverage is below this. Coverage is the seed's ``1 − ‖residual‖/‖x‖`` of the
                 centred flattened factors for ``pca`` modules, ``1 −`` the ΔW error for the others.
         """
-        validate_task_id(task_id)
-        label = f"adapter {task_id!r}"
-        self._check_adapter(adapter, label)
-        tmpl = config_template(adapter, task_id)
-        proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
-                              original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in self.modules))
-        _record_input(proj, adapter.source)
-        mods = sorted(self.modules)
-        for j, m in enumerate(mods):
-            tick(progress, cancel, j, len(mods), f"projecting {m}")
-            sb, a = effective_factors(adapter, m)
-            proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
-            proj.coeffs[m], proj.fidelity[m] = self._encode(m, adapter, tmpl)
-        if warn_threshold is not None:
-            cov = self._coverage(adapter, proj)
-            if cov < warn_threshold:
-                import warnings
-
-                warnings.warn(f"Low subspace coverage ({cov:.1%}) for adapter '{task_id}'. Reconstruction quality "
-                              "may be poor. Consider absorb() to expand the basis.", stacklevel=2)
-        return proj
-
-    def _coverage(self, adapter: LoRAWeights, proj: TaskProjection) -> float:
-        """Mean coverage over modules (and, for pca, sides): see :meth:`project`."""
-        vals: list[float] = []
-        for m, b in sorted(self.modules.items()):
-            if b.kind != "pca":
-                vals.append(1.0 - min(1.0, float(proj.fidelity[m])))
-                continue
-            for side, x in (("a", adapter.lora_a[m]), ("b", adapter.lora_b[m])):
-                c = x.double().reshape(-1) - b.tensors[f"mean_{side}"].double()
-                n = float(c.norm())
-                if n < 1e-8:
-                    vals.append(1.0)
-                    continue
-                comp = b.tensors[f"comp_{side}"].double()
-                vals.append(1.0 - float((c - (c @ comp.T) @ comp).norm()) / n)
-        return sum(vals) / len(vals) if vals else 1.0
+        return _tasks.project(self, adapter, task_id, warn_threshold, progress=progress, cancel=cancel)
 
     def add_task(self, projection: TaskProjection) -> None:
         """Store a projection made by :meth:`project` (replaces a task of the same id)."""
-        validate_task_id(projection.task_id)
-        missing = sorted(set(self.modules) - set(projection.coeffs))
-        if missing:
-            raise ValueError(f"projection {projection.task_id!r} lacks module '{missing[0]}'")
-        self.tasks[projection.task_id] = projection
-        self.saved_path = None
+        return _tasks.add_task(self, projection)
 
     def absorb(self, adapter: LoRAWeights, new_task_id: str, *, allow_worse: bool = False,
                progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> None:
@@ -557,80 +335,17 @@ class SharedSubspace:
         Raises:
             ErrorTargetError: the result breaks the error target and not ``allow_worse``.
         """
-        validate_task_id(new_task_id)
-        self._check_adapter(adapter, f"adapter {new_task_id!r}")
-        before = self.fidelity()
-        olds = {t: self.reconstruct(t, pad_to_vllm=False) for t in self.tasks if t != new_task_id}
-        adapters = list(olds.values()) + [adapter]
-        ids = list(olds) + [new_task_id]
-        p = self.params
-        new = SharedSubspace.from_adapters(
-            adapters, ids, p["num_components"], p["variance_threshold"], p["adaptive_k"], p["max_error"], self.method,
-            mean_error=p.get("mean_error"), refine=p["refine"], hybrid=p["hybrid"], dtype=self.dtype, sketch_rank=p["sketch_rank"],
-            precision=p.get("precision", "fp16"), block_size=p.get("block_size", 64),
-            progress=progress, cancel=cancel, _prior=self._absorb_prior(olds))
-        for tid, old_w in olds.items():
-            prev = self.tasks[tid]
-            proj = new.tasks[tid]
-            for m in proj.fidelity:
-                drift = proj.fidelity[m] * (proj.norms[m] / prev.norms[m]) if prev.norms.get(m) else 0.0
-                proj.fidelity[m] = prev.fidelity[m] + drift
-                proj.norms[m] = prev.norms[m]
-            proj.ranks, proj.template, proj.original_bytes = prev.ranks, prev.template, prev.original_bytes
-            proj.input_bytes, proj.input_bytes_fp16 = prev.input_bytes, prev.input_bytes_fp16
-            proj.error_is_bound = True
-        self._refuse_breaks(f"absorbing {new_task_id!r}", before, new.fidelity(), allow_worse)
-        self.modules, self.tasks = new.modules, new.tasks
-        self.quantized, self.quantization = new.quantized, None
-        self.saved_path = None
-
-    def _absorb_prior(self, olds: dict[str, LoRAWeights]) -> dict[str, dict[str, tuple[float, float]]] | None:
-        """Each stored task's ``(offset, scale)`` per module for a rebuild from reconstructions (``None``: no error target).
-
-        offset: the task's stored error (at most ``max_error``; unknown: 0), less half the
-        storage epsilon, so that a task at the target may still move by rounding;
-        scale: ‖reconstruction‖/‖original‖, which turns an error relative to the
-        reconstruction into one relative to the original.
-        """
-        if self._target() is None:
-            return None
-        mx = self.params.get("max_error")
-        allow = float(torch.finfo(self.dtype).eps) / 2
-        prior: dict[str, dict[str, tuple[float, float]]] = {}
-        for tid, w in olds.items():
-            prev = self.tasks[tid]
-            pm: dict[str, tuple[float, float]] = {}
-            for m in self.modules:
-                e = prev.fidelity.get(m, math.nan)
-                e = e if math.isfinite(e) else 0.0
-                if mx is not None:
-                    e = min(e, mx)
-                norig = prev.norms.get(m, 0.0)
-                sb, a = effective_factors(w, m)
-                nrec = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
-                pm[m] = (max(0.0, e - allow), nrec / norig if norig > 0 else 1.0)
-            prior[tid] = pm
-        return prior
+        return _tasks.absorb(self, adapter, new_task_id, allow_worse=allow_worse, progress=progress, cancel=cancel)
 
     def _refuse_breaks(self, what: str, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
                        allow_worse: bool) -> list[RuleBreak]:
         """The places where ``after`` breaks the error target; ``ErrorTargetError`` unless ``allow_worse``."""
-        rule = self.k_rule
-        breaks = rule_breaks(rule, before, after, tolerance(self.dtype), self._norms())
-        if breaks and not allow_worse:
-            raise ErrorTargetError(breaks_message(what, rule, breaks, before, after)
-                                   + "; nothing was changed (allow_worse=True / --allow-worse accepts it)")
-        return breaks
+        return _tasks.refuse_breaks(self, what, before, after, allow_worse)
 
     def target_breaks(self, before: dict[str, dict[str, float]],
                       after: dict[str, dict[str, float]] | None = None) -> list[RuleBreak]:
         """Where ``after`` (default: the current :meth:`fidelity`) breaks the k rule's error target that ``before`` met."""
-        return rule_breaks(self.k_rule, before, self.fidelity() if after is None else after, tolerance(self.dtype),
-                           self._norms())
-
-    def _norms(self) -> dict[str, dict[str, float]]:
-        """Task → module → ‖ΔW‖ of the original (the weights of a per-task ``mean_error``)."""
-        return {t: dict(p.norms) for t, p in self.tasks.items()}
+        return _tasks.target_breaks(self, before, after)
 
     @property
     def k_rule(self) -> dict[str, Any]:
@@ -651,54 +366,21 @@ class SharedSubspace:
         Raises:
             ErrorTargetError: the new task breaks the error target and not ``allow_worse``.
         """
-        validate_task_id(task_id)
-        label = f"adapter {task_id!r}"
-        self._check_adapter(adapter, label)
-        tmpl = config_template(adapter, task_id)
-        proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
-                              original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in self.modules))
-        _record_input(proj, adapter.source)
-        pending: dict[str, dict[str, Tensor]] = {}  # module → its grown tensors, applied once the task is accepted
-        mods = sorted(self.modules)
-        for j, m in enumerate(mods):
-            tick(progress, cancel, j, len(mods), f"absorbing {m}")
-            b = self.modules[m]
-            sb, a = effective_factors(adapter, m)
-            proj.norms[m] = float(ops.lowrank_sqnorm(sb, a)) ** 0.5
-            target = self._target()
-            if target is None:
-                target = max((t.fidelity.get(m, 0.0) for t in self.tasks.values() if t.task_id != task_id), default=0.0)
-            if b.kind == "joint":
-                u, v, c, e = extend_for_task(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), target, self.dtype)
-                if u is not b.tensors["U"] or v is not b.tensors["V"]:
-                    pending[m] = {"U": u, "V": v}
-                proj.coeffs[m], proj.fidelity[m] = c, e
-            elif b.kind == "pca":
-                c, e = encode_pca(b, adapter.lora_a[m], adapter.lora_b[m], sb, tmpl, m, self.dtype)
-                if e > target:
-                    t = dict(b.tensors)
-                    for side, x in (("a", adapter.lora_a[m]), ("b", adapter.lora_b[m])):
-                        resid = x.double().reshape(1, -1) - t[f"mean_{side}"].double()
-                        t[f"comp_{side}"] = ops.gram_schmidt(t[f"comp_{side}"].double(), resid).to(self.dtype)
-                        t[f"sv_{side}"] = torch.cat([t[f"sv_{side}"], t[f"sv_{side}"].new_zeros(
-                            t[f"comp_{side}"].shape[0] - t[f"sv_{side}"].shape[0])])
-                    grown = ModuleBasis(b.kind, b.shape, t, rank=b.rank, explained=b.explained)
-                    c, e = encode_pca(grown, adapter.lora_a[m], adapter.lora_b[m], sb, tmpl, m, self.dtype)
-                    pending[m] = {f"comp_{side}": t[f"comp_{side}"] for side in ("a", "b")}
-                    pending[m].update({f"sv_{side}": t[f"sv_{side}"] for side in ("a", "b")})
-                proj.coeffs[m], proj.fidelity[m] = c, e
-            else:
-                proj.coeffs[m], proj.fidelity[m] = encode_separate(sb, a, target, None, self.dtype)
-        before = self.fidelity()
-        after = {**before, task_id: dict(proj.fidelity)}
-        self._refuse_breaks(f"adding {task_id!r}", before, after, allow_worse)
-        for m, grown_tensors in pending.items():
-            self.modules[m].tensors.update(grown_tensors)
-            for key in grown_tensors:
-                self.quantized.pop((m, key), None)
-        self.tasks[task_id] = proj
-        self.saved_path = None
-        return proj
+        return _tasks.absorb_incremental(self, adapter, task_id, allow_worse=allow_worse, progress=progress, cancel=cancel)
+
+    def get_trainable_params(self, task_id: str, num_expand: int = 0) -> dict[str, Tensor]:
+        """The task's coefficients as float32 leaf tensors with ``requires_grad`` (bases stay frozen).
+
+        ``num_expand`` > 0 first appends that many random orthonormal directions to every
+        shared basis (in place; other tasks are unaffected: their coefficients are zero there).
+        Names: ``<module>.sigma`` (joint/share), ``<module>.loadings_a``/``loadings_b`` (pca),
+        ``<module>.lora_B``/``lora_A`` (modules stored per task).
+        """
+        return _tasks.get_trainable_params(self, task_id, num_expand)
+
+    def set_trainable_params(self, task_id: str, params: dict[str, Tensor]) -> None:
+        """Write coefficients from :meth:`get_trainable_params` back into the task (errors become unknown: NaN)."""
+        return _tasks.set_trainable_params(self, task_id, params)
 
     # -- reconstruction -------------------------------------------------------------
     def task_factors(self, task_id: str) -> dict[str, tuple[Tensor, Tensor]]:
@@ -732,69 +414,6 @@ class SharedSubspace:
         template = proj.template or LoRAWeights(layer_names=[], lora_a={}, lora_b={}, rank=rank, name=task_id)
         w = template.replace_factors(out, rank=target, name=task_id)
         return w
-
-    # -- training helpers ---------------------------------------------------------------
-    def get_trainable_params(self, task_id: str, num_expand: int = 0) -> dict[str, Tensor]:
-        """The task's coefficients as float32 leaf tensors with ``requires_grad`` (bases stay frozen).
-
-        ``num_expand`` > 0 first appends that many random orthonormal directions to every
-        shared basis (in place; other tasks are unaffected: their coefficients are zero there).
-        Names: ``<module>.sigma`` (joint/share), ``<module>.loadings_a``/``loadings_b`` (pca),
-        ``<module>.lora_B``/``lora_A`` (modules stored per task).
-        """
-        proj = self._task(task_id)
-        if num_expand < 0:
-            raise ValueError(f"num_expand must be >= 0, got {num_expand}")
-        g = torch.Generator().manual_seed(len(self.tasks) * 7919 + num_expand)
-        if num_expand:
-            self.saved_path = None
-            for m, b in self.modules.items():
-                t = b.tensors
-                if b.kind == "joint":
-                    for key in ("U", "V"):
-                        base = t[key].double().T
-                        t[key] = ops.gram_schmidt(base, torch.randn(num_expand, base.shape[1], generator=g, dtype=torch.float64)).T.to(self.dtype)
-                        self.quantized.pop((m, key), None)
-                elif b.kind == "pca":
-                    for side in ("a", "b"):
-                        base = t[f"comp_{side}"].double()
-                        t[f"comp_{side}"] = ops.gram_schmidt(base, torch.randn(num_expand, base.shape[1], generator=g, dtype=torch.float64)).to(self.dtype)
-                        t[f"sv_{side}"] = torch.cat([t[f"sv_{side}"], t[f"sv_{side}"].new_zeros(t[f"comp_{side}"].shape[0] - t[f"sv_{side}"].shape[0])])
-                        self.quantized.pop((m, f"comp_{side}"), None)
-        params: dict[str, Tensor] = {}
-        for m, b in self.modules.items():
-            c = proj.coeffs[m]
-            if b.kind == "joint":
-                sig = c["c"].float() @ c["d"].float() if "c" in c else c["sigma"].float()
-                full = torch.zeros(b.tensors["U"].shape[1], b.tensors["V"].shape[1])
-                full[: sig.shape[0], : sig.shape[1]] = sig
-                params[f"{m}.sigma"] = full.requires_grad_(True)
-            elif b.kind == "pca":
-                for side, key in (("a", "la"), ("b", "lb")):
-                    k = b.tensors[f"comp_{side}"].shape[0]
-                    full = torch.zeros(k)
-                    full[: c[key].shape[0]] = c[key].float()
-                    params[f"{m}.loadings_{side}"] = full.requires_grad_(True)
-            else:
-                params[f"{m}.lora_B"] = c["b"].float().clone().requires_grad_(True)
-                params[f"{m}.lora_A"] = c["a"].float().clone().requires_grad_(True)
-        return params
-
-    def set_trainable_params(self, task_id: str, params: dict[str, Tensor]) -> None:
-        """Write coefficients from :meth:`get_trainable_params` back into the task (errors become unknown: NaN)."""
-        proj = self._task(task_id)
-        names = {"sigma": ("sigma",), "loadings_a": ("la",), "loadings_b": ("lb",), "lora_B": ("b",), "lora_A": ("a",)}
-        self.saved_path = None
-        for key, value in params.items():
-            m, _, part = key.rpartition(".")
-            if m not in self.modules or part not in names:
-                raise ValueError(f"unknown trainable parameter {key!r}")
-            c = proj.coeffs[m]
-            if part == "sigma":
-                c.pop("c", None)
-                c.pop("d", None)
-            c[names[part][0]] = value.detach().to(self.dtype).clone()
-            proj.fidelity[m] = float("nan")
 
     # -- quantisation -----------------------------------------------------------------
     def quantize(self, bits: int = 8, method: str = "symmetric", double_quant: bool = False,
@@ -864,21 +483,7 @@ class SharedSubspace:
     # -- accounting -------------------------------------------------------------------
     def _tensor_bytes(self) -> tuple[int, int]:
         """(bytes stored for bases and coefficients, float parameters they represent)."""
-        total, params = 0, 0
-        for m, b in self.modules.items():
-            for key, t in b.tensors.items():
-                if key.startswith("sv_"):
-                    continue  # statistics, not needed to reconstruct
-                qt = self.quantized.get((m, key))
-                total += qt.nbytes if qt is not None else t.numel() * _elem(t, self.dtype)
-                params += t.numel()
-        for tid, proj in self.tasks.items():
-            for m, c in proj.coeffs.items():
-                for key, t in c.items():
-                    qt = self.quantized.get((tid, m, key))
-                    total += qt.nbytes if qt is not None else t.numel() * _elem(t, self.dtype)
-                    params += t.numel()
-        return total, params
+        return _accounting.tensor_bytes(self)
 
     def explained_variance(self) -> dict[str, list[float]]:
         """Module → cumulative explained variance for k = 1, 2, … (ΔW energy for joint/share)."""
@@ -896,51 +501,7 @@ class SharedSubspace:
             per-task factors (modules stored per task) or None, "form": "shared 3×4" | "per task, rank 4"}},
             "shared": n, "per_task": n, "total": n, "summary": str}``.
         """
-        mods: dict[str, dict[str, Any]] = {}
-        for m, b in sorted(self.modules.items()):
-            if b.kind == "separate":
-                rs = [int(p.coeffs[m]["b"].shape[1]) for p in self.tasks.values() if "b" in p.coeffs.get(m, {})]
-                lo, hi = (min(rs), max(rs)) if rs else (0, 0)
-                mods[m] = {"shared": False, "kind": b.kind, "k_u": 0, "k_v": 0, "rank": [lo, hi],
-                           "form": f"per task, rank {lo}" if lo == hi else f"per task, rank {lo}–{hi}"}
-                continue
-            ku = int(b.tensors["U"].shape[1]) if b.kind == "joint" else b.k
-            kv = int(b.tensors["V"].shape[1]) if b.kind == "joint" else b.k
-            mods[m] = {"shared": True, "kind": b.kind, "k_u": ku, "k_v": kv, "rank": None,
-                       "form": f"shared {ku}×{kv}" if b.kind == "joint" else f"shared k={b.k}"}
-        total = len(mods)
-        sep = sum(1 for v in mods.values() if not v["shared"])
-        if total and sep == total:
-            if self.method == "svd":
-                summary = f"{sep} of {total} modules stored per task (method svd: each task alone, the baseline)"
-            else:
-                target = self._target_text()
-                summary = (f"{sep} of {total} modules stored per task, nothing shared: these adapters share too little"
-                           f"{' at ' + target if target else ''} to gain from a shared basis; a looser target "
-                           "(--max-error, --mean-error) or quantize stores less")
-        elif sep:
-            summary = (f"{total - sep} of {total} modules shared, {sep} stored per task "
-                       "(there a shared basis would be larger)")
-        else:
-            summary = f"{total} of {total} modules shared"
-        return {"modules": mods, "shared": total - sep, "per_task": sep, "total": total, "summary": summary}
-
-    def _components_per_layer(self) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
-        for m, b in sorted(self.modules.items()):
-            if b.kind == "pca":
-                out[m] = (int(b.tensors["comp_a"].shape[0]), int(b.tensors["comp_b"].shape[0]))
-            elif b.kind == "joint":
-                out[m] = (int(b.tensors["V"].shape[1]), int(b.tensors["U"].shape[1]))
-            else:
-                out[m] = (0, 0)  # stored per task: nothing shared
-        return out
-
-    def _target_text(self) -> str:
-        """The build's error target in words (``a 5 % max ΔW error``), or ``""``."""
-        parts = [f"{float(self.params[k]) * 100:g} % {w}" for k, w in (("max_error", "max"), ("mean_error", "mean"))
-                 if self.params.get(k) is not None]
-        return f"a {' and '.join(parts)} ΔW error" if parts else ""
+        return _accounting.storage(self)
 
     def compression_stats(self) -> dict[str, Any]:
         """Bytes, ratio and fidelity.
@@ -956,66 +517,11 @@ class SharedSubspace:
         whether it is shared or stored per task (:meth:`storage`). Errors are relative
         ‖ΔW−ΔŴ‖_F/‖ΔW‖_F.
         """
-        from .size import size_on_disk
-
-        stored, stored_params = self._tensor_bytes()
-        orig = sum(p.original_bytes for p in self.tasks.values())
-        orig_params = sum(sum(p.ranks.get(m, 0) * (b.shape[0] + b.shape[1]) for m, b in self.modules.items())
-                          for p in self.tasks.values())
-        per_task = {t: {"mean": p.mean_error, "max": p.max_error} for t, p in self.tasks.items()}
-        per_module: dict[str, dict[str, float]] = {}
-        for m in sorted(self.modules):
-            v = [p.fidelity[m] for p in self.tasks.values() if m in p.fidelity]
-            per_module[m] = {"mean": float(sum(v) / len(v)) if v else 0.0, "max": float(max(v)) if v else 0.0}
-        allv = [e for p in self.tasks.values() for e in p.fidelity.values()]
-        return {
-            "method": self.method,
-            "num_tasks": len(self.tasks),
-            "num_modules": len(self.modules),
-            "num_layers": len(self.modules),
-            "dtype": dtype_name(self.dtype),
-            "quantization": self.quantization,
-            "precision": self.params.get("precision", "fp16"),
-            "k": self.k_per_module,
-            # the seed's (k_a, k_b): basis rows of the A side (row space V) and the B side (column space U)
-            "components_per_layer": self._components_per_layer(),
-            "module_kinds": {m: b.kind for m, b in sorted(self.modules.items())},
-            "original_bytes": int(orig),
-            "stored_bytes": int(stored),
-            "ratio": orig / stored if stored else 0.0,
-            "compression_ratio": orig / stored if stored else 0.0,
-            "ratio_vs_fp16": 2 * orig_params / stored if stored else 0.0,
-            "original_params": int(orig_params),
-            "stored_params": int(stored_params),
-            "total_params_original": int(orig_params),
-            "total_params_compressed": int(stored_params),
-            "disk": size_on_disk(self.saved_path) if self.saved_path is not None and Path(self.saved_path).is_dir() else None,
-            "storage": self.storage(),
-            "error": {
-                "mean": float(sum(allv) / len(allv)) if allv else 0.0,
-                "max": float(max(allv)) if allv else 0.0,
-                "per_task": per_task,
-                "per_module": per_module,
-                "is_bound": any(p.error_is_bound for p in self.tasks.values()),
-            },
-            "fidelity": self.fidelity(),
-        }
+        return _accounting.compression_stats(self)
 
     def full_stack_compression(self, base_model_params: int, base_model_bits: int = 16, quantized_bits: int = 4) -> dict[str, Any]:
         """Memory of base model + all adapters, before and after (base quantised to ``quantized_bits``, adapters as stored)."""
-        if base_model_params < 0:
-            raise ValueError(f"base_model_params must be >= 0, got {base_model_params}")
-        stats = self.compression_stats()
-        base_before = base_model_params * base_model_bits / 8
-        base_after = base_model_params * quantized_bits / 8
-        before = base_before + stats["original_bytes"]
-        after = base_after + stats["stored_bytes"]
-        return {
-            "base_model_bytes": int(base_before), "base_model_quantized_bytes": int(base_after),
-            "adapters_bytes": stats["original_bytes"], "subspace_bytes": stats["stored_bytes"],
-            "total_before_bytes": int(before), "total_after_bytes": int(after),
-            "ratio": before / after if after else 0.0, "adapter_ratio": stats["ratio"], "num_tasks": stats["num_tasks"],
-        }
+        return _accounting.full_stack_compression(self, base_model_params, base_model_bits, quantized_bits)
 
     def to(self, device: Any = None, dtype: Any = None) -> SharedSubspace:
         """Move bases and coefficients to ``device`` and/or cast them to ``dtype`` (then the storage precision). Returns ``self``."""
@@ -1059,19 +565,8 @@ class SharedSubspace:
         """Read a subspace folder (float or quantised; detected from the manifest), verifying checksums."""
         from .storage import load_subspace
 
-        return load_subspace(Path(path))
+        return load_subspace(Path(path), cls)
 
-
-def _record_input(proj: TaskProjection, source: Any) -> None:
-    """Measure the input adapter's files on disk into ``proj`` (``None`` when it has none)."""
-    from .size import adapter_input_bytes
-
-    got = adapter_input_bytes(source)
-    proj.input_bytes, proj.input_bytes_fp16 = got if got is not None else (None, None)
-
-
-def _elem(t: Tensor, dtype: torch.dtype) -> int:
-    return t.element_size() if not t.is_floating_point() else torch.empty(0, dtype=dtype).element_size()
 
 
 def _module_factors(b: ModuleBasis, coeffs: dict[str, Tensor], proj: TaskProjection, m: str) -> tuple[Tensor, Tensor]:
@@ -1081,49 +576,3 @@ def _module_factors(b: ModuleBasis, coeffs: dict[str, Tensor], proj: TaskProject
     if b.kind == "separate":
         return coeffs["b"].double(), coeffs["a"].double()
     return joint_factors(b.tensors["U"], b.tensors["V"], coeffs, proj.ranks.get(m, b.k))
-
-
-def _return_freed_memory() -> None:
-    """glibc: serve every allocation of 1 MiB or more by mmap, so that freed sketches and buffers go back to the OS.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed,
-    after which the build's buffers come from the heap, which fragments and keeps
-    them: on N=100 7B-shaped adapters the peak RSS was 1.1–1.7 GB with the default,
-    0.76 GB with a fixed 1 MiB threshold in the same time (0.62 GB at 128 KiB, but
-    45 % slower: the per-adapter temporaries then page-fault on every read).
-    Process-wide, set once, as ``MALLOC_MMAP_THRESHOLD_=1048576`` would.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
-        pass
-
-
-class _CheckedSource(AdapterSource):
-    """Wraps a source: checks modules, shapes and finiteness of each adapter as it is read (first pass only).
-
-    ``check=False``: these modules were checked already (by an earlier round over the same chunk).
-    """
-
-    def __init__(self, inner: AdapterSource, shapes: dict[str, tuple[int, int]], check: bool = True) -> None:
-        super().__init__(inner.task_ids, inner.adapters, inner.paths, inner.modules)
-        self.inner = inner
-        self.shapes_ = shapes
-        self.checked = not check
-
-    def __iter__(self):  # type: ignore[override]
-        for i, t, a in self.inner:
-            if not self.checked:
-                check_shapes(a, self.inner.label(i), self.shapes_, None)
-                try:
-                    check_finite(a, self.inner.label(i))
-                except ValueError as exc:
-                    if self.inner.paths is None:
-                        raise
-                    raise AdapterFormatError(str(exc)) from exc  # a file holding NaN/Inf: as load_adapter says it
-            yield i, t, a
-        self.checked = True

@@ -424,20 +424,19 @@ def _ownership_problems(path: Path, man: dict[str, Any]) -> list[str]:
     return problems
 
 
-def load_subspace(path: Path) -> Any:
-    """Read and verify a subspace folder (or a seed ``vlora`` folder); ``SubspaceFormatError`` names what is wrong.
+def load_subspace(path: Path, cls: Any) -> Any:
+    """Read and verify a subspace folder (or a seed ``vlora`` folder) as a ``cls``; ``SubspaceFormatError`` names what is wrong.
 
     The manifest's structure (every key read, its type), task ids and file names are
     checked first, then sizes and checksums, then what each tensor file says it holds.
+    ``cls`` is the subspace class (passed in: this module does not import the class's).
     """
-    from .core import SharedSubspace
-
     if not path.is_dir():
         raise SubspaceFormatError(f"{path}: not a folder")
     mpath = path / SUBSPACE_MANIFEST_NAME
     if not mpath.is_file():
         if (path / "subspace_meta.json").is_file():
-            return load_seed_subspace(path)
+            return load_seed_subspace(path, cls)
         if (path / "manifest.json").is_file():
             raise SubspaceFormatError(f"{path}: this 'manifest.json' layout (seed per-layer tensors) is not supported; "
                                       "rebuild the subspace from the adapters")
@@ -520,7 +519,7 @@ def load_subspace(path: Path) -> Any:
                                     ranks={k: int(v) for k, v in t.get("ranks", {}).items()}, template=template,
                                     error_is_bound=bool(t.get("error_is_bound", False)), original_bytes=int(t.get("original_bytes", 0)),
                                     input_bytes=_opt_int(t.get("input_bytes")), input_bytes_fp16=_opt_int(t.get("input_bytes_fp16")))
-    sub = SharedSubspace(man["method"], modules, tasks, man.get("params", {}), dtype)
+    sub = cls(man["method"], modules, tasks, man.get("params", {}), dtype)
     sub.quantized = quantized
     sub.quantization = man.get("quantization")
     sub.saved_path = path
@@ -551,7 +550,7 @@ def _seed_id_problems(meta: Any) -> list[str]:
     return c.problems
 
 
-def load_seed_subspace(path: Path) -> Any:
+def load_seed_subspace(path: Path, cls: Any) -> Any:
     """Read a folder saved by the seed ``vlora`` package (``subspace_meta.json`` + safetensors) as a pca subspace.
 
     The seed does not record alpha or fidelity: alpha is taken as the rank (scale 1),
@@ -560,8 +559,6 @@ def load_seed_subspace(path: Path) -> Any:
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .core import SharedSubspace
 
     try:
         meta = json.loads((path / "subspace_meta.json").read_text(encoding="utf-8"))
@@ -589,6 +586,6 @@ def load_seed_subspace(path: Path) -> Any:
     except (KeyError, OSError, ValueError, TypeError, AttributeError, SafetensorError, json.JSONDecodeError) as exc:
         raise SubspaceFormatError(f"{path}: seed vlora subspace folder is incomplete or corrupt ({exc})") from exc
     dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
-    return SharedSubspace("pca", modules, tasks, {"num_components": meta.get("num_components"), "variance_threshold":
+    return cls("pca", modules, tasks, {"num_components": meta.get("num_components"), "variance_threshold":
                                                   meta.get("variance_threshold", 0.6), "adaptive_k": meta.get("adaptive_k", False),
                                                   "max_error": None, "mean_error": None, "refine": 0, "hybrid": False, "sketch_rank": 256}, dtype)

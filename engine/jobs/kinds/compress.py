@@ -15,12 +15,27 @@ from ..reports import module_rows, ratio_words
 _COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force", "exclude", "group_by", "engine", "scheduler")
 
 
+def build_params(params: dict[str, Any]) -> tuple[Any, bool]:
+    """The job's :class:`~engine.methods.build_params.BuildParams` (with the job's default k rule,
+    :meth:`BuildParams.for_job`) and whether it streams; ``ValueError`` naming a bad parameter. Torch-free."""
+    from ...methods.build_params import BuildParams
+
+    kwargs = method_kwargs("compress", params["method"], params, _COMPRESS_FIXED)
+    streaming = bool(kwargs.pop("streaming", False))
+    return BuildParams.for_job(params["method"], **kwargs), streaming
+
+
+def _check(params: dict[str, Any]) -> None:
+    build_params(params)
+
+
 def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
     """Build a shared subspace from adapters with a registered method and save it (temp folder, then rename).
 
     The method's own parameters (``num_components``, ``variance_threshold``, ``max_error``,
-    ``adaptive_k``, ``dtype``, ``streaming``, ``refine``, ``hybrid``…) pass through; one the
-    method does not take is refused.
+    ``adaptive_k``, ``dtype``, ``streaming``, ``refine``, ``hybrid``…) make one
+    :class:`~engine.methods.build_params.BuildParams` (:func:`build_params`: no k rule given,
+    ``max_error`` 0.05 and ``precision`` auto); one the method does not take is refused.
 
     data: ``{"path", "tasks": [task id…], "method", "streaming": bool,
     "stats": SharedSubspace.compression_stats(), "modules": [as in ``info``]}`` — ``stats`` holds
@@ -32,7 +47,7 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     ``per_module`` {module: {mean, max}}, ``is_bound``} and ``fidelity`` {task: {module: error}}
     (errors are relative ‖ΔW−ΔŴ‖/‖ΔW‖, measured after rounding to the storage dtype).
     """
-    from ...registry import get_method
+    from ...subspace import SharedSubspace
     from ..common import load_adapters, resolve_local_paths
 
     if params["task_ids"] is not None:
@@ -43,13 +58,10 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     from ...errors import IncompatibleAdaptersError
     from ...io.local import describe_sets, partition_compatible
 
-    method = params["method"]
-    info = get_method("compress", method)
-    kwargs = method_kwargs("compress", method, params, _COMPRESS_FIXED)
-    kwargs.update(_engine_kwargs(params))
-    if kwargs.get("executor") == "dask" and "streaming" in kwargs:
-        kwargs["streaming"] = True  # workers read their shard's tensors from the paths
-    streaming = bool(kwargs.get("streaming"))
+    bp, streaming = build_params(params)
+    engine_kw = _engine_kwargs(params)
+    if engine_kw.get("executor") == "dask":
+        streaming = True  # workers read their shard's tensors from the paths
     grouped = params.get("group_by") == "compat"
     stages = StagedProgress(progress, {"load": 1, "build": 4, "save": 1})
     inputs: list[Any]
@@ -64,14 +76,14 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     _check_ids(ids, len(inputs))
     sets = partition_compatible(inputs, names=ids)  # headers only when streaming
     if grouped:
-        return _compress_groups(params, info, kwargs, inputs, ids, sets, stages, streaming, cancel)
+        return _compress_groups(params, bp, inputs, ids, sets, stages, streaming, cancel, engine_kw)
     if len(sets) > 1:
         raise IncompatibleAdaptersError(
             f"adapters: one subspace needs adapters with the same target modules and shapes, these form {describe_sets(sets)}. "
             "Compress one set with --exclude PATTERN, or each set into its own subspace with --group-by compat"
         )
-    assert info.func is not None
-    sub = info.func(inputs, task_ids=ids, progress=stages.stage("build"), cancel=cancel, **kwargs)
+    sub = SharedSubspace.from_params(inputs, bp, ids, streaming=streaming, progress=stages.stage("build"), cancel=cancel,
+                                     **engine_kw)
     tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
     out = sub.save(params["output"], force=params["force"])
     stages.done()
@@ -87,19 +99,21 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     )
 
 
-def _compress_groups(params: dict[str, Any], info: Any, kwargs: dict[str, Any], inputs: list[Any], ids: list[str],
-                     sets: list[Any], stages: StagedProgress, streaming: bool, cancel: CancelLike | None) -> JobOutput:
+def _compress_groups(params: dict[str, Any], bp: Any, inputs: list[Any], ids: list[str],
+                     sets: list[Any], stages: StagedProgress, streaming: bool, cancel: CancelLike | None,
+                     engine_kw: dict[str, Any]) -> JobOutput:
     """``compress --group-by compat``: one subspace per compatible set, written as ``OUTPUT/<set name>``."""
     from ...io.local import atomic_dir
+    from ...subspace import SharedSubspace
 
     out = Path(params["output"])
     build = stages.stage("build")
     written: list[dict[str, Any]] = []
-    assert info.func is not None
     with atomic_dir(out, force=params["force"]) as tmp:  # every subspace appears at once, or none
         for si, cs in enumerate(sets):
             tick(build, cancel, si, len(sets), f"set {cs.name}: {len(cs.members)} adapter(s)")
-            sub = info.func([inputs[i] for i in cs.indices], task_ids=[ids[i] for i in cs.indices], cancel=cancel, **kwargs)
+            sub = SharedSubspace.from_params([inputs[i] for i in cs.indices], bp, [ids[i] for i in cs.indices],
+                                             streaming=streaming, cancel=cancel, **engine_kw)
             sub.save(tmp / cs.name)
             stats = sub.compression_stats()
             written.append({**cs.to_dict(), "path": str(out / cs.name), "tasks": sub.task_ids, "stats": stats})
@@ -111,7 +125,7 @@ def _compress_groups(params: dict[str, Any], info: Any, kwargs: dict[str, Any], 
         summary=(f"compressed {len(inputs)} adapters into {len(written)} subspace(s) under {out} "
                  f"({', '.join(w['name'] for w in written)}), ΔW error max {worst:.3g}"),
         outputs=[w["path"] for w in written],
-        data={"path": str(out), "grouped": True, "layout": "OUTPUT/<set name>", "method": info.name,
+        data={"path": str(out), "grouped": True, "layout": "OUTPUT/<set name>", "method": bp.method,
               "streaming": streaming, "tasks": [t for w in written for t in w["tasks"]], "sets": written},
     )
 
@@ -157,6 +171,6 @@ KIND = JobKind(
               "modules and shapes, written as OUTPUT/<set name>; none: refuse adapters that differ", ("none", "compat")),
         FORCE,
     ),
-    writes=("output",), func=run_compress,
+    writes=("output",), func=run_compress, check=_check,
     positionals=("adapters",), process=True, min_adapters=2, form_rank=0, view="subspace_written",
 )
