@@ -35,7 +35,7 @@ def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     if params.get("adapters"):
         raise ValueError("adapters: only with --max-error/--mean-error (a fixed --bits measures against the stored errors)")
     if params.get("bits") is None:
-        raise ValueError("bits: required (or --max-error/--mean-error for the cheapest precision meeting a target)")
+        raise ValueError("bits: required: --bits 8 or 4 for a fixed precision, or --max-error/--mean-error for the cheapest one meeting a target")
     bits, method = int(params["bits"]), params["method"]
     if method == "nf4" and bits != 4:
         raise ValueError(f"bits: nf4 is a 4-bit format, got --bits {bits}")
