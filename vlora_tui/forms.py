@@ -76,6 +76,8 @@ class FormsMixin:
                 out[name] = value
         if kind in ("export", "merge") and "subspace" in out and "adapters" in out and "subspace" in (values or {}):
             out.pop("adapters")
+        if kind == "quantize" and "adapters" not in (values or {}):
+            out.pop("adapters", None)  # the originals of a subspace's tasks: given, never guessed from the collection
         return out
 
     def unique_output(self, stem: str, parent: str | Path | None = None) -> str:

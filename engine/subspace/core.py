@@ -419,16 +419,25 @@ class SharedSubspace:
     def quantize(self, bits: int = 8, method: str = "symmetric", double_quant: bool = False,
                  quantize_loadings: bool = False, *, block_size: int = 64,
                  adapters: dict[str, LoRAWeights] | Sequence[LoRAWeights] | None = None,
+                 max_error: float | None = None, mean_error: float | None = None,
                  progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> SharedSubspace:
         """Quantise the bases (and optionally the per-task coefficients) per block, in place.
 
         Errors are re-measured after rounding: exactly against ``adapters`` (by task id,
         or in task order) when given, else as ``old error + change of the reconstruction``
-        (an upper bound; the change itself is exact).
+        (an upper bound; the change itself is exact). With ``max_error``/``mean_error``
+        (``bits``/``method`` ignored): each module at the cheapest rank and precision that
+        meets the target (:mod:`engine.subspace.requantize`; its report in :attr:`last_quantize`).
 
         Returns:
             ``self``.
         """
+        if max_error is not None or mean_error is not None:
+            from .requantize import requantize
+
+            self.last_quantize = requantize(self, max_error=max_error, mean_error=mean_error, adapters=adapters,
+                                            block_size=block_size, progress=progress, cancel=cancel)
+            return self
         if method == "nf4":
             bits = 4
         probe = torch.zeros(2)

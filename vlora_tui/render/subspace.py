@@ -33,7 +33,9 @@ def _stats_kv(st: dict[str, Any]) -> list[tuple[str, Any]]:
     if err.get("is_bound"):
         kv.append(("errors are", "upper bounds"))
     q = st.get("quantization")
-    if q:
+    if q and q.get("method") == "auto":
+        kv.append(("quantization", "auto: rank and precision per module meeting the target (quantize), see Modules"))
+    elif q:
         kv.append(("quantization", f"{q['bits']}-bit {q['method']}" + (" + double quant" if q.get("double_quant") else "")))
     elif st.get("precision") == "auto":
         kv.append(("quantization", "auto: rank and precision per module (fp16, int8…int3), see Modules"))
@@ -129,6 +131,18 @@ def _render_quantize(d: dict[str, Any]) -> list[Block]:
     rows = [["size on disk", fmt_bytes(b.get("disk_bytes")), fmt_bytes(a.get("disk_bytes"))],
             ["ratio", fmt_ratio(b["ratio"]), fmt_ratio(a["ratio"])],
             ["ΔW error mean", b["mean_error"], a["mean_error"]], ["ΔW error max", b["max_error"], a["max_error"]]]
+    if q.get("method") == "auto":  # an error target: rank and precision chosen per module
+        how = {"exact": "measured against the original adapters", "bound": "upper bounds (stored error + change)",
+               "mixed": "exact where the original adapter was given, else upper bounds"}.get(d.get("errors"), d.get("errors"))
+        kv = [("path", d["path"]), ("precision", "cheapest rank and precision per module (fp16, int8…int3)"),
+              ("target", _target_text(d.get("target"))), ("errors", how), ("block size", q.get("block_size"))]
+        tasks = [[r["task_id"], _before_after(r["before"]["max"], r["after"]["max"]),
+                  _before_after(r["before"]["overall"], r["after"]["overall"]),
+                  f"{fmt_bytes(r['bytes_before'])} → {fmt_bytes(r['bytes_after'])}", "HELD (over target before)" if r["held"] else ""]
+                 for r in d.get("tasks", [])]
+        return [("kv", "Quantized subspace", kv), ("table", "Before / after", ["", "before", "after"], rows),
+                ("table", "Tasks (relative ΔW error and own bytes, before → after)",
+                 ["task", "max", "overall", "bytes", ""], tasks)]
     return [("kv", "Quantized subspace", [("path", d["path"]), ("bits", q["bits"]), ("method", q["method"]),
                                           ("double quant", q["double_quant"]), ("loadings quantized", q["quantize_loadings"]),
                                           ("target", _target_text(d.get("target")))]),

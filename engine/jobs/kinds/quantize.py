@@ -1,4 +1,5 @@
-"""The ``quantize`` job kind: quantize a subspace's bases per block (int8, int4, NF4) and save it."""
+"""The ``quantize`` job kind: quantize a subspace per block at a fixed precision (int8, int4, NF4), or at the
+cheapest rank and precision per module that meets an error target (``--max-error``/``--mean-error``), and save it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ..base import JobKind, JobOutput
 from ..params import FORCE, method_choices, method_kwargs, method_params, output_param
 
 
-_QUANT_FIXED = ("subspace", "output", "method", "bits", "force")
+_QUANT_FIXED = ("subspace", "output", "method", "bits", "force", "max_error", "mean_error", "adapters")
 
 
 def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -29,6 +30,12 @@ def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     from ...registry import get_method
     from ...subspace import SharedSubspace
 
+    if params.get("max_error") is not None or params.get("mean_error") is not None:
+        return _run_target(params, progress=progress, cancel=cancel)
+    if params.get("adapters"):
+        raise ValueError("adapters: only with --max-error/--mean-error (a fixed --bits measures against the stored errors)")
+    if params.get("bits") is None:
+        raise ValueError("bits: required: --bits 8 or 4 for a fixed precision, or --max-error/--mean-error for the cheapest one meeting a target")
     bits, method = int(params["bits"]), params["method"]
     if method == "nf4" and bits != 4:
         raise ValueError(f"bits: nf4 is a 4-bit format, got --bits {bits}")
@@ -74,12 +81,86 @@ def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     )
 
 
+def _run_target(params: dict[str, Any], *, progress: ProgressFn | None, cancel: CancelLike | None) -> JobOutput:
+    """Each module at the cheapest rank and precision meeting ``max_error``/``mean_error`` (see
+    :mod:`engine.subspace.requantize`).
+
+    data: as the fixed-precision form, with ``quantization`` ``{"method": "auto", "bits": None, "block_size",
+    "max_error", "mean_error", "errors"}``, ``errors``: ``exact`` (measured against the original adapters
+    given), ``bound`` (stored error + the change, never below the truth) or ``mixed``; ``tasks``: per task
+    ``{"task_id", "before"/"after": {"mean", "max", "overall"}, "bytes_before", "bytes_after", "held",
+    "error_is_bound"}`` (``overall``: over all its modules, weighted by ‖ΔW‖²; ``bytes``: its own
+    coefficients as stored); ``held``: tasks over the target before, kept at their storage.
+    """
+    from ...subspace import SharedSubspace
+    from ...subspace.requantize import check_targets
+
+    if params.get("bits") is not None:
+        raise ValueError("bits: give either --bits (a fixed precision) or --max-error/--mean-error (a target), not both")
+    if params.get("method") not in (None, "symmetric"):
+        raise ValueError(f"method: with an error target the precision is chosen (symmetric per block), not {params['method']!r}")
+    check_targets(params.get("max_error"), params.get("mean_error"))
+    unused = [k for k in ("double_quant", "quantize_loadings") if params.get(k)]
+    if unused:
+        raise ValueError(f"{unused[0]}: does not apply with an error target (every tensor's precision is chosen)")
+    stages = StagedProgress(progress, {"load": 1, "quantize": 3, "save": 1})
+    tick(stages.stage("load"), cancel, 0, 1, f"loading {params['subspace']}")
+    sub = SharedSubspace.load(params["subspace"])
+    adapters = None
+    if params.get("adapters"):
+        from ..common import load_adapters
+
+        adapters = {a.name: a for a in load_adapters(params["adapters"], cancel=cancel)}
+    before = _figures(sub)
+    sub.quantize(max_error=params.get("max_error"), mean_error=params.get("mean_error"), adapters=adapters,
+                 block_size=int(params.get("block_size") or 64), progress=stages.stage("quantize"), cancel=cancel)
+    report = sub.last_quantize
+    tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
+    out = sub.save(params["output"], force=params["force"])
+    stages.done()
+    after = _figures(sub)
+    warnings = []
+    if report["held"]:
+        warnings.append(f"{len(report['held'])} task(s) over the target before quantizing kept their storage: "
+                        + ", ".join(report["held"][:6]) + (" …" if len(report["held"]) > 6 else ""))
+    how = {"exact": "measured against the original adapters", "bound": "upper bounds: stored error + change",
+           "mixed": "exact where the original adapter was given, else upper bounds"}[report["errors"]]
+    return JobOutput(
+        summary=(f"quantized {params['subspace']} to the cheapest precision per module meeting "
+                 f"{_target_words(params)} in {out}: {before['disk_bytes']} → {after['disk_bytes']} bytes on disk, "
+                 f"max ΔW error {before['max_error']:.3g} → {after['max_error']:.3g} ({how})"),
+        outputs=[str(out)],
+        data={"path": str(out), "quantization": sub.quantization, "before": before, "after": after,
+              "target": sub.k_rule, "errors": report["errors"], "tasks": report["tasks"], "held": report["held"],
+              "warnings": warnings, "stats": sub.compression_stats()},
+    )
+
+
+def _target_words(params: dict[str, Any]) -> str:
+    return " and ".join(f"{k} {params[k]:g}" + (" per task" if k == "mean_error" else "")
+                        for k in ("max_error", "mean_error") if params.get(k) is not None)
+
+
+def _figures(sub: Any) -> dict[str, Any]:
+    st = sub.compression_stats()
+    disk = st["disk"] or {}
+    return {"stored_bytes": st["stored_bytes"], "disk_bytes": disk.get("bytes"), "ratio": disk.get("ratio"),
+            "mean_error": st["error"]["mean"], "max_error": st["error"]["max"]}
+
+
 KIND = JobKind(
-    "quantize", "Quantize subspace", "quantize a subspace's bases per block (int8, int4, NF4) and save it",
+    "quantize", "Quantize subspace", "quantize a subspace per block (int8, int4, NF4), or at the cheapest precision "
+    "per module meeting --max-error/--mean-error, and save it",
     (
         Param("subspace", "path", required=True, help="saved subspace folder"),
         output_param("folder to write the quantized subspace into"),
-        Param("bits", "choice", None, "bits per value", (8, 4), required=True),
+        Param("bits", "choice", None, "bits per value (a fixed precision; or give --max-error/--mean-error)", (8, 4)),
+        Param("max_error", "float", None, "instead of --bits: per module the cheapest rank and precision (fp16, "
+              "int8…int3) with every task's ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this", minimum=0.0, maximum=0.999, exclusive_minimum=True),
+        Param("mean_error", "float", None, "instead of --bits: the cheapest storage with each task's error over its "
+              "modules (weighted by ‖ΔW‖²) ≤ this", minimum=0.0, maximum=0.999, exclusive_minimum=True),
+        Param("adapters", "paths", None, "with a target: the original adapters, to measure errors exactly "
+              "(else: stored error + change, an upper bound)"),
         Param("method", "choice", "symmetric", "quantization method", method_choices("quantize")),
         *method_params("quantize", _QUANT_FIXED),
         FORCE,
