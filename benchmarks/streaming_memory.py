@@ -1,6 +1,6 @@
 """Peak RSS and seconds of ``SharedSubspace.from_adapters_streaming`` on a 7B-shaped collection.
 
-    python benchmarks/streaming_memory.py [--n 32] [--root DIR] [--budget MB ...] [--method joint]
+    python benchmarks/streaming_memory.py [--n 32] [--root DIR] [--budget MB ...] [--method joint] [--hidden H --layers L]
 
 Writes (once, kept under ``--root``) N fp16 adapters shaped like a 7B model (hidden
 4096, r16, q_proj/v_proj on 32 layers; the ``7b`` collection of
@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--mean-error", type=float, default=None, help="also a mean-error target (k meets both)")
     ap.add_argument("--structure", default="families", choices=("families", "shared"),
                     help="the 7B collection's structure (see _bench_collections.make_7b)")
+    ap.add_argument("--hidden", type=int, default=None, help="a smaller hidden size than 4096 (a collection of its own)")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers than 32")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -82,7 +84,12 @@ def main() -> None:
         from _bench_collections import make_7b
 
         t0 = time.perf_counter()
-        make_7b(a.root, a.n, structure=a.structure)
+        shape = None
+        if a.hidden or a.layers:
+            from _bench_collections import SEVEN_B
+
+            shape = {**SEVEN_B, "hidden": a.hidden or SEVEN_B["hidden"], "layers": a.layers or SEVEN_B["layers"]}
+        make_7b(a.root, a.n, structure=a.structure, shape=shape)
         print(f"wrote {a.n} adapters to {a.root} in {time.perf_counter() - t0:.1f}s", flush=True)
     size = sum(f.stat().st_size for p in sorted(a.root.iterdir())[: a.n] if p.is_dir() for f in p.iterdir())
     print(f"collection: {a.n} adapters, {size / 2**20:.0f} MiB on disk", flush=True)

@@ -57,19 +57,40 @@ def module_stat_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int],
     return max(first, second) + 2 * n * min(k * k, 2 * k * r_max)
 
 
-def plan_chunks(sizes: dict[str, int], budget_bytes: float | None) -> list[list[str]]:
+def bounded_stat_bytes(shape: tuple[int, int], ranks: Sequence[int], sketch_rank: int) -> int:
+    """Bytes a joint/share build holds for one module with the bounded statistics of :mod:`.bounded` (float64).
+
+    The largest of pass 1 (as in :func:`module_stat_bytes`) and the later passes: the
+    orthonormal spaces, the Ritz bases and rotations, two K×K sums or two error tables,
+    one task's cumulative r×r Gram matrices per k, the buffer of factors, and three
+    scalars per task (‖ΔW‖², prior). Independent of the number of adapters but for those
+    scalars. (The coefficients, the build's result, are not statistics and not counted.)
+    """
+    o, i = shape
+    n, r_sum, r_max = len(ranks), int(sum(ranks)), int(max(ranks, default=0))
+    wu, wv = sketch_widths(shape, r_sum, sketch_rank)
+    buffered = 8 * 2 * (o + i) * min(BUFFER_COLUMNS + r_max, r_sum)
+    first = 8 * 2 * (o * wu + i * wv) + buffered
+    later = (8 * 2 * (o * wu + i * wv) + 8 * 2 * (wu * wu + wv * wv) + 8 * 2 * wu * wv
+             + 8 * 2 * max(wu, wv) * r_max * r_max + buffered)
+    return max(first, later) + 8 * 3 * n
+
+
+def plan_chunks(sizes: dict[str, int], budget_bytes: float | None, apart: set[str] | None = None) -> list[list[str]]:
     """Consecutive runs of the sorted modules whose summed ``sizes`` stay within ``budget_bytes``.
 
     A module larger than the budget gets a chunk of its own; ``None`` puts all in one.
+    A chunk holds modules all in ``apart`` or all outside it (built with bounded statistics or not).
     """
     mods = sorted(sizes)
     if budget_bytes is None or not mods:
         return [mods]
+    apart = apart or set()
     chunks: list[list[str]] = []
     cur: list[str] = []
     used = 0
     for m in mods:
-        if cur and used + sizes[m] > budget_bytes:
+        if cur and (used + sizes[m] > budget_bytes or (m in apart) != (cur[0] in apart)):
             chunks.append(cur)
             cur, used = [], 0
         cur.append(m)
@@ -133,25 +154,44 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
             ex.close()
 
 
+def plan_build(method: str, params: JointParams | PCAParams, shapes: dict[str, tuple[int, int]],
+               ranks: dict[str, Sequence[int]], memory_budget_mb: float | None) -> tuple[list[list[str]], set[str], dict[str, int]]:
+    """``(chunks, bounded, sizes)``: the modules' chunks, those built with bounded statistics, the bytes each accounts.
+
+    A joint/share module whose held statistics (:func:`module_stat_bytes`, N·K·r per side)
+    alone exceed the budget is built with the bounded ones (:func:`bounded_stat_bytes`,
+    independent of N): so each chunk's statistics stay within ``memory_budget_mb`` whatever
+    the number of adapters, down to one module's sketch (``dim × sketch_rank`` per side).
+    """
+    sketch_rank = params.sketch_rank if isinstance(params, JointParams) else 0
+    budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
+    sizes = {m: max(1, module_stat_bytes(method, shapes[m], ranks.get(m, ()), sketch_rank)) for m in shapes}
+    bounded: set[str] = set()
+    if budget is not None and method in ("joint", "share") and not params.separate_only:  # type: ignore[union-attr]
+        bounded = {m for m, b in sizes.items() if b > budget}
+        sizes.update({m: max(1, bounded_stat_bytes(shapes[m], ranks.get(m, ()), sketch_rank)) for m in bounded})
+    return plan_chunks(sizes, budget, bounded), bounded, sizes
+
+
 def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
                   params: JointParams | PCAParams, *, ranks: dict[str, Sequence[int]], memory_budget_mb: float | None,
                   checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource],
                   progress: Any, cancel: Any, executor: Any) -> Built:
-    sketch_rank = params.sketch_rank if isinstance(params, JointParams) else 0
-    sizes = {m: max(1, module_stat_bytes(method, shapes[m], ranks.get(m, ()), sketch_rank)) for m in shapes}
-    chunks = plan_chunks(sizes, None if memory_budget_mb is None else memory_budget_mb * 2**20)
+    chunks, bounded, _ = plan_build(method, params, shapes, ranks, memory_budget_mb)
     n = len(source)
     rank_sums = {m: int(sum(ranks.get(m, ()))) for m in shapes}
     whole = len(chunks) == 1
     pca = isinstance(params, PCAParams)
     k_first = not pca and not whole and one_k_for_all(params)  # type: ignore[arg-type]
 
-    def steps(c: list[str]) -> int:
-        return pca_steps(params, n, len(c)) if pca else joint_steps(params, n, len(c))  # type: ignore[arg-type]
+    def steps(c: list[str], k_only: bool = False) -> int:
+        if pca:
+            return pca_steps(params, n, len(c))  # type: ignore[arg-type]
+        return joint_steps(params, n, len(c), k_only=k_only, bounded=c[0] in bounded)  # type: ignore[arg-type]
 
     total = sum(steps(c) for c in chunks)
     if k_first:
-        total += sum(joint_steps(params, n, len(c), k_only=True) for c in chunks)  # type: ignore[arg-type]
+        total += sum(steps(c, True) for c in chunks)
     prog = _Steps(progress, total)
     n_mods = len(shapes)
     labels: list[str] = []
@@ -165,9 +205,9 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
         own: dict[str, int] = {}
         for c, label in zip(chunks, labels):
             sub_shapes = {m: shapes[m] for m in c}
-            reader = Reader(source.subset(c), executor, sub_shapes, checked, True, cancel)
+            reader = Reader(source.subset(c), executor, sub_shapes, checked, True, cancel, c[0] in bounded)
             own.update(joint_module_k(reader, sub_shapes, params,  # type: ignore[arg-type]
-                                      progress=prog.part(joint_steps(params, n, len(c), k_only=True), label),  # type: ignore[arg-type]
+                                      progress=prog.part(steps(c, True), label),
                                       cancel=cancel, rank_sums=rank_sums))
         k_all = max(own.values(), default=0)
 
@@ -179,7 +219,8 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
             sub = checked(source.subset(None if whole else c), sub_shapes, not k_first)
             parts.append(build_pca(sub, sub_shapes, params, progress=part, cancel=cancel))  # type: ignore[arg-type]
         else:
-            reader = Reader(source.subset(None if whole else c), executor, sub_shapes, checked, not k_first, cancel)
+            reader = Reader(source.subset(None if whole else c), executor, sub_shapes, checked, not k_first, cancel,
+                            c[0] in bounded)
             parts.append(build_joint(reader, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all,
                                      rank_sums=rank_sums))  # type: ignore[arg-type]
     return merge_parts(parts)

@@ -54,6 +54,7 @@ from .passes import (
 )
 from .precision import choose_core, choose_separate, finish, shared_bases
 from .budget_build import BudgetTables, budgeted
+from .bounded import bounded_passes, bounded_refine, bounded_statistics
 
 __all__ = ["BUFFER_COLUMNS", "JointParams", "build_joint", "encode_joint", "encode_separate", "error_target",
            "extend_for_task", "joint_factors", "joint_module_k", "joint_steps", "one_k_for_all", "rank_for_error",
@@ -213,11 +214,23 @@ def one_k_for_all(p: JointParams) -> bool:
             and p.num_components is None)
 
 
-def joint_steps(p: JointParams, n: int, n_modules: int, *, k_only: bool = False) -> int:
-    """Progress steps of :func:`build_joint` (or :func:`joint_module_k` with ``k_only``) over ``n`` adapters."""
+def joint_steps(p: JointParams, n: int, n_modules: int, *, k_only: bool = False, bounded: bool = False) -> int:
+    """Progress steps of :func:`build_joint` (or :func:`joint_module_k` with ``k_only``) over ``n`` adapters.
+
+    ``bounded``: with the statistics of :mod:`.bounded` (more passes).
+    """
+    extra = bounded_passes(p, k_only=k_only) * n if bounded else 0
     if k_only:
-        return 2 * n + n_modules
-    return (1 if p.separate_only else 3) * n + n_modules + (n if budgeted(p) else 0)
+        return 2 * n + n_modules + extra
+    return (1 if p.separate_only else 3) * n + n_modules + (n if budgeted(p) else 0) + extra
+
+
+def _statistics(reader: Reader, modules: list[str], shapes: dict[str, tuple[int, int]], p: JointParams, t: Any,
+                rank_sums: dict[str, int] | None) -> dict[str, _ModStats]:
+    """The statistics passes: held (every task's projections) or, for a reader past the budget, bounded."""
+    if reader.bounded:
+        return bounded_statistics(reader, modules, shapes, p, t, rank_sums)
+    return statistics(reader, modules, shapes, p, t, rank_sums)
 
 
 def _choose_all(modules: list[str], shapes: dict[str, tuple[int, int]], stats: dict[str, _ModStats], p: JointParams,
@@ -238,8 +251,9 @@ def joint_module_k(source: AdapterSource | Reader, shapes: dict[str, tuple[int, 
                    progress: Any = None, cancel: Any = None, rank_sums: dict[str, int] | None = None) -> dict[str, int]:
     """Each module's own k, from passes 1 and 2 alone: for a build in chunks where :func:`one_k_for_all` holds."""
     modules = sorted(shapes)
-    t = _ticker(progress, cancel, joint_steps(p, len(source), len(modules), k_only=True))
-    chosen = _choose_all(modules, shapes, statistics(source, modules, shapes, p, t, rank_sums), p, t, len(source))
+    reader = as_reader(source, shapes)
+    t = _ticker(progress, cancel, joint_steps(p, len(reader), len(modules), k_only=True, bounded=reader.bounded))
+    chosen = _choose_all(modules, shapes, _statistics(reader, modules, shapes, p, t, rank_sums), p, t, len(reader))
     return {m: max(kp) for m, kp in chosen.items()}
 
 
@@ -307,10 +321,10 @@ def build_joint(source: AdapterSource | Reader, shapes: dict[str, tuple[int, int
     modules = sorted(shapes)
     reader = as_reader(source, shapes)
     n = len(reader)
-    t = _ticker(progress, cancel, joint_steps(p, n, len(modules)))
+    t = _ticker(progress, cancel, joint_steps(p, n, len(modules), bounded=reader.bounded))
     bases: dict[str, ModuleBasis] = {}
 
-    stats = statistics(reader, modules, shapes, p, t, rank_sums)
+    stats = _statistics(reader, modules, shapes, p, t, rank_sums)
     chosen = _choose_all(modules, shapes, stats, p, t, n)
     if one_k_for_all(p) and chosen:
         # one k for all modules (as the seed): the largest any module needs
@@ -318,6 +332,18 @@ def build_joint(source: AdapterSource | Reader, shapes: dict[str, tuple[int, int
         chosen = {m: (min(kk, stats[m].u.shape[1], stats[m].v.shape[1]),) * 2 for m in modules}
 
     target = p.target
+
+    def alone(m: str) -> bool:
+        """Per-task storage when smaller, or when no shared basis within the sketch meets the target."""
+        (o, i), st, (ku, kv) = shapes[m], stats[m], chosen[m]
+        r_avg = max(1, st.rank_sum // max(n, 1))
+        shared_est = ku * o + kv * i + n * min(ku * kv, min(ku, kv, r_avg) * (ku + kv))
+        return target is not None and p.hybrid and (st.sep_rank_sum * (o + i) < shared_est or not st.feasible)
+
+    refines = p.basis == "delta" and p.refine > 0 and not p.separate_only
+    # bounded statistics: the refinement reads the adapters again, for all of the chunk's modules at once
+    refined = bounded_refine(reader, stats, {m: chosen[m] for m in modules if not alone(m) and min(chosen[m]) > 0},
+                             p, t) if reader.bounded and refines else {}
     for m in modules:
         o, i = shapes[m]
         if p.separate_only:
@@ -326,21 +352,21 @@ def build_joint(source: AdapterSource | Reader, shapes: dict[str, tuple[int, int
         st = stats[m]
         ku, kv = chosen[m]
         ev = (st.energy / st.norm2_sum).tolist() if st.norm2_sum > 0 else [1.0] * st.energy.numel()
-        r_avg = max(1, st.rank_sum // max(n, 1))
-        shared_est = ku * o + kv * i + n * min(ku * kv, min(ku, kv, r_avg) * (ku + kv))
-        # per-task storage when smaller, or when no shared basis within the sketch meets the target
-        if target is not None and p.hybrid and (st.sep_rank_sum * (o + i) < shared_est or not st.feasible):
+        if alone(m):
             bases[m] = ModuleBasis("separate", (o, i), explained=ev)
             continue
         u, v = st.u[:, :ku], st.v[:, :kv]
-        if p.basis == "delta" and p.refine > 0 and ku > 0 and kv > 0:
+        better = False
+        if m in refined:
+            uc, vc, better = refined[m]
+        elif refines and ku > 0 and kv > 0:
             with _one_thread():
                 uc, vc = _refine(st, ku, kv, p.refine)
                 eu = torch.eye(st.u.shape[1], ku, dtype=torch.float64)
                 evv = torch.eye(st.v.shape[1], kv, dtype=torch.float64)
                 better = _better(_errors_at(st, eu, evv), _errors_at(st, uc, vc), st.n2, p, st.prior)
-            if better:
-                u, v = st.u @ uc, st.v @ vc
+        if better:
+            u, v = st.u @ uc, st.v @ vc
         bases[m] = ModuleBasis("joint", (o, i), {"U": u.to(p.dtype), "V": v.to(p.dtype)}, explained=ev)
     norms2 = {m: st.n2 for m, st in stats.items() if st.n2}
     del stats

@@ -49,6 +49,8 @@ class Reader:
     checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource] | None = None
     check: bool = False
     cancel: Any = None
+    #: Statistics of bounded size (:mod:`.bounded`): sums instead of every task's projections, more passes.
+    bounded: bool = False
 
     def __len__(self) -> int:
         return len(self.source)
@@ -144,6 +146,7 @@ class _ModStats:
     u: Tensor | None = None  # candidate bases (out×K, in×K) in order of importance
     v: Tensor | None = None
     feasible: bool = True  # an error target is met by some (k_u, k_v) within the sketch
+    ritz: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # bounded statistics: (Q_u, Q_v, W_u, W_v), U = Q_u·W_u
 
 
 _psd_sqrt = ops.psd_sqrt  # ``L`` with ``L·Lᵀ = g`` (one toolkit: engine/ops.py)
@@ -385,6 +388,28 @@ def statistics(source: AdapterSource | Reader, modules: list[str], shapes: dict[
     and each task's error for every k follows from r×r products.
     """
     reader = as_reader(source, shapes)
+    stats = sketch_spaces(reader, modules, shapes, p, t, rank_sums)
+    if p.separate_only:
+        return stats
+    delta = p.basis == "delta"
+    spaces = {m: (stats[m].q_u, stats[m].q_v) for m in modules}
+    proj = reader.run(project_map, project_combine, (modules, spaces, replace(p, quantized_out={})), t, "statistics")
+    for m in modules:
+        st, pr = stats[m], proj[m]
+        st.p, st.r, st.ga, st.gb, st.n2, st.prior = pr.p, pr.r, pr.ga, pr.gb, pr.n2, pr.prior
+        st.norm2_sum, st.sep_rank_sum = pr.norm2_sum, pr.sep_rank_sum
+    del proj, spaces
+
+    # Rayleigh–Ritz in the sketched spaces, then each task's energy for every k
+    with _one_thread():
+        for m in modules:
+            _ritz(stats[m], delta, p.target is not None)
+    return stats
+
+
+def sketch_spaces(reader: Reader, modules: list[str], shapes: dict[str, tuple[int, int]], p: JointParams, t: Any,
+                  rank_sums: dict[str, int] | None) -> dict[str, _ModStats]:
+    """Pass 1: per module the orthonormal candidate spaces ``Q_u``, ``Q_v`` of the range sketches (none for ``separate_only``)."""
     rank_sums = rank_sums or {}
     stats: dict[str, _ModStats] = {}
     for m in modules:
@@ -401,20 +426,6 @@ def statistics(source: AdapterSource | Reader, modules: list[str], shapes: dict[
         st.rank_sum = sk.rank_sum
         st.q_u = _orth(sk.z_u) if sk.z_u is not None else torch.zeros(o, 0, dtype=torch.float64)
         st.q_v = _orth(sk.z_v) if sk.z_v is not None else torch.zeros(i, 0, dtype=torch.float64)
-    del sketches
-
-    spaces = {m: (stats[m].q_u, stats[m].q_v) for m in modules}
-    proj = reader.run(project_map, project_combine, (modules, spaces, replace(p, quantized_out={})), t, "statistics")
-    for m in modules:
-        st, pr = stats[m], proj[m]
-        st.p, st.r, st.ga, st.gb, st.n2, st.prior = pr.p, pr.r, pr.ga, pr.gb, pr.n2, pr.prior
-        st.norm2_sum, st.sep_rank_sum = pr.norm2_sum, pr.sep_rank_sum
-    del proj, spaces
-
-    # Rayleigh–Ritz in the sketched spaces, then each task's energy for every k
-    with _one_thread():
-        for m in modules:
-            _ritz(stats[m], delta, p.target is not None)
     return stats
 
 
@@ -444,13 +455,23 @@ def _ritz(st: _ModStats, delta: bool, grid: bool) -> None:
     if not kk:
         return
     for pp, rr, n2, (off, sc) in zip(st.p, st.r, st.n2, st.prior):
-        if grid:  # every (k_u, k_v): tr(Σ_{a<k_u} p_a p_aᵀ · Σ_{b<k_v} r_b r_bᵀ) as one matrix product
-            e2 = _cum_grams(pp).reshape(ku, -1) @ _cum_grams(rr.T).reshape(kv, -1).T  # symmetric: tr(AB) = Σ A∘B
-            e = e2.diagonal()[:kk]
-        else:
-            e2 = e = _energies(pp[:kk], rr[:, :kk])
+        e, err = task_errors(pp, rr, n2, off, sc, grid)
         st.energy += e
-        err = ((n2 - e2).clamp_min(0) / n2).sqrt() if n2 > 0 else torch.zeros_like(e2)
-        err = off + sc * err if grid else err
         st.max_err = torch.maximum(st.max_err, err)
         st.sum_err += err
+
+
+def task_errors(pp: Tensor, rr: Tensor, n2: float, off: float, sc: float, grid: bool) -> tuple[Tensor, Tensor]:
+    """One task's energy ``‖U_kᵀΔW V_k‖²`` per k and its (counted) error per (k_u, k_v), or per k without ``grid``.
+
+    ``pp`` (K_u×r), ``rr`` (r×K_v): the task's projections onto the Ritz directions.
+    """
+    ku, kv = pp.shape[0], rr.shape[1]
+    kk = min(ku, kv)
+    if grid:  # every (k_u, k_v): tr(Σ_{a<k_u} p_a p_aᵀ · Σ_{b<k_v} r_b r_bᵀ) as one matrix product
+        e2 = _cum_grams(pp).reshape(ku, -1) @ _cum_grams(rr.T).reshape(kv, -1).T  # symmetric: tr(AB) = Σ A∘B
+        e = e2.diagonal()[:kk]
+    else:
+        e2 = e = _energies(pp[:kk], rr[:, :kk])
+    err = ((n2 - e2).clamp_min(0) / n2).sqrt() if n2 > 0 else torch.zeros_like(e2)
+    return e, (off + sc * err if grid else err)
