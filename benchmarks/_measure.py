@@ -524,7 +524,16 @@ def run_lorashare(spec: dict) -> dict[str, Any]:
     return res
 
 
-RUNNERS = {"ours": run_ours, "baseline": run_baseline, "vlora-dev": run_vlora_dev, "lorashare": run_lorashare}
+def run_scale(spec: dict) -> dict[str, Any]:
+    """One build of benchmarks/scale.py (in-process or Dask executor)."""
+    sys.path.insert(0, str(HERE))
+    from scale import run_build
+
+    return run_build(spec)
+
+
+RUNNERS = {"ours": run_ours, "baseline": run_baseline, "vlora-dev": run_vlora_dev, "lorashare": run_lorashare,
+           "scale": run_scale}
 
 
 def main(argv: list[str]) -> int:
