@@ -246,7 +246,7 @@ def check_indices(n: int, count: int) -> list[int]:
 def fmt_bytes(x: Any) -> str:
     if not x:
         return "–"
-    return f"{x / GIB:.2f} GB" if x >= 0.1 * GIB else f"{x / 2**20:.0f} MB"
+    return f"{x / GIB:.2f} GiB" if x >= 0.1 * GIB else f"{x / 2**20:.0f} MiB"
 
 
 def fmt_pct(x: Any) -> str:
