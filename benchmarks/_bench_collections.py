@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SEVEN_B = {"hidden": 4096, "layers": 32, "rank": 16, "alpha": 32, "modules": ("q_proj", "v_proj")}
 
@@ -166,7 +166,8 @@ def make_peft(root: Path, n_max: int, *, steps: int, distinct_init: bool = False
 
 # ---------------------------------------------------------------------------
 def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02, seed: int = 0,
-            shape: dict | None = None, structure: str = "families") -> Collection:
+            shape: dict | None = None, structure: str = "families", start: int = 0,
+            progress: Callable[[int, int], None] | None = None) -> Collection:
     """7B-shaped synthetic adapters streamed to disk one at a time (memory: the shared bases only).
 
     Per module m: a row basis R_m (in × 2r) shared by all tasks (common init); per task
@@ -175,16 +176,36 @@ def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02
     ``structure="shared"``: one column basis C_m (out × 2r) for all tasks, B = C_m K_t + noise
     (each family its own mean K): the collection the issue names, tasks sharing one
     low-rank structure. Noise is ``noise`` × the factor's norm (relative, per entry scale).
+
+    ``start``: the first ``start`` adapters are already on disk (a shorter run with the
+    same arguments wrote them): they are generated again (the random stream must advance
+    the same way) but not written. ``progress(done, n_max)`` is called after each adapter.
+    A family's bases are dropped after its last task, so memory stays at the shared bases
+    plus one family's, whatever N.
     """
     if structure not in ("families", "shared"):
         raise ValueError(f"structure must be 'families' or 'shared', got {structure!r}")
     import torch
 
+    s = dict(SEVEN_B if shape is None else shape)
+    threads = torch.get_num_threads()
+    # one thread: the products are tiny, and on a shared machine OpenMP's spinning made two
+    # threads ~25× slower (1.2 s vs 0.05 s per adapter); the bytes written are the same
+    torch.set_num_threads(1)
+    try:
+        return _make_7b(root, n_max, s, family_size=family_size, noise=noise, seed=seed, structure=structure,
+                        start=start, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make_7b(root: Path, n_max: int, s: dict, *, family_size: int, noise: float, seed: int, structure: str,
+             start: int, progress: Callable[[int, int], None] | None) -> Collection:
+    import torch
+
     from engine.types import LoRAWeights
 
-    s = dict(SEVEN_B if shape is None else shape)
     d, L, r = s["hidden"], s["layers"], s["rank"]
-    torch.set_num_threads(2)
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     modules = [f"model.layers.{i}.self_attn.{p}" for i in range(L) for p in s["modules"]]
@@ -200,6 +221,10 @@ def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02
     paths = []
     for t in range(n_max):
         fam = t // family_size
+        if fam > 0 and t % family_size == 0:  # the previous family is complete: free its bases
+            for dct in ((cols, fam_core, fam_mix) if structure == "families" else (fam_core, fam_mix)):
+                for key in [key for key in dct if key[0] == fam - 1]:
+                    del dct[key]
         lora_a, lora_b = {}, {}
         for m in modules:
             width = r if structure == "families" else 2 * r
@@ -219,8 +244,12 @@ def make_7b(root: Path, n_max: int, *, family_size: int = 8, noise: float = 0.02
         name = f"task{t:03d}-fam{fam:02d}"
         w = LoRAWeights(layer_names=sorted(modules), lora_a=lora_a, lora_b=lora_b, rank=r, metadata=dict(config),
                         lora_alpha=float(s["alpha"]), name=name)
-        paths.append(_save16(w, root / name))
+        if t >= start:
+            _save16(w, root / name)
+        paths.append(root / name)
         del w, lora_a, lora_b
+        if progress is not None:
+            progress(t + 1, n_max)
     cols_text = (f"column space (r) per family of {family_size}" if structure == "families"
                  else f"one shared column space (2r), families of {family_size} in it")
     return Collection(
@@ -241,3 +270,60 @@ def quick_7b_shape() -> dict:
 def write_manifest(c: Collection) -> None:
     (c.root / "COLLECTION.json").write_text(json.dumps({"name": c.name, "description": c.description,
                                                         "tasks": [p.name for p in c.paths]}, indent=1))
+
+
+# ---------------------------------------------------------------------------
+# a 7B-shaped collection kept on disk and reused across runs (streaming_memory.py, scale.py)
+SEVEN_B_MARKER = "COLLECTION-7b.json"
+
+
+def task_dirs(root: Path) -> list[Path]:
+    """The adapter folders of a kept collection, in order (complete ones only: config and weights)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("task")
+                  and (p / "adapter_model.safetensors").is_file() and (p / "adapter_config.json").is_file())
+
+
+def ensure_7b(root: Path, n: int, *, structure: str = "families", log: Callable[[str], None] = print,
+              every_s: float = 10.0, shape: dict | None = None) -> list[Path]:
+    """The first ``n`` adapters of the 7B-shaped collection under ``root``, writing the missing ones.
+
+    The folders a previous (shorter) run wrote are kept and reused: the generator is
+    deterministic and each prefix is the same collection. ``root`` remembers its
+    structure (``COLLECTION-7b.json``); asking for another one is an error rather than
+    a silent mix. Progress goes to ``log`` every ``every_s`` seconds. ``shape``: another
+    shape than the 7B one (e.g. a smaller hidden size; remembered like the structure).
+    """
+    root = Path(root)
+    s = dict(SEVEN_B if shape is None else shape)
+    want = {"structure": structure, "shape": {**s, "modules": list(s["modules"])}, "seed": 0,
+            "family_size": 8, "noise": 0.02}
+    marker = root / SEVEN_B_MARKER
+    if marker.is_file():
+        have = json.loads(marker.read_text())
+        if have != want:
+            raise SystemExit(f"{root}: holds a 7B-style collection with structure {have.get('structure')!r} and shape "
+                             f"{have.get('shape')} (asked: {structure!r}, {want['shape']}); use another --root")
+    have_dirs = task_dirs(root)
+    if len(have_dirs) >= n:
+        return have_dirs[:n]
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(want, indent=1))
+    start = len(have_dirs)
+    t0 = last = time.perf_counter()
+    one = 2 * s["layers"] * len(s["modules"]) * s["hidden"] * s["rank"] * 2  # fp16 bytes
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if done > start and (now - last >= every_s or done == total):
+            last = now
+            rate = (done - start) / (now - t0)
+            log(f"  {structure}: {done}/{total} adapters on disk ({done * one / 2**30:.1f} GiB), "
+                f"{now - t0:.0f} s, {rate:.1f}/s, ~{(total - done) / rate:.0f} s left")
+
+    log(f"writing {structure} adapters {start}..{n - 1} to {root} ({(n - start) * one / 2**30:.1f} GiB at fp16)")
+    make_7b(root, n, structure=structure, start=start, progress=progress, shape=shape)
+    log(f"wrote {n - start} adapters in {time.perf_counter() - t0:.1f} s")
+    return task_dirs(root)[:n]

@@ -148,6 +148,17 @@ def dir_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def proc_status_bytes(key: str, pid: int | str = "self") -> int:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmHWM``, ``VmRSS``) in bytes; 0 where there is none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """Peak RSS of this process so far.
 
@@ -155,12 +166,9 @@ def peak_rss_bytes() -> int:
     address space. Not ru_maxrss: across fork+exec Linux carries the parent's peak
     into the child's ru_maxrss, so a fat parent would contaminate every run.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = proc_status_bytes("VmHWM")
+    if hwm:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) * (1 if sys.platform == "darwin" else 1024)
 
@@ -516,7 +524,16 @@ def run_lorashare(spec: dict) -> dict[str, Any]:
     return res
 
 
-RUNNERS = {"ours": run_ours, "baseline": run_baseline, "vlora-dev": run_vlora_dev, "lorashare": run_lorashare}
+def run_scale(spec: dict) -> dict[str, Any]:
+    """One build of benchmarks/scale.py (in-process or Dask executor)."""
+    sys.path.insert(0, str(HERE))
+    from scale import run_build
+
+    return run_build(spec)
+
+
+RUNNERS = {"ours": run_ours, "baseline": run_baseline, "vlora-dev": run_vlora_dev, "lorashare": run_lorashare,
+           "scale": run_scale}
 
 
 def main(argv: list[str]) -> int:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,8 +161,9 @@ def run_worker(spec: dict, workdir: Path, timeout: float, extra_path: Path | Non
     log = out / "worker.log"
     killed = None
     with open(log, "w") as fh:
+        # its own process group: a kill also ends what it started (a Dask LocalCluster's workers)
         p = subprocess.Popen([sys.executable, str(HERE / "_measure.py"), str(spec_path)], stdout=fh, stderr=subprocess.STDOUT,
-                             env=env, cwd=str(ROOT))
+                             env=env, cwd=str(ROOT), start_new_session=True)
         peak = 0
         while p.poll() is None:  # watchdog: wall-clock limit and a resident-memory cap (the machine is shared)
             time.sleep(0.5)
@@ -172,7 +174,10 @@ def run_worker(spec: dict, workdir: Path, timeout: float, extra_path: Path | Non
             elif time.perf_counter() - t0 > timeout:
                 killed = f"killed: timeout after {timeout:.0f} s"
             if killed:
-                p.kill()
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except OSError:
+                    p.kill()
                 p.wait()
                 break
     text = log.read_text(errors="replace")

@@ -23,24 +23,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-
-def _vm(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+from _bench_collections import ensure_7b, task_dirs  # noqa: E402
+from _measure import proc_status_bytes as _vm  # noqa: E402
 
 
 def worker(root: str, n: int, budget: str, method: str, max_error: float | None, mean_error: float | None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from engine.subspace import SharedSubspace
 
     torch.set_num_threads(2)
-    paths = sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("task"))[:n]
+    paths = task_dirs(Path(root))[:n]
     kw: dict = {}
     if budget != "default":
         kw["memory_budget_mb"] = None if budget == "none" else float(budget)
@@ -77,21 +75,11 @@ def main() -> None:
     if a.worker:
         worker(str(a.root), a.n, a.budget[0], a.method, a.max_error, a.mean_error)
         return
-    have = sorted(p for p in a.root.iterdir() if p.is_dir() and p.name.startswith("task")) if a.root.exists() else []
-    if len(have) < a.n:
-        sys.path.insert(0, str(HERE))
-        sys.path.insert(0, str(ROOT))
-        from _bench_collections import make_7b
-
-        t0 = time.perf_counter()
-        shape = None
-        if a.hidden or a.layers:
-            from _bench_collections import SEVEN_B
-
-            shape = {**SEVEN_B, "hidden": a.hidden or SEVEN_B["hidden"], "layers": a.layers or SEVEN_B["layers"]}
-        make_7b(a.root, a.n, structure=a.structure, shape=shape)
-        print(f"wrote {a.n} adapters to {a.root} in {time.perf_counter() - t0:.1f}s", flush=True)
-    size = sum(f.stat().st_size for p in sorted(a.root.iterdir())[: a.n] if p.is_dir() for f in p.iterdir())
+    shape = None
+    if a.hidden or a.layers:
+        shape = {**SEVEN_B, "hidden": a.hidden or SEVEN_B["hidden"], "layers": a.layers or SEVEN_B["layers"]}
+    paths = ensure_7b(a.root, a.n, structure=a.structure, log=lambda m: print(m, flush=True), shape=shape)
+    size = sum(f.stat().st_size for p in paths for f in p.iterdir())
     print(f"collection: {a.n} adapters, {size / 2**20:.0f} MiB on disk", flush=True)
     for b in a.budget:
         cmd = [sys.executable, __file__, "--worker", "--root", str(a.root), "--n", str(a.n), "--budget", b,
