@@ -21,9 +21,9 @@ Each tensor file records in its safetensors metadata what it belongs to, checked
 load when present (folders saved before have none and load as they did):
 ``basis.safetensors``: ``vlora_file="basis"`` and ``vlora_modules_sha256`` (the
 manifest's ``modules``); a task file: ``vlora_file="task"``, ``vlora_task_id``,
-``vlora_config_sha256`` (its config, whole) and ``vlora_basis_sha256`` (the
-basis file it was projected onto). Task ids and file names are checked on load as
-on build (:func:`engine.io.scan.validate_task_id`), so no manifest names a path
+``vlora_config_sha256`` (its config, whole), ``vlora_basis_sha256`` (the
+basis file it was projected onto) and, in format 2, ``vlora_tensors_sha256`` (its
+tensor specs). Task ids and file names are checked on load as on build (:func:`engine.io.scan.validate_task_id`), so no manifest names a path
 outside the folder.
 """
 
@@ -143,7 +143,7 @@ def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
             config = _template_json(p.template)
             save_file(tensors, str(_dest(tmp, rel)), metadata={
                 "format": "pt", "vlora_file": "task", "vlora_task_id": tid, "vlora_config_sha256": _digest(config),
-                "vlora_basis_sha256": basis_sha})
+                "vlora_basis_sha256": basis_sha, "vlora_tensors_sha256": _digest(specs)})
             entry: dict[str, Any] = {"id": tid, "file": rel, "config": None}
             if config:
                 shared = {k: v for k, v in config.items() if k not in OWN_CONFIG_KEYS}
@@ -265,8 +265,8 @@ def _file_metadata(path: Path) -> dict[str, str]:
         raise SubspaceFormatError(f"{path}: cannot read safetensors ({exc})") from exc
 
 
-def _ownership_problems(path: Path, man: dict[str, Any]) -> list[str]:
-    """Tensor files whose own metadata says they belong to another task, config or basis (checked where recorded)."""
+def _ownership_problems(path: Path, man: dict[str, Any], layouts: dict[str, list[tuple[str, list[str]]]] | None) -> list[str]:
+    """Tensor files whose own metadata says they belong to another task, config, basis or layout (checked where recorded)."""
     problems: list[str] = []
     meta = _file_metadata(path / BASIS_FILE)
     if meta.get("vlora_file", "basis") != "basis":
@@ -287,6 +287,8 @@ def _ownership_problems(path: Path, man: dict[str, Any]) -> list[str]:
             problems.append(f"{fp}: the manifest's config of task {tid!r} is not the one saved with it (configs swapped or edited)")
         elif "vlora_basis_sha256" in meta and meta["vlora_basis_sha256"] != basis_sha:
             problems.append(f"{fp}: task {tid!r} was projected onto another basis than {BASIS_FILE} (a basis of another subspace)")
+        elif layouts is not None and "vlora_tensors_sha256" in meta and meta["vlora_tensors_sha256"] != _digest([s for _, s in layouts[t["file"]]]):
+            problems.append(f"{fp}: the manifest's tensor specs of task {tid!r} are not the ones it was saved with (edited)")
     return problems
 
 
@@ -341,7 +343,7 @@ def load_subspace(path: Path) -> Any:
     problems += [f"'{f}' has no checksum in the manifest" for f in unlisted]
     if problems:
         raise SubspaceFormatError(f"{path}: " + "; ".join(problems))
-    problems = _ownership_problems(path, man)
+    problems = _ownership_problems(path, man, layouts)
     if problems:
         raise SubspaceFormatError("; ".join(problems))
 

@@ -216,14 +216,33 @@ def _edit(folder: Path, fn: Any) -> Path:
     return mp
 
 
-def test_a_spec_that_does_not_match_the_packed_bytes_is_named(tmp_path, adapters):
-    sub = _mixed(adapters)
-    out = sub.save(tmp_path / "s")
+def _widen(man: dict[str, Any]) -> None:
+    """One tensor of task_1 said to be 8-bit: its packed tensor is too short for that."""
+    specs = man["tasks"][1]["tensors"][0]
+    specs[0] = specs[0].split(":")[0] + ":int8"
 
-    def widen(man: dict[str, Any]) -> None:  # one tensor said to be 8-bit: the packed tensor is too short for it
-        specs = man["tasks"][1]["tensors"][0]
-        specs[0] = specs[0].split(":")[0] + ":int8"
-    _edit(out, widen)
+
+def _rehash(folder: Path, rel: str) -> None:
+    import hashlib
+
+    data = (folder / rel).read_bytes()
+    _edit(folder, lambda m: m["files"].__setitem__(rel, {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}))
+
+
+def test_an_edited_spec_is_named(tmp_path, adapters):
+    out = _mixed(adapters).save(tmp_path / "s")
+    _edit(out, _widen)
+    with pytest.raises(SubspaceFormatError, match=r"task_1\.safetensors: the manifest's tensor specs of task 'task_1'"):
+        SharedSubspace.load(out)
+
+
+def test_a_spec_that_does_not_match_the_packed_bytes_is_named(tmp_path, adapters):
+    """Without the file's record of its specs (stripped), the packed tensor's length still catches the edit."""
+    out = _mixed(adapters).save(tmp_path / "s")
+    f = out / "tasks" / "task_1.safetensors"
+    save_file(load_file(str(f)), str(f), metadata={"format": "pt"})
+    _rehash(out, "tasks/task_1.safetensors")
+    _edit(out, _widen)
     with pytest.raises(SubspaceFormatError) as ei:
         SharedSubspace.load(out)
     msg = str(ei.value)
@@ -246,13 +265,7 @@ def test_a_file_without_its_packed_tensor_is_named(tmp_path, adapters):
     with safe_open(str(f), "pt") as fh:
         meta = fh.metadata()
     save_file({"x::a": sd["packed"]}, str(f), metadata=meta)
-
-    def rehash(man: dict[str, Any]) -> None:
-        import hashlib
-
-        data = f.read_bytes()
-        man["files"]["tasks/task_0.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    _edit(out, rehash)
+    _rehash(out, "tasks/task_0.safetensors")
     with pytest.raises(SubspaceFormatError, match=r"task_0\.safetensors: has no 'packed' tensor"):
         SharedSubspace.load(out)
 
