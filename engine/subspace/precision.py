@@ -32,9 +32,10 @@ BITS = {"fp16": 16, "int8": 8, "int6": 6, "int5": 5, "int4": 4, "int3": 3}
 DEFAULT_BLOCK_SIZE = 64
 #: ``precision`` values a build takes: ``fp16`` (every tensor at the storage dtype, as before) or ``auto``.
 PRECISION_MODES = ("fp16", "auto")
-#: Bytes a quantised tensor costs beyond its codes and scales: the scales' entry in the safetensors
-#: header and its entry in the manifest's ``quantized`` map (measured on the demo collection: 228).
-QUANT_OVERHEAD_BYTES = 230
+#: Bytes a quantised tensor costs beyond its codes and scales: in the packed layout (format version 2)
+#: only its spec in the manifest is a character longer (``int6`` vs ``f16``); format 1's header and
+#: ``quantized`` entries (228 bytes on the demo collection) are gone.
+QUANT_OVERHEAD_BYTES = 1
 
 
 def check_precision(precision: str, block_size: int) -> None:

@@ -1,26 +1,29 @@
 """Save and load subspace folders.
 
-Layout::
+Layout (format version 2)::
 
-    subspace.json              manifest: format version, method, dtype, build params and the k rule
-                               (error target) they set, k and kind per module, tasks (config, ranks,
-                               fidelity, bytes of the input adapter's files), quantisation, sha256 and
-                               size per file
-    basis.safetensors          "<module>::<tensor>" (U, V or comp_a, comp_b, mean_a, mean_b, sv_a, sv_b)
-    tasks/<task_id>.safetensors "<module>::<coeff>" plus "extra::<key>" (the adapter's extra tensors)
+    subspace.json              manifest (:mod:`engine.subspace.manifest`): format version, method, dtype, build
+                               params and the k rule (error target) they set; per module its kind, shape, k and
+                               the specs of its basis tensors; each distinct task config once; per task its
+                               config, errors, norms and ranks per module, the specs of its tensors and the
+                               bytes of the input adapter's files; sha256 and size per file
+    basis.safetensors          "packed": every module's basis tensors (U, V or comp_a, …)
+    tasks/<task_id>.safetensors "packed": every module's coefficients; "extra::<key>": the adapter's extra tensors
 
-Quantised tensors are stored as ``<name>::q::codes`` (uint8; 4-bit packed two a
-byte) and ``<name>::q::scales`` or the double-quantised ``scale_codes`` /
-``scale_absmax`` / ``scale_mean``; the manifest's ``quantized`` map says which.
-Folders are written atomically (temp sibling, then rename).
+``packed`` is one uint8 tensor: the bytes of the file's tensors one after another in the
+order of their specs (``a=6x384:int6``: 6-bit codes bit-packed, then fp16 block scales; see
+:mod:`engine.subspace.layout`), so a file holds one tensor whatever its modules, and its
+layout follows from the manifest. Folders of format version 1 (a tensor per part,
+``<module>::<key>[::q::codes|scales…]``, described by the manifest's ``quantized`` map) load
+as they did. Folders are written atomically (temp sibling, then rename).
 
 Each tensor file records in its safetensors metadata what it belongs to, checked on
 load when present (folders saved before have none and load as they did):
 ``basis.safetensors``: ``vlora_file="basis"`` and ``vlora_modules_sha256`` (the
 manifest's ``modules``); a task file: ``vlora_file="task"``, ``vlora_task_id``,
-``vlora_config_sha256`` (its manifest ``config``) and ``vlora_basis_sha256`` (the
-basis file it was projected onto). Task ids and file names are checked on load as
-on build (:func:`engine.io.scan.validate_task_id`), so no manifest names a path
+``vlora_config_sha256`` (its config, whole), ``vlora_basis_sha256`` (the
+basis file it was projected onto) and, in format 2, ``vlora_tensors_sha256`` (its
+tensor specs). Task ids and file names are checked on load as on build (:func:`engine.io.scan.validate_task_id`), so no manifest names a path
 outside the folder.
 """
 
@@ -37,40 +40,22 @@ from torch import Tensor
 
 from ..constants import SUBSPACE_MANIFEST_NAME
 from ..errors import SubspaceFormatError
-from ..io.scan import validate_task_id
 from ..types import LoRAWeights
+from . import layout
 from .common import ModuleBasis, TaskProjection, dtype_name, parse_dtype
+from .manifest import (BASIS_FILE, BASIS_KEYS, OWN_CONFIG_KEYS, TASKS_DIR, by_module, check_task_file, describe, expand,
+                       is_int, manifest_problems, problem_line, seed_id_problems, significant, task_file)
 from .quant import QuantizedTensor
 
+__all__ = ["BASIS_FILE", "BASIS_KEYS", "FORMAT_NAME", "FORMAT_VERSION", "TASKS_DIR", "check_task_file", "load_subspace",
+           "load_seed_subspace", "save_subspace", "task_file"]
+
 FORMAT_NAME = "vlora-tui-subspace"
-FORMAT_VERSION = 1
-BASIS_FILE = "basis.safetensors"
+FORMAT_VERSION = 2
 SEP = "::"
-TASKS_DIR = "tasks"
-#: Tensor names per module kind in ``basis.safetensors`` (``separate``: each task alone, no basis).
-BASIS_KEYS = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b", "mean_a", "mean_b", "sv_a", "sv_b"), "separate": ()}
-
-
-def task_file(task_id: str) -> str:
-    """The folder-relative file of a task, ``tasks/<task_id>.safetensors``; ``ValueError`` for an unsafe id."""
-    return f"{TASKS_DIR}/{validate_task_id(task_id)}.safetensors"
-
-
-def check_task_file(rel: Any) -> str:
-    """``rel`` if it is a task file name as :func:`task_file` makes them (``tasks/<valid id>.safetensors``).
-
-    Raises:
-        ValueError: anything else (separators, ``..``, absolute paths, another folder or suffix).
-    """
-    folder, sep, name = rel.partition("/") if isinstance(rel, str) else ("", "", "")
-    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else ""
-    try:
-        if folder != TASKS_DIR or not sep or task_file(stem) != rel:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{rel!r} is not of the form 'tasks/<id>.safetensors' (a valid task id: letters, digits, "
-                         "'.', '_' or '-'; no separators, no '..')") from None
-    return rel
+#: Significant digits of the explained-variance curves in the manifest (a plot's worth; every other float: 7, so
+#: errors and norms read back agree with a re-measurement far below 1e-4).
+EXPLAINED_DIGITS = 4
 
 
 def _dest(root: Path, rel: str) -> Path:
@@ -96,15 +81,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _put(out: dict[str, Tensor], quant: dict[str, Any], name: str, t: Tensor, qt: QuantizedTensor | None) -> None:
-    if qt is None:
-        out[name] = t.contiguous()
-        return
-    quant[name] = qt.info()
-    for part, v in qt.tensors().items():
-        out[f"{name}{SEP}q{SEP}{part}"] = v.contiguous()
-
-
 def _template_json(t: LoRAWeights | None) -> dict[str, Any]:
     if t is None:
         return {}
@@ -114,17 +90,19 @@ def _template_json(t: LoRAWeights | None) -> dict[str, Any]:
 
 
 def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
-    """Write ``sub`` to ``path`` atomically; see the module docstring for the layout."""
+    """Write ``sub`` to ``path`` atomically in format version 2; see the module docstring for the layout."""
     from safetensors.torch import save_file
 
     from ..io.local import atomic_dir
 
     files = {tid: task_file(tid) for tid in sub.tasks}  # ValueError before anything is written
-    quant: dict[str, Any] = {}
-    basis: dict[str, Tensor] = {}
-    for m, b in sorted(sub.modules.items()):
-        for key, t in b.tensors.items():
-            _put(basis, quant, f"{m}{SEP}{key}", t.to(sub.dtype) if (m, key) not in sub.quantized else t, sub.quantized.get((m, key)))
+    names = sorted(sub.modules)
+    basis_items, basis_specs = [], {}
+    for m in names:
+        items = [(key, t if (m, key) in sub.quantized else t.to(sub.dtype), sub.quantized.get((m, key)))
+                 for key, t in sub.modules[m].tensors.items()]
+        basis_specs[m], packed = layout.pack(items)
+        basis_items.append(packed)
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -134,26 +112,30 @@ def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
         "k_rule": sub.k_rule,  # the rule k was chosen by (from params): what absorb and quantize are held to
         "quantization": sub.quantization,
         "base_model": sub.base_model,
-        "modules": {m: {"kind": b.kind, "shape": list(b.shape), "k": b.k, "rank": b.rank, "explained": b.explained}
-                    for m, b in sorted(sub.modules.items())},
+        "modules": {m: {"kind": b.kind, "shape": list(b.shape), "k": b.k, "rank": b.rank, "tensors": basis_specs[m],
+                        "explained": significant([float(v) for v in b.explained], EXPLAINED_DIGITS)}
+                    for m, b in ((m, sub.modules[m]) for m in names)},
+        "configs": [],
         "tasks": [],
-        "quantized": {},
         "files": {},
     }
+    configs: dict[str, int] = {}  # digest of a shared config → its index in "configs"
     with atomic_dir(path, force=force) as tmp:
         _dest(tmp, TASKS_DIR).mkdir()
         basis_path = _dest(tmp, BASIS_FILE)
-        save_file(basis, str(basis_path), metadata={"format": "pt", "vlora_file": "basis",
-                                                    "vlora_modules_sha256": _digest(manifest["modules"])})
+        save_file({layout.PACKED: torch.cat(basis_items) if basis_items else torch.zeros(0, dtype=torch.uint8)},
+                  str(basis_path), metadata={"format": "pt", "vlora_file": "basis", "vlora_modules_sha256": _digest(manifest["modules"])})
         basis_sha = _sha256(basis_path)
-        manifest["quantized"][BASIS_FILE] = quant
         for tid, p in sub.tasks.items():
-            tq: dict[str, Any] = {}
-            tensors: dict[str, Tensor] = {}
-            for m, c in sorted(p.coeffs.items()):
-                for key, t in c.items():
-                    qt = sub.quantized.get((tid, m, key))
-                    _put(tensors, tq, f"{m}{SEP}{key}", t if qt is not None else t.to(sub.dtype), qt)
+            specs, chunks = [], []
+            for m in names:
+                c = p.coeffs.get(m, {})
+                items = [(key, t if (tid, m, key) in sub.quantized else t.to(sub.dtype), sub.quantized.get((tid, m, key)))
+                         for key, t in sorted(c.items())]
+                s, packed = layout.pack(items)
+                specs.append(s)
+                chunks.append(packed)
+            tensors = {layout.PACKED: torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)}
             extras = p.template.extra_tensors if p.template is not None else {}
             for k, t in extras.items():
                 tensors[f"extra{SEP}{k}"] = t.contiguous()
@@ -161,19 +143,26 @@ def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
             config = _template_json(p.template)
             save_file(tensors, str(_dest(tmp, rel)), metadata={
                 "format": "pt", "vlora_file": "task", "vlora_task_id": tid, "vlora_config_sha256": _digest(config),
-                "vlora_basis_sha256": basis_sha})
-            manifest["quantized"][rel] = tq
-            manifest["tasks"].append({
-                "id": tid, "file": rel, "fidelity": p.fidelity, "norms": p.norms, "ranks": p.ranks,
-                "error_is_bound": p.error_is_bound, "original_bytes": p.original_bytes,
-                "input_bytes": p.input_bytes, "input_bytes_fp16": p.input_bytes_fp16, "config": config,
-                "extra_tensors": sorted(extras),
-            })
+                "vlora_basis_sha256": basis_sha, "vlora_tensors_sha256": _digest(specs)})
+            entry: dict[str, Any] = {"id": tid, "file": rel, "config": None}
+            if config:
+                shared = {k: v for k, v in config.items() if k not in OWN_CONFIG_KEYS}
+                entry["config"] = configs.setdefault(_digest(shared), len(configs))
+                if entry["config"] == len(manifest["configs"]):
+                    manifest["configs"].append(shared)
+                if config["name"] != tid:
+                    entry["name"] = config["name"]
+                entry["source"] = config["source"]
+            entry.update({
+                "fidelity": by_module(p.fidelity, names), "norms": by_module(p.norms, names),
+                "ranks": by_module(p.ranks, names), "tensors": specs, "error_is_bound": p.error_is_bound,
+                "original_bytes": p.original_bytes, "input_bytes": p.input_bytes, "input_bytes_fp16": p.input_bytes_fp16})
+            manifest["tasks"].append(entry)
         for f in sorted([BASIS_FILE] + [t["file"] for t in manifest["tasks"]]):
             fp = _dest(tmp, f)
             manifest["files"][f] = {"sha256": _sha256(fp), "bytes": fp.stat().st_size}
-        # compact: 7 significant digits (errors and norms are measured to about that), no indentation;
-        # on a small collection the manifest is otherwise a visible share of the bytes on disk
+        # compact: no indentation, floats to 7 significant digits at most (fewer where that is what they
+        # mean: see EXPLAINED_DIGITS); on a small collection the manifest is otherwise a visible share of the bytes
         text = json.dumps(_rounded(manifest), separators=(",", ":"), sort_keys=True, default=_json_default)
         _dest(tmp, SUBSPACE_MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
     return path
@@ -202,17 +191,29 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def _read_tensors(path: Path, quant: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, QuantizedTensor]]:
+def _load_file(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        raw = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise SubspaceFormatError(f"{path}: cannot read safetensors ({exc})") from exc
+
+
+def _dequantized(path: Path, name: str, qt: QuantizedTensor) -> Tensor:
+    try:  # bits say how the codes are packed (8: a byte each, 4: two a byte, 3/5/6: bit-packed)
+        return qt.dequantize(torch.float32)
+    except (ValueError, RuntimeError) as exc:
+        raise SubspaceFormatError(f"{path}: quantized tensor '{name}' does not match its manifest entry "
+                                  f"({qt.bits} bits, shape {list(qt.shape)}): {exc}") from exc
+
+
+def _read_tensors(path: Path, quant: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, QuantizedTensor]]:
+    """Format version 1: a tensor per part, ``<name>::q::<part>`` for quantised ones (described by ``quant``)."""
     plain: dict[str, Tensor] = {}
     parts: dict[str, dict[str, Tensor]] = {}
-    for k, v in raw.items():
+    for k, v in _load_file(path).items():
         name, tag, part = k.rpartition(f"{SEP}q{SEP}")
         if tag:
             parts.setdefault(name, {})[part] = v
@@ -223,169 +224,34 @@ def _read_tensors(path: Path, quant: dict[str, Any]) -> tuple[dict[str, Tensor],
         if name not in parts or "codes" not in parts[name]:
             raise SubspaceFormatError(f"{path}: quantized tensor '{name}' is missing its codes")
         qts[name] = QuantizedTensor.from_parts(info, parts[name])
-        try:  # bits say how the codes are packed (8: a byte each, 4: two a byte, 3/5/6: bit-packed)
-            plain[name] = qts[name].dequantize(torch.float32)
-        except (ValueError, RuntimeError) as exc:
-            raise SubspaceFormatError(f"{path}: quantized tensor '{name}' does not match its manifest entry "
-                                      f"({info.get('bits')} bits, shape {info.get('shape')}): {exc}") from exc
+        plain[name] = _dequantized(path, name, qts[name])
     return plain, qts
 
 
-# -- checking a manifest before any of it is used --------------------------------------------
-
-_MAX_PROBLEMS = 8
-
-
-def _describe(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return f"the boolean {str(v).lower()}"
-    if isinstance(v, (int, float)):
-        return f"the number {v}"
-    if isinstance(v, str):
-        return f"the string {v[:40]!r}" + ("…" if len(v) > 40 else "")
-    return {list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _is_dict(v: Any) -> bool:
-    return isinstance(v, dict)
-
-
-def _opt_str(v: Any) -> bool:
-    return v is None or isinstance(v, str)
-
-
-class _Checker:
-    """Collects ``'key': expected …, got …`` problems over a parsed manifest."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def add(self, key: str, text: str) -> None:
-        self.problems.append(f"'{key}' {text}")
-
-    def check(self, obj: dict[str, Any], name: str, key: str, ok: Any, expected: str, *, required: bool = False) -> bool:
-        """Whether ``obj[name]`` (at ``key``) is present and passes ``ok``; a missing optional one passes."""
-        if name not in obj:
-            if required:
-                self.add(key, "is missing")
-            return False
-        if not ok(obj[name]):
-            self.add(key, f"must be {expected}, got {_describe(obj[name])}")
-            return False
-        return True
-
-    def mapping(self, obj: dict[str, Any], name: str, key: str, ok: Any, expected: str) -> None:
-        """``obj[name]``, when present, must be an object whose every value passes ``ok``."""
-        if self.check(obj, name, key, _is_dict, "an object"):
-            for k, v in obj[name].items():
-                if not ok(v):
-                    self.add(f"{key}[{k!r}]", f"must be {expected}, got {_describe(v)}")
-
-
-def _manifest_problems(man: dict[str, Any]) -> list[str]:
-    """Every key of ``man`` that the loader reads, checked for presence and type; one line per problem."""
-    c = _Checker()
-    c.check(man, "method", "method", _is_str, "a string", required=True)
-    dtype_names = ("float16", "fp16", "half", "bfloat16", "bf16", "float32", "fp32", "float", "float64")
-    c.check(man, "dtype", "dtype", lambda v: v in dtype_names, "one of float16, bfloat16, float32, float64")
-    c.check(man, "params", "params", _is_dict, "an object")
-    c.check(man, "quantization", "quantization", lambda v: v is None or _is_dict(v), "an object or null")
-    if c.check(man, "modules", "modules", _is_dict, "an object", required=True):
-        for m, info in man["modules"].items():
-            key = f"modules[{m!r}]"
-            if not _is_dict(info):
-                c.add(key, f"must be an object, got {_describe(info)}")
-                continue
-            c.check(info, "kind", f"{key}.kind", lambda v: v in BASIS_KEYS, "'joint', 'pca' or 'separate'", required=True)
-            c.check(info, "shape", f"{key}.shape", lambda v: isinstance(v, list) and len(v) == 2
-                    and all(_is_int(d) and d >= 0 for d in v), "a list of two integers ≥ 0", required=True)
-            c.check(info, "rank", f"{key}.rank", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
-            c.check(info, "explained", f"{key}.explained", lambda v: isinstance(v, list) and all(map(_is_num, v)),
-                    "a list of numbers")
-    if c.check(man, "files", "files", _is_dict, "an object"):
-        for rel, info in man["files"].items():
-            key = f"files[{rel!r}]"
-            if rel != BASIS_FILE:
-                try:
-                    check_task_file(rel)
-                except ValueError as exc:
-                    c.add(key, f"names no file of a subspace folder: {exc}")
-                    continue
-            if not _is_dict(info):
-                c.add(key, f"must be an object, got {_describe(info)}")
-                continue
-            c.check(info, "sha256", f"{key}.sha256", lambda v: _is_str(v) and len(v) == 64, "a 64-digit hex string", required=True)
-            c.check(info, "bytes", f"{key}.bytes", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0", required=True)
-    if c.check(man, "quantized", "quantized", _is_dict, "an object"):
-        qspec = (("shape", lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v), "a list of integers ≥ 0"),
-                 ("method", _is_str, "a string"), ("bits", _is_int, "an integer"),
-                 ("block_size", lambda v: _is_int(v) and v > 0, "an integer > 0"))
-        for rel, names in man["quantized"].items():
-            if not _is_dict(names):
-                c.add(f"quantized[{rel!r}]", f"must be an object, got {_describe(names)}")
-                continue
-            for name, info in names.items():
-                key = f"quantized[{rel!r}][{name!r}]"
-                if not _is_dict(info):
-                    c.add(key, f"must be an object, got {_describe(info)}")
-                    continue
-                for k, ok, expected in qspec:
-                    c.check(info, k, f"{key}.{k}", ok, expected, required=True)
-    if c.check(man, "tasks", "tasks", lambda v: isinstance(v, list), "a list", required=True):
-        seen_ids: dict[str, int] = {}
-        seen_files: dict[str, int] = {}
-        for i, t in enumerate(man["tasks"]):
-            key = f"tasks[{i}]"
-            if not _is_dict(t):
-                c.add(key, f"must be an object, got {_describe(t)}")
-                continue
-            for field, valid, seen, clash in (("id", validate_task_id, seen_ids, "appears more than once (also tasks[{}])"),
-                                              ("file", check_task_file, seen_files, "is also the file of tasks[{}]")):
-                if not c.check(t, field, f"{key}.{field}", _is_str, "a string", required=True):
-                    continue
-                try:
-                    valid(t[field])
-                except ValueError as exc:
-                    c.add(f"{key}.{field}", str(exc))
-                    continue
-                if t[field] in seen:
-                    c.add(f"{key}.{field}", f"{t[field]!r} " + clash.format(seen[t[field]]))
-                seen.setdefault(t[field], i)
-            c.mapping(t, "fidelity", f"{key}.fidelity", _is_num, "a number")
-            c.mapping(t, "norms", f"{key}.norms", _is_num, "a number")
-            c.mapping(t, "ranks", f"{key}.ranks", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
-            c.check(t, "error_is_bound", f"{key}.error_is_bound", lambda v: isinstance(v, bool), "true or false")
-            c.check(t, "original_bytes", f"{key}.original_bytes", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
-            if c.check(t, "config", f"{key}.config", lambda v: v is None or _is_dict(v), "an object or null") and t["config"]:
-                cfg, ck = t["config"], f"{key}.config"
-                c.check(cfg, "rank", f"{ck}.rank", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0")
-                c.check(cfg, "metadata", f"{ck}.metadata", _is_dict, "an object")
-                c.check(cfg, "lora_alpha", f"{ck}.lora_alpha", lambda v: v is None or _is_num(v), "a number or null")
-                c.check(cfg, "use_rslora", f"{ck}.use_rslora", lambda v: isinstance(v, bool), "true or false")
-                c.check(cfg, "target_modules", f"{ck}.target_modules",
-                        lambda v: _opt_str(v) or (isinstance(v, list) and all(map(_is_str, v))), "a string, a list of strings or null")
-                for k in ("base_model_name_or_path", "name", "source"):
-                    c.check(cfg, k, f"{ck}.{k}", _opt_str, "a string or null")
-    return c.problems
-
-
-def _problem_line(where: Path, problems: list[str]) -> str:
-    more = len(problems) - _MAX_PROBLEMS
-    return f"{where}: " + "; ".join(problems[:_MAX_PROBLEMS]) + (f"; … and {more} more" if more > 0 else "")
+def _read_packed(path: Path, specs: list[tuple[str, list[str]]]) -> tuple[dict[str, Tensor], dict[str, QuantizedTensor]]:
+    """Format version 2: the ``packed`` tensor cut by the manifest's specs ``[(module, specs), …]``, and the extras."""
+    raw = _load_file(path)
+    if layout.PACKED not in raw:
+        raise SubspaceFormatError(f"{path}: has no '{layout.PACKED}' tensor (format version 2 packs a file's tensors in one)")
+    odd = sorted(k for k in raw if k != layout.PACKED and not k.startswith(f"extra{SEP}"))
+    if odd:
+        raise SubspaceFormatError(f"{path}: tensor '{odd[0]}' is not part of format version 2 (only "
+                                  f"'{layout.PACKED}' and 'extra::<key>')")
+    plain = {k: v for k, v in raw.items() if k != layout.PACKED}
+    try:
+        groups = layout.unpack([module_specs for _, module_specs in specs], raw[layout.PACKED])
+    except ValueError as exc:
+        raise SubspaceFormatError(f"{path}: {exc}") from exc
+    qts: dict[str, QuantizedTensor] = {}
+    for (m, _), values in zip(specs, groups):
+        for key, v in values.items():
+            name = f"{m}{SEP}{key}"
+            if isinstance(v, QuantizedTensor):
+                qts[name] = v
+                plain[name] = _dequantized(path, name, v)
+            else:
+                plain[name] = v
+    return plain, qts
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
@@ -399,8 +265,8 @@ def _file_metadata(path: Path) -> dict[str, str]:
         raise SubspaceFormatError(f"{path}: cannot read safetensors ({exc})") from exc
 
 
-def _ownership_problems(path: Path, man: dict[str, Any]) -> list[str]:
-    """Tensor files whose own metadata says they belong to another task, config or basis (checked where recorded)."""
+def _ownership_problems(path: Path, man: dict[str, Any], layouts: dict[str, list[tuple[str, list[str]]]] | None) -> list[str]:
+    """Tensor files whose own metadata says they belong to another task, config, basis or layout (checked where recorded)."""
     problems: list[str] = []
     meta = _file_metadata(path / BASIS_FILE)
     if meta.get("vlora_file", "basis") != "basis":
@@ -421,6 +287,8 @@ def _ownership_problems(path: Path, man: dict[str, Any]) -> list[str]:
             problems.append(f"{fp}: the manifest's config of task {tid!r} is not the one saved with it (configs swapped or edited)")
         elif "vlora_basis_sha256" in meta and meta["vlora_basis_sha256"] != basis_sha:
             problems.append(f"{fp}: task {tid!r} was projected onto another basis than {BASIS_FILE} (a basis of another subspace)")
+        elif layouts is not None and "vlora_tensors_sha256" in meta and meta["vlora_tensors_sha256"] != _digest([s for _, s in layouts[t["file"]]]):
+            problems.append(f"{fp}: the manifest's tensor specs of task {tid!r} are not the ones it was saved with (edited)")
     return problems
 
 
@@ -448,13 +316,16 @@ def load_subspace(path: Path, cls: Any) -> Any:
     if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
         raise SubspaceFormatError(f"{mpath}: not a {FORMAT_NAME} manifest")
     version = man.get("format_version", 0)
-    if not _is_int(version):
-        raise SubspaceFormatError(f"{mpath}: 'format_version' must be an integer, got {_describe(version)}")
+    if not is_int(version):
+        raise SubspaceFormatError(f"{mpath}: 'format_version' must be an integer, got {describe(version)}")
     if version > FORMAT_VERSION:
         raise SubspaceFormatError(f"{mpath}: format version {version} is newer than this tool reads ({FORMAT_VERSION})")
-    problems = _manifest_problems(man)
+    problems = manifest_problems(man, version)
     if problems:
-        raise SubspaceFormatError(_problem_line(mpath, problems))
+        raise SubspaceFormatError(problem_line(mpath, problems))
+    layouts: dict[str, list[tuple[str, list[str]]]] | None = None
+    if version >= 2:
+        man, layouts = expand(man)
     files = man.get("files", {})
     for rel, info in sorted(files.items()):
         fp = path / rel
@@ -471,13 +342,17 @@ def load_subspace(path: Path, cls: Any) -> Any:
     problems += [f"'{f}' has no checksum in the manifest" for f in unlisted]
     if problems:
         raise SubspaceFormatError(f"{path}: " + "; ".join(problems))
-    problems = _ownership_problems(path, man)
+    problems = _ownership_problems(path, man, layouts)
     if problems:
         raise SubspaceFormatError("; ".join(problems))
 
     dtype = parse_dtype(man.get("dtype", "float16"))
     quant = man.get("quantized", {})
-    basis, bq = _read_tensors(path / BASIS_FILE, quant.get(BASIS_FILE, {}))
+
+    def read(rel: str) -> tuple[dict[str, Tensor], dict[str, QuantizedTensor]]:
+        return _read_tensors(path / rel, quant.get(rel, {})) if layouts is None else _read_packed(path / rel, layouts[rel])
+
+    basis, bq = read(BASIS_FILE)
     modules: dict[str, ModuleBasis] = {}
     quantized: dict[tuple[str, ...], QuantizedTensor] = {}
     for m, info in man["modules"].items():
@@ -493,7 +368,7 @@ def load_subspace(path: Path, cls: Any) -> Any:
     tasks: dict[str, TaskProjection] = {}
     for t in man["tasks"]:
         tid = t["id"]
-        tensors, tq = _read_tensors(path / t["file"], quant.get(t["file"], {}))
+        tensors, tq = read(t["file"])
         coeffs: dict[str, dict[str, Tensor]] = {m: {} for m in modules}
         extras: dict[str, Tensor] = {}
         for k, v in tensors.items():
@@ -526,30 +401,6 @@ def load_subspace(path: Path, cls: Any) -> Any:
     return sub
 
 
-def _seed_id_problems(meta: Any) -> list[str]:
-    """Task ids and file names of a seed ``subspace_meta.json`` that are not safe as file names."""
-    if not isinstance(meta, dict):
-        return [f"must be an object, got {_describe(meta)}"]
-    c = _Checker()
-    if c.check(meta, "task_ids", "task_ids", lambda v: isinstance(v, list), "a list", required=True):
-        for i, tid in enumerate(meta["task_ids"]):
-            try:
-                validate_task_id(tid)
-            except ValueError as exc:
-                c.add(f"task_ids[{i}]", str(exc))
-        dup = sorted({t for t in meta["task_ids"] if isinstance(t, str) and meta["task_ids"].count(t) > 1})
-        if dup:
-            c.add("task_ids", f"holds {dup[0]!r} more than once")
-    if c.check(meta, "task_filenames", "task_filenames", _is_dict, "an object"):
-        for tid, name in meta["task_filenames"].items():
-            try:
-                validate_task_id(name)
-            except ValueError:
-                c.add(f"task_filenames[{tid!r}]", f"{name!r} is not a valid file name (letters, digits, '.', '_' or '-'; "
-                      "no separators, no '..')")
-    return c.problems
-
-
 def load_seed_subspace(path: Path, cls: Any) -> Any:
     """Read a folder saved by the seed ``vlora`` package (``subspace_meta.json`` + safetensors) as a pca subspace.
 
@@ -562,9 +413,9 @@ def load_seed_subspace(path: Path, cls: Any) -> Any:
 
     try:
         meta = json.loads((path / "subspace_meta.json").read_text(encoding="utf-8"))
-        problems = _seed_id_problems(meta)
+        problems = seed_id_problems(meta)
         if problems:
-            raise SubspaceFormatError(_problem_line(path / "subspace_meta.json", problems))
+            raise SubspaceFormatError(problem_line(path / "subspace_meta.json", problems))
         tensors = load_file(str(path / "subspace.safetensors"))
         layers = list(meta["layer_names"])
         rank = int(meta["rank"])

@@ -19,6 +19,7 @@ from engine.errors import SubspaceFormatError
 from engine.io import load_adapter
 from engine.jobs import JobRequest, run_job
 from engine.subspace import SharedSubspace
+from subspace_v1_writer import save_subspace as save_v1
 
 T0 = "tasks/task_0.safetensors"
 
@@ -100,7 +101,6 @@ def test_task_file_outside_the_folder_is_refused(tmp_path, saved, where):
 
     def crafted(man: dict[str, Any]) -> None:
         man["files"][rel] = man["files"].pop(T0)
-        man["quantized"][rel] = man["quantized"].pop(T0)
         man["tasks"][0]["file"] = rel
     _edit(sub, crafted)
     with pytest.raises(SubspaceFormatError, match=r"tasks\[0\]\.file.*tasks/<id>\.safetensors"):
@@ -162,10 +162,12 @@ def test_files_swapped_on_disk_with_their_checksums_are_detected(tmp_path, saved
 def test_swapped_task_configs_are_detected(tmp_path, saved):
     sub = _copy(saved, tmp_path)
 
-    def swap(man: dict[str, Any]) -> None:
+    def swap(man: dict[str, Any]) -> None:  # a task's config: the shared one it refers to, its name and source
         a, b = man["tasks"][0], man["tasks"][2]
-        assert a["config"] != b["config"]
-        a["config"], b["config"] = b["config"], a["config"]
+        own = ("config", "name", "source")
+        assert [a.get(k) for k in own] != [b.get(k) for k in own]
+        for k in own:
+            a[k], b[k] = b.get(k), a.get(k)
     _edit(sub, swap)
     with pytest.raises(SubspaceFormatError, match=r"task_0\.safetensors.*config"):
         SharedSubspace.load(sub)
@@ -244,6 +246,30 @@ DEFECTS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "dtype unknown": (_set(lambda m: m, "dtype", "int3"), r"'dtype'.*'int3'"),
     "method not a string": (_set(lambda m: m, "method", ["joint"]), r"'method'.*string"),
     "params not a dict": (_set(lambda m: m, "params", "k=2"), r"'params'.*must be an object"),
+    "basis specs not a list": (_set(_first_module, "tensors", "U"), r"'modules\[.*\]\.tensors'.*list of tensor specs"),
+    "basis spec not a spec": (lambda m: _first_module(m)["tensors"].__setitem__(0, "U=3:int7"),
+                              r"'modules\[.*\]\.tensors\[0\]'.*must be a tensor spec.*'U=3:int7'"),
+    "task specs missing": (lambda m: m["tasks"][0].pop("tensors"), r"'tasks\[0\]\.tensors'.*missing"),
+    "task specs one short": (lambda m: m["tasks"][0]["tensors"].pop(), r"'tasks\[0\]\.tensors'.*one per module"),
+    "config not an index": (_set(lambda m: m["tasks"][0], "config", ["r", 4]), r"'tasks\[0\]\.config'.*index of one of"),
+    "config index out of range": (_set(lambda m: m["tasks"][0], "config", 7), r"'tasks\[0\]\.config'.*index of one of"),
+    "configs not a list": (_set(lambda m: m, "configs", {}), r"'configs'.*must be a list"),
+    "config not a dict": (lambda m: m["configs"].__setitem__(0, ["r", 4]), r"'configs\[0\]'.*must be an object"),
+    "config rank a string": (lambda m: m["configs"][0].__setitem__("rank", "four"), r"'configs\[0\]\.rank'.*integer"),
+    "source a number": (_set(lambda m: m["tasks"][0], "source", 3), r"'tasks\[0\]\.source'.*string or null"),
+    "fidelity not a list": (_set(lambda m: m["tasks"][0], "fidelity", "low"), r"'tasks\[0\]\.fidelity'.*must be an object or a list"),
+    "fidelity one short": (lambda m: m["tasks"][0]["fidelity"].pop(), r"'tasks\[0\]\.fidelity'.*one per module"),
+    "fidelity a string value": (lambda m: m["tasks"][0]["fidelity"].__setitem__(0, "low"), r"'tasks\[0\]\.fidelity\[0\]'.*number"),
+    "ranks a float": (lambda m: m["tasks"][0]["ranks"].__setitem__(1, 2.5), r"'tasks\[0\]\.ranks\[1\]'.*integer"),
+    "error_is_bound a string": (_set(lambda m: m["tasks"][0], "error_is_bound", "no"), r"'tasks\[0\]\.error_is_bound'.*true or false"),
+    "original_bytes negative": (_set(lambda m: m["tasks"][0], "original_bytes", -1), r"'tasks\[0\]\.original_bytes'.*integer"),
+    "id a number": (_set(lambda m: m["tasks"][0], "id", 7), r"'tasks\[0\]\.id'.*string"),
+}
+
+
+#: The same defects in a folder of format version 1 (a config per task, the ``quantized`` map, objects per module).
+DEFECTS_V1: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    **{k: v for k, v in DEFECTS.items() if not k.startswith(("basis spec", "task spec", "config", "source", "fidelity", "ranks"))},
     "quantized not a dict": (_set(lambda m: m, "quantized", []), r"'quantized'.*must be an object"),
     "quant info not a dict": (lambda m: m["quantized"].__setitem__("basis.safetensors", {"x::U": 4}),
                               r"'quantized\['basis.safetensors'\]\['x::U'\]'.*must be an object"),
@@ -252,10 +278,25 @@ DEFECTS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "fidelity not a dict": (_set(lambda m: m["tasks"][0], "fidelity", [0.1]), r"'tasks\[0\]\.fidelity'.*must be an object"),
     "fidelity a string value": (lambda m: m["tasks"][0]["fidelity"].__setitem__("x", "low"), r"'tasks\[0\]\.fidelity\['x'\]'.*number"),
     "ranks a float": (lambda m: m["tasks"][0]["ranks"].__setitem__("x", 2.5), r"'tasks\[0\]\.ranks\['x'\]'.*integer"),
-    "error_is_bound a string": (_set(lambda m: m["tasks"][0], "error_is_bound", "no"), r"'tasks\[0\]\.error_is_bound'.*true or false"),
-    "original_bytes negative": (_set(lambda m: m["tasks"][0], "original_bytes", -1), r"'tasks\[0\]\.original_bytes'.*integer"),
-    "id a number": (_set(lambda m: m["tasks"][0], "id", 7), r"'tasks\[0\]\.id'.*string"),
 }
+
+
+@pytest.fixture(scope="module")
+def saved_v1(tmp_path_factory, adapters) -> Path:
+    """``saved`` as format version 1 wrote it."""
+    out = tmp_path_factory.mktemp("crafted_v1") / "sub"
+    save_v1(SharedSubspace.from_adapters(adapters[:3], num_components=2, dtype=torch.float32, method="joint"), out)
+    return out
+
+
+@pytest.mark.parametrize("defect", sorted(DEFECTS_V1))
+def test_structural_defect_of_format_1_is_named(tmp_path, saved_v1, defect):
+    sub = _copy(saved_v1, tmp_path)
+    fn, pattern = DEFECTS_V1[defect]
+    _edit(sub, fn)
+    with pytest.raises(SubspaceFormatError, match=pattern) as ei:
+        SharedSubspace.load(sub)
+    assert str(ei.value).startswith(f"{sub / SUBSPACE_MANIFEST_NAME}: ") and "\n" not in str(ei.value)
 
 
 @pytest.mark.parametrize("defect", sorted(DEFECTS))

@@ -33,7 +33,7 @@ def test_save_load_roundtrip(tmp_path, family_adapters, method):
     sub = SharedSubspace.from_adapters(family_adapters, method=method, num_components=3)
     out = sub.save(tmp_path / "s")
     man = json.loads((out / SUBSPACE_MANIFEST_NAME).read_text())
-    assert man["method"] == method and man["format_version"] == 1 and len(man["tasks"]) == 6
+    assert man["method"] == method and man["format_version"] == 2 and len(man["tasks"]) == 6
     assert all(len(f["sha256"]) == 64 for f in man["files"].values())
     back = SharedSubspace.load(out)
     _same(sub, back)
@@ -53,11 +53,16 @@ def test_quantized_save_is_packed_and_detected(tmp_path, family_adapters):
     from safetensors import safe_open
 
     with safe_open(str(out / "basis.safetensors"), "pt") as fh:
-        keys = list(fh.keys())
-        u_key = next(k for k in keys if k.endswith("::U::q::codes"))
-        m = u_key.split("::")[0]
-        out_f, k = sub.modules[m].tensors["U"].shape
-        assert fh.get_tensor(u_key).numel() == (out_f * k + 1) // 2  # two values a byte
+        assert list(fh.keys()) == ["packed"]
+        packed = fh.get_tensor("packed").numel()
+    m = sorted(sub.modules)[0]
+    spec = man["modules"][m]["tensors"][0]
+    out_f, k = sub.modules[m].tensors["U"].shape
+    assert spec == f"U={out_f}x{k}:nf4/dq"
+    nb = -(-out_f * k // 64)  # codes two values a byte, then int8 scale codes, fp32 absmax per 256, fp32 mean
+    per_tensor = [(x * y + 1) // 2 + -(-x * y // 64) + 4 * -(-(-(-x * y // 64)) // 256) + 4
+                  for b in sub.modules.values() for x, y in (t.shape for t in b.tensors.values())]
+    assert nb and packed == sum(per_tensor)
     back = SharedSubspace.load(out)
     assert back.quantization["method"] == "nf4" and back.quantized
     q = sub.copy().quantize(bits=4, method="nf4", double_quant=True)
