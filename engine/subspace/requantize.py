@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .tasks import check_adapter
 from .. import ops
 from ..progress import CancelLike, ProgressFn, tick
 from ..types import LoRAWeights
@@ -261,7 +262,7 @@ def requantize(sub: Any, *, max_error: float | None = None, mean_error: float | 
         if unknown:
             raise ValueError(f"adapters: no task {unknown[0]!r} in the subspace (tasks: {', '.join(sub.tasks)})")
         for tid, ad in originals.items():
-            sub._check_adapter(ad, f"adapter {tid!r}")
+            check_adapter(sub, ad, f"adapter {tid!r}")
     rq = _Requantizer(sub, max_error, mean_error, originals, block_size)
     tids = list(sub.tasks)
     mods = sorted(sub.modules)
