@@ -13,7 +13,10 @@ from ..params import ADAPTERS, EXCLUDE
 def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
     """Similarity of the adapters' updates ΔW, clusters, outliers, and shared structure.
 
-    Cosines go through r×r products (no d×d update is formed).
+    Cosines go through r×r products (no d×d update is formed). The Gram matrix is a
+    map-reduce over blocks of adapters (:mod:`engine.analysis.gram`): in this process,
+    or with ``engine`` ``dask`` on a cluster whose workers read the adapters from
+    their paths. Explained variance still uses every adapter's factors in this process.
 
     data: ``{"names": [str…], "similarity": N×N list (overall cosine of ΔW), "norms": [‖ΔW‖…],
     "clusters": [{"members": [i…], "names": [str…]}…] (largest first), "threshold", "linkage",
@@ -30,16 +33,29 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     from ...analysis import explained_variance, find_clusters, outlier_report, similarity_report
     from ...io.local import common_modules
     from ...subspace.common import restrict_modules
-    from ..common import load_adapters
+    from ..common import load_adapters, resolve_local_paths
+    from .compress import _engine_kwargs
 
+    engine_kw = _engine_kwargs(params)
     stages = StagedProgress(progress, {"load": 2, "similarity": 2, "variance": 1})
-    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=params.get("exclude"))
+    exclude = params.get("exclude")
+    paths = None
+    if engine_kw:  # the workers read the adapters from their paths
+        from ...io.local import load_adapter
+
+        pairs = resolve_local_paths(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
+        paths = [p for _, p in pairs]
+        adapters = [load_adapter(p, name=n) for n, p in pairs]
+    else:
+        adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
     if len(adapters) < 2:
         raise ValueError(f"adapters: analyze needs at least 2 adapters, got {len(adapters)}")
     overlap = common_modules(adapters)
     if not overlap.complete:
         adapters = [restrict_modules(a, overlap.modules) for a in adapters]
-    sim = similarity_report(adapters, progress=stages.stage("similarity"), cancel=cancel)
+    sim = similarity_report(paths if paths is not None else adapters, names=[a.name for a in adapters] if paths else None,
+                            modules=overlap.modules if paths is not None else None, per_module=params["per_module"],
+                            progress=stages.stage("similarity"), cancel=cancel, **engine_kw)
     clusters = find_clusters(sim, params["threshold"], linkage=params["linkage"])
     outliers = outlier_report(sim, params["outlier_threshold"])
     variance = explained_variance(adapters, progress=stages.stage("variance"), cancel=cancel)
@@ -80,6 +96,11 @@ KIND = JobKind(
               minimum=0.0, maximum=1.0),
         Param("linkage", "choice", "average", "clustering linkage", ("average", "single")),
         Param("per_module", "bool", False, "also report per-module similarity matrices"),
+        Param("engine", "choice", "inprocess", "where the similarity matrix is computed: inprocess, or dask (a "
+              "LocalCluster of the CPU cores, or --scheduler's cluster; workers read the adapters from their paths, "
+              "block by block; pip install 'vlora-tui[dask]')", ("inprocess", "dask")),
+        Param("scheduler", "str", None, "with engine dask: a running Dask scheduler's address tcp://HOST:PORT "
+              "(default: start a LocalCluster)"),
     ),
     func=run_analyze,
     positionals=("adapters",), min_adapters=2, form_rank=5, view="analysis",
