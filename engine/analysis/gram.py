@@ -122,7 +122,7 @@ def read_block(source: AdapterSource, modules: Sequence[str]) -> list[LoRAWeight
 
 
 def map_block(task: GramTask, plan: GramPlan, tick: Any) -> Blocks:
-    """The map: ``task``'s Gram block, module chunk after module chunk (``tick`` once per chunk in this process)."""
+    """The map: ``task``'s Gram block, module chunk after module chunk (``tick`` once per module in this process)."""
     nl = len(task.left)
     nr = nl if task.right is None else len(task.right)
     total = torch.zeros(nl, nr, dtype=_DTYPE)
@@ -135,9 +135,9 @@ def map_block(task: GramTask, plan: GramPlan, tick: Any) -> Blocks:
             total += g
             if per is not None:
                 per[m] = g
+            if tick is not None:
+                tick(f"similarity: {m}")
         del left, right
-        if tick is not None:
-            tick(f"similarity: {task.left.task_ids[0]}…")
     return [(task.row, task.col, total, per)]
 
 
@@ -185,10 +185,10 @@ def gram_map_reduce(source: AdapterSource, modules: Sequence[str], module_bytes:
     tasks = [GramTask(blocks[i], None if i == j else blocks[j], bounds[i], bounds[j])
              for i in range(len(blocks)) for j in range(i, len(blocks))]
     plan = GramPlan(tuple(tuple(c) for c in chunks), per_module)
-    t = ticker(progress, cancel, len(tasks) * len(chunks) + 1)
+    t = ticker(progress, cancel, len(tasks) * len(modules) + 1)
 
     def on_done(j: int) -> None:
-        for _ in chunks:
+        for _ in modules:
             t(f"similarity: block {j + 1} of {len(tasks)}")
 
     parts: Blocks = executor.map_reduce(map_block, tasks, operator.add, shared=plan, tick=t, on_done=on_done,
