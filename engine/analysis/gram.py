@@ -157,17 +157,23 @@ def plan_blocks(n: int, module_bytes: dict[str, int], shards: int, memory_budget
     b = min(b, n)
     bounds = [n * j // b for j in range(b + 1)]
     size = max(hi - lo for lo, hi in zip(bounds, bounds[1:]))
+    return bounds, chunk_modules(2 * size, module_bytes, memory_budget_mb)
+
+
+def chunk_modules(adapters: int, module_bytes: dict[str, int], memory_budget_mb: float | None) -> list[list[str]]:
+    """Consecutive chunks of the modules whose factors of ``adapters`` adapters fit the budget (at least one module)."""
+    budget = (DEFAULT_BLOCK_MB if memory_budget_mb is None else float(memory_budget_mb)) * 2**20
     chunks: list[list[str]] = []
     used = 0.0
     for m, nb in module_bytes.items():
-        cost = 2 * size * nb
+        cost = adapters * nb
         if chunks and used + cost <= budget:
             chunks[-1].append(m)
             used += cost
         else:
             chunks.append([m])
             used = cost
-    return bounds, chunks
+    return chunks
 
 
 def gram_map_reduce(source: AdapterSource, modules: Sequence[str], module_bytes: dict[str, int], *,
@@ -207,3 +213,22 @@ def gram_map_reduce(source: AdapterSource, modules: Sequence[str], module_bytes:
 def adapter_names(paths: Sequence[str | Path]) -> list[str]:
     """Default names of adapters given by path: the folder's name (of the folder holding a weights file)."""
     return [Path(p).name if Path(p).is_dir() else Path(p).parent.name for p in paths]
+
+
+def header_overlap(names: Sequence[str], paths: Sequence[str | Path]) -> Any:
+    """:func:`engine.io.compat.common_modules` of adapters at ``paths`` from their headers (no tensors read)."""
+    from ..errors import IncompatibleAdaptersError
+    from ..io.compat import ModuleOverlap, describe_sets, partition_compatible
+    from ..io.header import read_adapter_summary
+
+    shapes = [{m.name: (int(m.out_features), int(m.in_features)) for m in read_adapter_summary(p).modules} for p in paths]
+    shared = dict(shapes[0])
+    for mine in shapes[1:]:
+        shared = {m: s for m, s in shared.items() if mine.get(m) == s}
+    if not shared:
+        raise IncompatibleAdaptersError(
+            "no module is in every adapter with the same shape; " + describe_sets(partition_compatible(list(paths), names=names))
+            + "; choose adapters with --exclude PATTERN"
+        )
+    left = {n: [m for m in sorted(mine) if m not in shared] for n, mine in zip(names, shapes)}
+    return ModuleOverlap(modules=sorted(shared), left_out={k: v for k, v in left.items() if v})

@@ -17,7 +17,7 @@ def _close(a, b, tol=1e-6):
         for k in a:
             _close(a[k], b[k], tol)
     elif isinstance(a, float):
-        assert b == pytest.approx(a, abs=tol)
+        assert b == pytest.approx(a, rel=tol, abs=tol)
     else:
         assert a == b
 
@@ -51,3 +51,19 @@ def test_analyze_engine_dask_corrupt_file_and_bad_scheduler(tmp_path):
     assert r.rc != 0 and str(weights) in r.stderr and "Traceback" not in r.stderr
     bad = run_batch("analyze", *dirs, "--scheduler", "tcp://127.0.0.1:1")
     assert bad.rc == 2 and "needs engine dask" in bad.stderr
+
+
+def test_analyze_engine_dask_mixed_folder(tmp_path):
+    """Adapters with different target modules: compared on the shared ones, read from headers; same JSON."""
+    pytest.importorskip("distributed")
+    from peft_factory import write_peft_adapter
+
+    root = tmp_path / "coll"
+    write_peft_adapter(root / "qv_a", seed=1, family=0)
+    write_peft_adapter(root / "qv_b", seed=2, family=0)
+    write_peft_adapter(root / "qkvo_a", seed=3, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    ref = run_batch("analyze", root, "--per-module", "--json")
+    r = run_batch("analyze", root, "--per-module", "--json", "--engine", "dask")
+    assert ref.rc == 0 and r.rc == 0, r.stderr
+    assert ref.json()["data"]["left_out"]["qkvo_a"]
+    _close(ref.json()["data"], r.json()["data"])
