@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..io.compat import check_compatible
-from ..progress import CancelLike, ProgressFn, tick
+from ..progress import CancelLike, ProgressFn
 from ..types import LoRAWeights
 
 _DTYPE = torch.float64
@@ -109,16 +110,20 @@ class SimilarityResult:
 
 
 def compute_similarity_matrix(
-    adapters: Sequence[LoRAWeights],
+    adapters: Sequence[LoRAWeights | str | Path],
     *,
     progress: ProgressFn | None = None,
     cancel: CancelLike | None = None,
+    executor: Any = None,
+    scheduler: str | None = None,
+    memory_budget_mb: float | None = None,
 ) -> Tensor:
     """The seed's call: the N×N cosine similarity of the adapters (a float32 tensor).
 
     The cosine is of the updates ΔW (all modules as one vector), not of the
     flattened factors as in the seed (docs/MIGRATING.md); :func:`similarity_report`
-    returns the same matrix with names, norms and per-module matrices.
+    returns the same matrix with names, norms and per-module matrices, and
+    describes ``executor``/``scheduler``/``memory_budget_mb`` and adapters given as paths.
 
     Raises:
         ValueError: fewer than 2 adapters.
@@ -127,14 +132,21 @@ def compute_similarity_matrix(
     adapters = list(adapters)
     if len(adapters) < 2:
         raise ValueError(f"Need at least 2 adapters for similarity, got {len(adapters)}")
-    return similarity_report(adapters, progress=progress, cancel=cancel).matrix.to(torch.float32)
+    return similarity_report(adapters, progress=progress, cancel=cancel, executor=executor, scheduler=scheduler,
+                             per_module=False, memory_budget_mb=memory_budget_mb).matrix.to(torch.float32)
 
 
 def similarity_report(
-    adapters: Sequence[LoRAWeights],
+    adapters: Sequence[LoRAWeights | str | Path],
     *,
     progress: ProgressFn | None = None,
     cancel: CancelLike | None = None,
+    executor: Any = None,
+    scheduler: str | None = None,
+    names: Sequence[str] | None = None,
+    modules: Sequence[str] | None = None,
+    per_module: bool = True,
+    memory_budget_mb: float | None = None,
 ) -> SimilarityResult:
     """Cosine similarity of the adapters' updates ΔW, per module and overall.
 
@@ -142,30 +154,74 @@ def similarity_report(
     (``Σ_m ⟨ΔW_i^m, ΔW_j^m⟩`` over the product of norms). An all-zero update has
     similarity 0 with everything (and 0 on the diagonal).
 
+    The Gram matrix is a map-reduce over blocks of adapters (:mod:`.gram`) run by
+    ``executor`` (``"inprocess"``/``None``, ``"dask"`` with an optional ``scheduler``
+    address, or an :class:`~engine.executors.Executor`).
+
+    Args:
+        adapters: ``LoRAWeights``, or adapter paths (folders or ``.safetensors``
+            files), read block by block and one chunk of modules at a time
+            (on Dask, by the workers); the driver never holds them all.
+        names: Names of the adapters (default: their names, or folder names of paths).
+        modules: Compare only these modules (default: all; adapters must then have the same ones).
+        per_module: Also the per-module matrices and norms (``per_module``/``module_norms``).
+        memory_budget_mb: Bound on the adapter factors one map reads at once (default 1024).
+
     Raises:
         IncompatibleAdaptersError: different base models, modules or shapes.
+        AdapterFormatError: an unreadable adapter file (named).
         ValueError: no adapters.
     """
+    from ..executors import make_executor
+    from ..subspace.common import AdapterSource
+    from .gram import adapter_names, gram_map_reduce
+
     adapters = list(adapters)
-    report = check_compatible(adapters)
-    n = len(adapters)
-    total = torch.zeros(n, n, dtype=_DTYPE)
-    per_module: dict[str, Tensor] = {}
-    module_norms: dict[str, list[float]] = {}
-    for i, m in enumerate(report.modules):
-        tick(progress, cancel, i, len(report.modules), f"similarity: {m}")
-        g = module_gram(adapters, m)
-        total += g
-        per_module[m] = _cosine_from_gram(g)
-        module_norms[m] = [float(v) for v in g.diagonal().clamp(min=0).sqrt()]
-    tick(progress, cancel, len(report.modules), len(report.modules), "similarity: done")
+    if not adapters:
+        raise ValueError("no adapters given")
+    as_paths = [isinstance(a, (str, Path)) for a in adapters]
+    if any(as_paths) and not all(as_paths):
+        raise ValueError("adapters: give LoRAWeights or paths, not both")
+    paths = [Path(a) for a in adapters] if all(as_paths) else None
+    if names is None:
+        names = adapter_names(paths) if paths is not None else [_label(a, i) for i, a in enumerate(adapters)]
+    names = list(names)
+    if len(names) != len(adapters):
+        raise ValueError(f"names: got {len(names)} for {len(adapters)} adapter(s)")
+    if modules is not None:
+        mods = list(modules)
+        if paths is None:
+            from ..subspace.common import restrict_modules
+
+            adapters = [restrict_modules(a, mods) for a in adapters]
+    report = check_compatible(adapters if paths is None or modules is None else
+                              [_restricted_summary(p, mods) for p in paths])
+    module_bytes = {m: 8 * max(report.ranks[m], default=0) * sum(report.shapes[m]) for m in report.modules}
+    source = AdapterSource(names, None if paths is not None else adapters, paths)
+    ex, owned = make_executor(executor, scheduler)
+    try:
+        total, per = gram_map_reduce(source, report.modules, module_bytes, per_module=per_module, executor=ex,
+                                     memory_budget_mb=memory_budget_mb, progress=progress, cancel=cancel)
+    finally:
+        if owned:
+            ex.close()
     return SimilarityResult(
-        names=[_label(a, i) for i, a in enumerate(adapters)],
+        names=names,
         matrix=_cosine_from_gram(total),
-        per_module=per_module,
+        per_module={m: _cosine_from_gram(g) for m, g in per.items()},
         norms=[float(v) for v in total.diagonal().clamp(min=0).sqrt()],
-        module_norms=module_norms,
+        module_norms={m: [float(v) for v in g.diagonal().clamp(min=0).sqrt()] for m, g in per.items()},
     )
+
+
+def _restricted_summary(path: Path, modules: Sequence[str]) -> Any:
+    """The header summary of the adapter at ``path`` with only ``modules`` (for the compatibility check)."""
+    from dataclasses import replace
+
+    from ..io.header import read_adapter_summary
+
+    s = read_adapter_summary(path)
+    return replace(s, modules=[m for m in s.modules if m.name in set(modules)])
 
 
 def _as_matrix(sim: SimilarityResult | Tensor | Any) -> tuple[Tensor, list[str]]:

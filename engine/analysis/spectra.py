@@ -325,6 +325,11 @@ def explained_variance(
         spectra[m] = [float(v) for v in ev[:rank_cap]]
         max_r = max(max_r, rank_cap)
     tick(progress, cancel, len(report.modules), len(report.modules), "explained variance: done")
+    return ExplainedVariance(side=side, spectra=spectra, ks=_ks(ks, max_r))
+
+
+def _ks(ks: Sequence[int] | None, max_r: int) -> list[int]:
+    """The k values to tabulate: ``ks`` checked, or 1, 2, 4, … up to ``max_r``."""
     if ks is None:
         ks_list, k = [], 1
         while k < max_r:
@@ -336,4 +341,37 @@ def explained_variance(
         bad = [k for k in ks_list if k < 1]
         if bad:
             raise ValueError(f"ks: must be positive, got {bad}")
-    return ExplainedVariance(side=side, spectra=spectra, ks=ks_list)
+    return ks_list
+
+
+def explained_variance_paths(paths: Sequence[Any], names: Sequence[str], modules: Sequence[str], *,
+                             memory_budget_mb: float | None = None, progress: ProgressFn | None = None,
+                             cancel: CancelLike | None = None) -> ExplainedVariance:
+    """:func:`explained_variance` (column side) of adapters at ``paths`` on ``modules``, read a chunk of modules at a time.
+
+    Every adapter's factors of one chunk (bounded by ``memory_budget_mb``, at least one
+    module) are in memory at once: the spectrum of a module needs all N adapters' factors.
+    """
+    from ..io.compat import check_compatible
+    from ..subspace.common import AdapterSource
+    from .gram import chunk_modules, read_block
+
+    report = check_compatible([_summary_on(p, modules) for p in paths])
+    nbytes = {m: 8 * max(report.ranks[m], default=0) * sum(report.shapes[m]) for m in report.modules}
+    chunks = chunk_modules(len(paths), nbytes, memory_budget_mb)
+    source = AdapterSource(list(names), None, list(paths))
+    spectra: dict[str, list[float]] = {}
+    for i, chunk in enumerate(chunks):
+        tick(progress, cancel, i, len(chunks), f"explained variance: {chunk[0]}")
+        spectra.update(explained_variance(read_block(source, chunk), cancel=cancel).spectra)
+    tick(progress, cancel, len(chunks), len(chunks), "explained variance: done")
+    return ExplainedVariance(side="column", spectra=spectra, ks=_ks(None, max((len(v) for v in spectra.values()), default=0)))
+
+
+def _summary_on(path: Any, modules: Sequence[str]) -> Any:
+    from dataclasses import replace
+
+    from ..io.header import read_adapter_summary
+
+    s = read_adapter_summary(path)
+    return replace(s, modules=[m for m in s.modules if m.name in set(modules)])

@@ -13,7 +13,11 @@ from ..params import ADAPTERS, EXCLUDE
 def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
     """Similarity of the adapters' updates ΔW, clusters, outliers, and shared structure.
 
-    Cosines go through r×r products (no d×d update is formed).
+    Cosines go through r×r products (no d×d update is formed). The Gram matrix is a
+    map-reduce over blocks of adapters (:mod:`engine.analysis.gram`): in this process,
+    or with ``engine`` ``dask`` on a cluster whose workers read the adapters from
+    their paths (and explained variance here reads every adapter's factors of one chunk of
+    modules at a time, rather than all adapters whole).
 
     data: ``{"names": [str…], "similarity": N×N list (overall cosine of ΔW), "norms": [‖ΔW‖…],
     "clusters": [{"members": [i…], "names": [str…]}…] (largest first), "threshold", "linkage",
@@ -30,19 +34,37 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     from ...analysis import explained_variance, find_clusters, outlier_report, similarity_report
     from ...io.local import common_modules
     from ...subspace.common import restrict_modules
-    from ..common import load_adapters
+    from ..common import load_adapters, resolve_local_paths
+    from .compress import _engine_kwargs
 
+    engine_kw = _engine_kwargs(params)
     stages = StagedProgress(progress, {"load": 2, "similarity": 2, "variance": 1})
-    adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=params.get("exclude"))
-    if len(adapters) < 2:
-        raise ValueError(f"adapters: analyze needs at least 2 adapters, got {len(adapters)}")
-    overlap = common_modules(adapters)
-    if not overlap.complete:
-        adapters = [restrict_modules(a, overlap.modules) for a in adapters]
-    sim = similarity_report(adapters, progress=stages.stage("similarity"), cancel=cancel)
+    exclude = params.get("exclude")
+    if engine_kw:  # the workers read the adapters from their paths; here, a chunk of modules at a time
+        from ...analysis.gram import header_overlap
+        from ...analysis.spectra import explained_variance_paths
+
+        pairs = resolve_local_paths(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
+        names, paths = [n for n, _ in pairs], [p for _, p in pairs]
+        if len(paths) < 2:
+            raise ValueError(f"adapters: analyze needs at least 2 adapters, got {len(paths)}")
+        overlap = header_overlap(names, paths)
+        sim = similarity_report(paths, names=names, modules=overlap.modules, per_module=params["per_module"],
+                                progress=stages.stage("similarity"), cancel=cancel, **engine_kw)
+        variance = explained_variance_paths(paths, names, overlap.modules, progress=stages.stage("variance"),
+                                            cancel=cancel)
+    else:
+        adapters = load_adapters(params["adapters"], progress=stages.stage("load"), cancel=cancel, exclude=exclude)
+        if len(adapters) < 2:
+            raise ValueError(f"adapters: analyze needs at least 2 adapters, got {len(adapters)}")
+        overlap = common_modules(adapters)
+        if not overlap.complete:
+            adapters = [restrict_modules(a, overlap.modules) for a in adapters]
+        sim = similarity_report(adapters, per_module=params["per_module"], progress=stages.stage("similarity"),
+                                cancel=cancel)
+        variance = explained_variance(adapters, progress=stages.stage("variance"), cancel=cancel)
     clusters = find_clusters(sim, params["threshold"], linkage=params["linkage"])
     outliers = outlier_report(sim, params["outlier_threshold"])
-    variance = explained_variance(adapters, progress=stages.stage("variance"), cancel=cancel)
     stages.done()
     sd = sim.to_dict(modules=params["per_module"])
     od = outliers.to_dict()
@@ -63,7 +85,7 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     if params["per_module"]:
         data["modules"] = sd["modules"]
     multi = sum(1 for c in clusters if len(c) > 1)
-    summary = f"{len(adapters)} adapters: {len(clusters)} cluster(s) ({multi} with several members), {len(outliers)} outlier(s)"
+    summary = f"{len(sim)} adapters: {len(clusters)} cluster(s) ({multi} with several members), {len(outliers)} outlier(s)"
     if not overlap.complete:
         summary += (f"; compared on the {len(overlap.modules)} modules all share "
                     f"({len(overlap.left_out)} adapter(s) have modules left out)")
@@ -80,6 +102,11 @@ KIND = JobKind(
               minimum=0.0, maximum=1.0),
         Param("linkage", "choice", "average", "clustering linkage", ("average", "single")),
         Param("per_module", "bool", False, "also report per-module similarity matrices"),
+        Param("engine", "choice", "inprocess", "where the similarity matrix is computed: inprocess, or dask (a "
+              "LocalCluster of the CPU cores, or --scheduler's cluster; workers read the adapters from their paths, "
+              "block by block; pip install 'vlora-tui[dask]')", ("inprocess", "dask")),
+        Param("scheduler", "str", None, "with engine dask: a running Dask scheduler's address tcp://HOST:PORT "
+              "(default: start a LocalCluster)"),
     ),
     func=run_analyze,
     positionals=("adapters",), min_adapters=2, form_rank=5, view="analysis",
