@@ -172,7 +172,7 @@ def run_build(spec: dict) -> dict[str, Any]:
     torch.set_num_threads(spec.get("threads", 2))
     paths, tasks, engine = spec["paths"], spec["tasks"], spec["engine"]
     out = Path(spec["out"])
-    kw: dict[str, Any] = {"max_error": spec["max_error"]}
+    kw: dict[str, Any] = {"max_error": spec["max_error"], "precision": spec.get("precision", "fp16")}
     res: dict[str, Any] = {"engine": engine, "notes": []}
     install_read_counter()
     client = cluster = None
@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes (one thread each)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the build process")
     ap.add_argument("--max-error", type=float, default=0.05)
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp16"),
+                    help="storage precision (auto: rank and precision chosen together, the CLI's default)")
     ap.add_argument("--check", type=int, default=8, help="tasks whose ΔW error is checked independently")
     ap.add_argument("--vlora-dev-n", type=int, nargs="*", default=[100],
                     help="N at which the seed's streaming build runs (none: skip)")
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             runs: list[tuple[str, dict, Path | None]] = []
             if n in a.n:
                 runs += [(e, {**base, "kind": "scale", "engine": e, "workers": a.workers, "max_error": a.max_error,
+                                  "precision": a.precision,
                               "check": check_indices(n, a.check)}, None) for e in a.engines]
             if a.vlora_dev_n and n in a.vlora_dev_n:
                 k = max(1, n // 4)
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print("  " + " | ".join(row_cells(row)), file=sys.stderr, flush=True)
     print(f"\n7B-shaped synthetic adapters (hidden {SEVEN_B['hidden']}, r{SEVEN_B['rank']}, "
-          f"{'/'.join(SEVEN_B['modules'])} on {SEVEN_B['layers']} layers, fp16), max_error={a.max_error}, "
+          f"{'/'.join(SEVEN_B['modules'])} on {SEVEN_B['layers']} layers, fp16), max_error={a.max_error}, precision={a.precision}, "
           f"{os.cpu_count()} CPUs; collections under {a.root}\n")
     print_table(rows)
     print()
