@@ -7,7 +7,7 @@ back as :class:`~vlora_tui.messages.JobProgress` messages and the outcome
 through ``Worker.StateChanged``. Screens subscribe to :attr:`VloraApp.state_signal`
 and redraw the part that changed. Nothing here imports torch.
 
-At ~470 lines this module is a little above the house's ~450: it keeps the job
+At ~480 lines this module is a little above the house's ~450: it keeps the job
 queue's worker, progress and Worker.StateChanged handlers together with the
 state they change (``@on`` handlers must live on the App class itself); forms
 are in :mod:`.forms`, the queue's record in :mod:`.jobrecord`, result views in

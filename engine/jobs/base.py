@@ -91,6 +91,9 @@ class JobKind:
         check: Checks the parameters together, after each was checked alone (``check(params)``,
             ``ValueError`` naming the parameter); torch-free, so the TUI's form and ``--batch``
             refuse bad input before any work (``compress``: its ``BuildParams``).
+        result: The kind's result class (an :class:`engine.jobs.results.Result`, next to its function):
+            ``result.from_dict(data)`` gives a finished job's data back typed (:meth:`JobResult.typed`);
+            ``None``: the data stays a dict.
     """
 
     name: str
@@ -108,6 +111,7 @@ class JobKind:
     view: str | None = None
     stderr_warnings: bool = False
     check: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False, repr=False)
+    result: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -191,6 +195,12 @@ class JobResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def typed(self) -> Any:
+        """``data`` as the kind's result dataclass (``JobKind.result``); the dict itself for a kind without one."""
+        from .catalog import typed_data
+
+        return typed_data(self.kind, self.data)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (what ``--batch --json`` prints)."""

@@ -30,6 +30,12 @@ def get_kind(name: str) -> JobKind:
     return _BY_NAME[name]
 
 
+def typed_data(kind: str, data: Mapping[str, Any]) -> Any:
+    """A job's ``data`` as its kind's result dataclass (``JobKind.result``); the dict for a kind without one."""
+    cls = _BY_NAME[kind].result if kind in _BY_NAME else None
+    return cls.from_dict(data) if cls is not None else data
+
+
 def validate_request(req: JobRequest) -> dict[str, Any]:
     """Check and coerce ``req.params`` against its kind's parameters.
 

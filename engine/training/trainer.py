@@ -15,6 +15,10 @@ back as columns appended to ``U`` and ``V``. Other tasks' coefficients are left 
 they are: they cover the first columns only (the subspace reads a task's
 coefficients against that many leading columns), so their reconstructions are
 bit for bit what they were.
+
+Above ~450 lines because :class:`SubspaceTrainer` is one unit: making the task's parameters
+(with ``num_expand``'s new directions and a stored head), the training loop and the write-back
+share its state; the helpers here serve only it.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
+
 from .base import Block, fmt_bytes, renderer
 
 
@@ -14,31 +16,31 @@ def _render_demo(d: dict[str, Any]) -> list[Block]:
             ("table", "Families", ["family", "tasks", "names"], rows)]
 
 
-def render_adapter_info(d: dict[str, Any]) -> list[Block]:
+def render_adapter_info(r: AdapterInfo) -> list[Block]:
     kv = [
-        ("path", d["path"]), ("base model", d["base_model"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
-        ("rsLoRA", d["use_rslora"]), ("target modules", d["target_modules"]), ("modules", d["num_modules"]),
-        ("parameters", d["num_params"]), ("size", fmt_bytes(d["bytes"])), ("dtypes", d["dtypes"]),
+        ("path", r.path), ("base model", r.base_model), ("rank", r.rank), ("lora_alpha", r.lora_alpha),
+        ("rsLoRA", r.use_rslora), ("target modules", r.target_modules), ("modules", r.num_modules),
+        ("parameters", r.num_params), ("size", fmt_bytes(r.bytes)), ("dtypes", r.dtypes),
     ]
-    if d.get("extra_tensors"):
-        kv.append(("extra tensors", len(d["extra_tensors"])))
-    rows = [[m["name"], m["rank"], m["out_features"], m["in_features"], m["dtype"]] for m in d["modules"]]
+    if r.extra_tensors:
+        kv.append(("extra tensors", len(r.extra_tensors)))
+    rows = [[m.name, m.rank, m.out_features, m.in_features, m.dtype] for m in r.modules]
     return [("kv", "Adapter", kv), ("table", "Modules", ["module", "rank", "out", "in", "dtype"], rows)]
 
 
-def render_collection_info(d: dict[str, Any]) -> list[Block]:
-    rows = [
+def render_collection_info(r: CollectionInfo) -> list[Block]:
+    rows = [  # a row of an adapter that failed to read has only name, path, ok and error
         [a["name"], a.get("rank"), a.get("num_modules"), a.get("num_params"), fmt_bytes(a.get("bytes")),
          a.get("base_model") if a["ok"] else "ERROR: " + str(a.get("error"))]
-        for a in d["adapters"]
+        for a in r.adapters
     ]
     blocks: list[Block] = [
-        ("kv", "Collection", [("path", d["path"]), ("adapters", d["count"]), ("base models", d["base_models"]),
-                              ("ranks", d["ranks"]), ("total size", fmt_bytes(d["total_bytes"]))]),
+        ("kv", "Collection", [("path", r.path), ("adapters", r.count), ("base models", r.base_models),
+                              ("ranks", r.ranks), ("total size", fmt_bytes(r.total_bytes))]),
         ("table", "Adapters", ["name", "rank", "modules", "params", "size", "base model"], rows),
     ]
-    if d["problems"]:
-        blocks.append(("lines", "Problems", [f"- {p}" for p in d["problems"]]))
+    if r.problems:
+        blocks.append(("lines", "Problems", [f"- {p}" for p in r.problems]))
     return blocks
 
 

@@ -1,6 +1,7 @@
 """What the renderers share: the block type, the registry by job kind, number formats.
 
-A renderer turns a job kind's result ``data`` into blocks that ``--batch`` prints as
+A renderer turns a job kind's result (its typed result, ``JobKind.result``, or the ``data``
+dict of a kind without one) into blocks that ``--batch`` prints as
 plain text or rich tables: ``("kv", title, [(key, value)])``, ``("table", title,
 [columns], [[cells]])`` or ``("lines", title, [str])``. Never imports Textual.
 """
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 Block = tuple  # ("kv", title, [(key, value)]) | ("table", title, [columns], [[cells]]) | ("lines", title, [str])
-Renderer = Callable[[dict[str, Any]], list[Block]]
+Renderer = Callable[[Any], list[Block]]
 
 #: Renderers by job kind name (filled by :func:`renderer`).
 RENDERERS: dict[str, Renderer] = {}
@@ -29,10 +30,12 @@ def renderer(kind: str) -> Callable[[Renderer], Renderer]:
 
 def render_blocks(kind: str, data: dict[str, Any], summary: str) -> list[Block]:
     """Turn a job's ``data`` into key/value blocks and tables for display (the summary if no renderer)."""
+    from engine.jobs.catalog import typed_data
+
     fn = RENDERERS.get(kind)
     try:
-        blocks = fn(data) if fn else []
-    except (KeyError, TypeError, ValueError, IndexError):  # a figure missing from data: show the summary
+        blocks = fn(typed_data(kind, data)) if fn else []
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a figure missing: show the summary
         blocks = []
     return blocks or [("lines", None, [summary])]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.table import Table
@@ -10,6 +11,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Label, Static
+
+from engine.jobs.reports import SubspaceInfo
 
 from ..config import tildify
 from ..widgets.plots import DataPlot
@@ -59,13 +62,20 @@ class SubspaceScreen(VloraScreen):
         if topic == "subspace":
             self._refresh()
 
+    _info_data: dict[str, Any] | None = None
+    _info: SubspaceInfo | None = None
+
     @property
-    def info(self) -> dict[str, Any] | None:
-        return self.app.subspace_info
+    def info(self) -> SubspaceInfo | None:
+        """The ``info`` job's data on the open subspace (``app.subspace_info``), typed."""
+        data = self.app.subspace_info
+        if data is not self._info_data:
+            self._info_data, self._info = data, SubspaceInfo.from_dict(data) if data else None
+        return self._info
 
     def tasks(self) -> list[str]:
-        info = self.info or {}
-        return [t if isinstance(t, str) else str(t.get("task_id")) for t in info.get("tasks") or []]
+        info = self.info
+        return [t.task_id for t in info.tasks] if info else []
 
     def highlighted_task(self) -> str | None:
         table = self.query_one("#fidelity", DataTable)
@@ -90,8 +100,8 @@ class SubspaceScreen(VloraScreen):
         stats.update(stats_table(info, self.app.subspace_path))
         self._show_comparison()
         self._draw_variance()
-        fidelity = info.get("fidelity") or {}
-        modules = [m["name"] for m in info.get("modules") or []]
+        fidelity = info.fidelity
+        modules = [m.name for m in info.modules]
         # one column per module (short names: layer.proj), errors per task
         table.add_column(" ", key="mark")
         table.add_column("task", key="task")
@@ -99,13 +109,13 @@ class SubspaceScreen(VloraScreen):
         table.add_column("max", key="max")
         for m in modules:
             table.add_column(short_module(m), key=m)
-        rows = info.get("tasks") or []
+        rows = info.tasks
         for t in rows:
-            per_module = fidelity.get(t["task_id"]) or {}
-            table.add_row(" ", t["task_id"], _f(t.get("mean_error")), _f(t.get("max_error")),
-                          *[_f(per_module.get(m), ".3g") for m in modules], key=t["task_id"])
+            per_module = fidelity.get(t.task_id) or {}
+            table.add_row(" ", t.task_id, _f(t.mean_error), _f(t.max_error),
+                          *[_f(per_module.get(m), ".3g") for m in modules], key=t.task_id)
         self.query_one("#fidelity-plot", DataPlot).draw_bars(
-            [str(i + 1) for i in range(len(rows))], [t.get("mean_error") or 0.0 for t in rows],
+            [str(i + 1) for i in range(len(rows))], [t.mean_error or 0.0 for t in rows],
             "mean ΔW error per task (task #)", "relative error",
         )
 
@@ -128,21 +138,21 @@ class SubspaceScreen(VloraScreen):
             table.add_row(*row, key=key)
 
     def _draw_variance(self) -> None:
-        info = self.info or {}
-        variance = info.get("variance") or {}
-        modules = info.get("modules") or []
+        info = self.info
+        variance = info.variance if info else {}
+        modules = info.modules if info else []
         plot = self.query_one("#variance-plot", DataPlot)
         if not variance or not modules:
             plot.draw_empty()
             return
         self._module_index %= len(modules)
         mod = modules[self._module_index]
-        curve = list(variance.get(mod["name"]) or [])
+        curve = list(variance.get(mod.name) or [])
         series = {"cumulative": (list(range(1, len(curve) + 1)), curve)}
-        k = mod.get("k")
+        k = mod.k
         if k:
             series[f"k={k}"] = ([k, k], [0.0, 1.0])
-        plot.draw_lines(series, f"variance explained: {short_module(mod['name'])} ({self._module_index + 1}/{len(modules)})",
+        plot.draw_lines(series, f"variance explained: {short_module(mod.name)} ({self._module_index + 1}/{len(modules)})",
                         "components", "share", (0.0, 1.0))
 
     def action_module(self, step: int) -> None:
@@ -229,18 +239,20 @@ def short_module(name: str) -> str:
     return f"{layer}.{parts[-1]}" if layer else parts[-1]
 
 
-def k_labels(info: dict[str, Any]) -> list[str]:
-    """The distinct k of the modules: ``k_u×k_v`` where a joint basis has them differ, else ``k``."""
+def k_labels(info: SubspaceInfo | Mapping[str, Any]) -> list[str]:
+    """The distinct k of the modules: ``k_u×k_v`` where a joint basis has them differ, else ``k``
+    (the stats' k per module where the info has no module rows; a dict is read as a :class:`SubspaceInfo`)."""
+    if isinstance(info, Mapping):
+        info = SubspaceInfo.from_dict(info)
     labels: list[str] = []
-    modules = info.get("modules") or []
-    if modules:
-        for m in modules:
-            k, ku, kv = m.get("k"), m.get("k_u"), m.get("k_v")
+    if info.modules:
+        for m in info.modules:
+            k, ku, kv = m.k, m.k_u, m.k_v
             label = f"{ku}×{kv}" if ku is not None and kv is not None and ku != kv else str(k if k is not None else ku)
             if label not in labels:
                 labels.append(label)
     else:
-        labels = [str(k) for k in sorted(set(((info.get("stats") or {}).get("k") or {}).values()))]
+        labels = [str(k) for k in sorted(set((info.stats.k or {}).values()))]
 
     def order(label: str) -> tuple[int, ...]:
         return tuple(int(x) for x in label.split("×") if x.isdigit())
@@ -248,42 +260,39 @@ def k_labels(info: dict[str, Any]) -> list[str]:
     return sorted(labels, key=order)
 
 
-def stats_table(info: dict[str, Any], path: str | None) -> Table:
-    """Compression stats and quantization state of a subspace."""
+def stats_table(info: SubspaceInfo, path: str | None) -> Table:
+    """Compression stats and quantization state of a subspace (the ``info`` job's result on it)."""
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold")
     t.add_column()
-    st = info.get("stats") or {}
+    st = info.stats
     ks = k_labels(info)
-    t.add_row("subspace", tildify(str(path or info.get("path") or "—")))
-    t.add_row("method", f"{info.get('method', st.get('method', '—'))}  ({st.get('dtype', info.get('dtype', '—'))})")
-    t.add_row("base model", str(info.get("base_model") or "—"))
-    t.add_row("tasks / modules", f"{st.get('num_tasks', len(info.get('tasks') or []))} / {st.get('num_modules', '—')}")
+    t.add_row("subspace", tildify(str(path or info.path or "—")))
+    t.add_row("method", f"{info.method or st.method or '—'}  ({st.dtype or info.dtype or '—'})")
+    t.add_row("base model", str(info.base_model or "—"))
+    t.add_row("tasks / modules", f"{st.num_tasks if st.num_tasks is not None else len(info.tasks)} / "
+                                 f"{st.num_modules if st.num_modules is not None else '—'}")
     t.add_row("k per module", ", ".join(ks) if ks else "—")
-    disk = st.get("disk")
+    disk = st.disk
     if disk:
         # the engine's one ratio (engine.subspace.size.size_on_disk), shown as the engine words it
-        inputs = f"{disk['input_bytes']:,} B" if disk.get("input_bytes") is not None else "not recorded"
-        t.add_row("on disk", f"{inputs} → {disk['bytes']:,} B")
-        t.add_row("compression", str(disk.get("text") or "n/a"))
-    storage = st.get("storage") or {}
-    if storage.get("summary"):
-        t.add_row("stored", str(storage["summary"]))
-    tasks = info.get("tasks") or []
-    err = st.get("error") or {}
-    if tasks and err:
+        inputs = f"{disk.input_bytes:,} B" if disk.input_bytes is not None else "not recorded"
+        t.add_row("on disk", f"{inputs} → {disk.bytes:,} B")
+        t.add_row("compression", str(disk.text or "n/a"))
+    if st.storage.summary:
+        t.add_row("stored", str(st.storage.summary))
+    if info.tasks:
         # the engine's own figures; the screen only picks the worst task's name to show
-        worst = max(tasks, key=lambda x: x.get("max_error") or 0.0)
-        t.add_row("ΔW error", f"mean {err.get('mean', 0):.3f}, worst {err.get('max', 0):.3f} ({worst['task_id']})")
-    q = info.get("quantization")
-    if not q and st.get("precision") == "auto":
+        worst = max(info.tasks, key=lambda x: x.max_error or 0.0)
+        t.add_row("ΔW error", f"mean {st.error.mean:.3f}, worst {st.error.max:.3f} ({worst.task_id})")
+    q = info.quantization
+    if not q and st.precision == "auto":
         t.add_row("precision", "auto: rank and bits per module (fp16, int8…int3)")
     elif not q:
         t.add_row("quantization", "none")
     else:
-        bits = q.get("bits") if isinstance(q, dict) else None
-        method = q.get("method") if isinstance(q, dict) else q
-        extra = " + double quant" if isinstance(q, dict) and q.get("double_quant") else ""
+        bits, method = q.get("bits"), q.get("method")
+        extra = " + double quant" if q.get("double_quant") else ""
         t.add_row("quantization", f"{bits}-bit {method}{extra}" if bits else str(method))
     return t
 

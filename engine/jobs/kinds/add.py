@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...progress import CancelLike, ProgressFn, StagedProgress, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import output_param
-from ..reports import task_report
+from ..reports import ErrorPair, SubspaceStats, TaskChange, TaskReport, task_report
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class AddResult(Result):
+    """``add``: the new task, every task before → after, the stored tasks' totals, the subspace's stats.
+
+    ``target``: the subspace's k rule (``rule``, ``max_error``, ``mean_error``, ``num_components``,
+    ``variance_threshold``, ``inferred``).
+    """
+
+    path: str = ""
+    task_id: str = ""
+    mode: str = "absorb"
+    task: TaskReport = field(default_factory=TaskReport)
+    target: dict[str, Any] | None = None
+    tasks: list[TaskChange] = field(default_factory=list)
+    before: ErrorPair | None = None
+    after: ErrorPair | None = None
+    stored_after: ErrorPair | None = None
+    warnings: list[str] = field(default_factory=list)
+    stats: SubspaceStats = field(default_factory=SubspaceStats)
 
 
 def run_add(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -83,14 +106,16 @@ def run_add(params: dict[str, Any], *, progress: ProgressFn | None = None, cance
     kept = {t: f for t, f in before.items() if t != task_id}
     old_after = {t: after[t] for t in kept if t in after}
     b, a = totals(kept), totals(old_after)
+    changes = change_report(before, after, breaks, {t: p.error_is_bound for t, p in sub.tasks.items()})
+    result = AddResult(path=str(out), task_id=task_id, mode=mode, task=task, target=sub.k_rule,
+                       tasks=[TaskChange.from_dict(c) for c in changes], before=ErrorPair.from_dict(b),
+                       after=ErrorPair.from_dict(totals(after)), stored_after=ErrorPair.from_dict(a), warnings=warnings,
+                       stats=SubspaceStats.from_dict(sub.compression_stats()))
     return JobOutput(
-        summary=(f"added {task_id!r} to {out} ({mode}): ΔW error mean {task['mean_error']:.3g} max {task['max_error']:.3g}; "
+        summary=(f"added {task_id!r} to {out} ({mode}): ΔW error mean {task.mean_error:.3g} max {task.max_error:.3g}; "
                  f"stored tasks mean {b['mean']:.3g} → {a['mean']:.3g}, max {b['max']:.3g} → {a['max']:.3g}; {len(sub.tasks)} tasks"),
         outputs=[str(out)],
-        data={"path": str(out), "task_id": task_id, "mode": mode, "task": task, "target": sub.k_rule,
-              "tasks": change_report(before, after, breaks, {t: p.error_is_bound for t, p in sub.tasks.items()}),
-              "before": b, "after": totals(after), "stored_after": a, "warnings": warnings,
-              "stats": sub.compression_stats()},
+        data=result.to_dict(),
     )
 
 
@@ -109,4 +134,5 @@ KIND = JobKind(
     ),
     writes=("output",), modifies=("subspace",), func=run_add,
     positionals=("subspace", "adapter"), process=True, needs="subspace", form_rank=1, view="subspace_written", stderr_warnings=True,
+    result=AddResult,
 )

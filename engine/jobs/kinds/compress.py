@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,44 @@ from ...progress import CancelLike, ProgressFn, StagedProgress, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import ADAPTERS, EXCLUDE, FORCE, default_compress_method, method_choices, method_kwargs, method_params, output_param
-from ..reports import module_rows, ratio_words
+from ..reports import ModuleRow, SubspaceStats, module_rows, ratio_words
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class CompressResult(Result):
+    """``compress``: the subspace written, its stats (fidelity included) and its modules."""
+
+    path: str = ""
+    tasks: list[str] = field(default_factory=list)
+    method: str | None = None
+    streaming: bool = False
+    stats: SubspaceStats = field(default_factory=SubspaceStats)
+    modules: list[ModuleRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GroupedCompressResult(Result):
+    """``compress --group-by compat``: one subspace per compatible set, ``OUTPUT/<set name>``.
+
+    ``sets``: per set its :meth:`CompatSet.to_dict` plus ``path``, ``tasks`` and ``stats`` (compression_stats()).
+    """
+
+    path: str = ""
+    grouped: bool = True
+    layout: str = "OUTPUT/<set name>"
+    method: str | None = None
+    streaming: bool = False
+    tasks: list[str] = field(default_factory=list)
+    sets: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Compressed:
+    """The ``compress`` kind's result: :class:`CompressResult`, or :class:`GroupedCompressResult` (``grouped``)."""
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> CompressResult | GroupedCompressResult:
+        return (GroupedCompressResult if d.get("grouped") else CompressResult).from_dict(d)
 
 
 _COMPRESS_FIXED = ("adapters", "output", "method", "task_ids", "force", "exclude", "group_by", "engine", "scheduler")
@@ -90,12 +129,13 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
     stats = sub.compression_stats()
     err = stats["error"]
     modules = module_rows(sub, stats["storage"], stats["fidelity"], sub.explained_variance())
+    result = CompressResult(path=str(out), tasks=sub.task_ids, method=sub.method, streaming=streaming,
+                            stats=SubspaceStats.from_dict(stats), modules=modules)
     return JobOutput(
         summary=(f"compressed {len(sub.tasks)} adapters into {out} ({stats['method']}): {ratio_words(stats['disk'])}, "
                  f"ΔW error mean {err['mean']:.3g} max {err['max']:.3g}; {stats['storage']['summary']}"),
         outputs=[str(out)],
-        data={"path": str(out), "tasks": sub.task_ids, "method": sub.method, "streaming": streaming, "stats": stats,
-              "modules": modules},
+        data=result.to_dict(),
     )
 
 
@@ -125,8 +165,8 @@ def _compress_groups(params: dict[str, Any], bp: Any, inputs: list[Any], ids: li
         summary=(f"compressed {len(inputs)} adapters into {len(written)} subspace(s) under {out} "
                  f"({', '.join(w['name'] for w in written)}), ΔW error max {worst:.3g}"),
         outputs=[w["path"] for w in written],
-        data={"path": str(out), "grouped": True, "layout": "OUTPUT/<set name>", "method": bp.method,
-              "streaming": streaming, "tasks": [t for w in written for t in w["tasks"]], "sets": written},
+        data=GroupedCompressResult(path=str(out), method=bp.method, streaming=streaming,
+                                   tasks=[t for w in written for t in w["tasks"]], sets=written).to_dict(),
     )
 
 
@@ -173,4 +213,5 @@ KIND = JobKind(
     ),
     writes=("output",), func=run_compress, check=_check,
     positionals=("adapters",), process=True, min_adapters=2, form_rank=0, view="subspace_written",
+    result=Compressed,
 )

@@ -69,7 +69,7 @@ def run_export(params: dict[str, Any], *, progress: ProgressFn | None = None, ca
     out = save_adapter(w, params["output"], force=params["force"], dtype=dtype, modelfile=params["modelfile"],
                        target="peft", modelfile_base=params["base_model"])
     tick(progress, cancel, 3, 3, "done")
-    task = task_report(sub, task_id)
+    task = task_report(sub, task_id).to_dict()
     data = {
         "path": str(out), "task_id": task_id, "target": target, "rank": w.rank, "ranks": w.ranks,
         "lora_alpha": w.lora_alpha, "base_model": w.base_model_name_or_path, "target_modules": w.target_modules,

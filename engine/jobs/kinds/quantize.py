@@ -3,12 +3,47 @@ cheapest rank and precision per module that meets an error target (``--max-error
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...progress import CancelLike, ProgressFn, StagedProgress, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import FORCE, method_choices, method_kwargs, method_params, output_param
+from ..reports import SubspaceStats
+from ..results import Result, optional
+
+
+@dataclass(frozen=True)
+class QuantizeFigures(Result):
+    """A subspace's size and errors before or after quantizing (``ratio``: on disk; ``stored_bytes``: in memory)."""
+
+    stored_bytes: int | None = None
+    disk_bytes: int | None = None
+    ratio: float | None = None
+    mean_error: float | None = None
+    max_error: float | None = None
+
+
+@dataclass(frozen=True)
+class QuantizeResult(Result):
+    """``quantize``: the subspace written, before → after, the k rule (``target``) and the stats after.
+
+    ``quantization``: ``{bits, method, double_quant, quantize_loadings, block_size}``, or with an error
+    target ``{method: "auto", bits: None, block_size, max_error, mean_error, errors}``; then also
+    ``errors`` (exact/bound/mixed), ``tasks`` (per task before/after, bytes, held) and ``held``.
+    """
+
+    path: str = ""
+    quantization: dict[str, Any] | None = None
+    before: QuantizeFigures = field(default_factory=QuantizeFigures)
+    after: QuantizeFigures = field(default_factory=QuantizeFigures)
+    target: dict[str, Any] | None = None
+    errors: str | None = optional()
+    tasks: list[dict[str, Any]] | None = optional()
+    held: list[str] | None = optional()
+    warnings: list[str] = field(default_factory=list)
+    stats: SubspaceStats = field(default_factory=SubspaceStats)
 
 
 _QUANT_FIXED = ("subspace", "output", "method", "bits", "force", "max_error", "mean_error", "adapters")
@@ -76,8 +111,9 @@ def run_quantize(params: dict[str, Any], *, progress: ProgressFn | None = None, 
         summary=(f"quantized {params['subspace']} to {bits}-bit {method} in {out}: {before['stored_bytes']} → "
                  f"{after['stored_bytes']} bytes, max ΔW error {before['max_error']:.3g} → {after['max_error']:.3g}"),
         outputs=[str(out)],
-        data={"path": str(out), "quantization": sub.quantization, "before": before, "after": after,
-              "target": sub.k_rule, "warnings": warnings, "stats": sub.compression_stats()},
+        data=QuantizeResult(path=str(out), quantization=sub.quantization, before=QuantizeFigures.from_dict(before),
+                            after=QuantizeFigures.from_dict(after), target=sub.k_rule, warnings=warnings,
+                            stats=SubspaceStats.from_dict(sub.compression_stats())).to_dict(),
     )
 
 
@@ -130,9 +166,10 @@ def _run_target(params: dict[str, Any], *, progress: ProgressFn | None, cancel: 
                  f"{_target_words(params)} in {out}: {before['disk_bytes']} → {after['disk_bytes']} bytes on disk, "
                  f"max ΔW error {before['max_error']:.3g} → {after['max_error']:.3g} ({how})"),
         outputs=[str(out)],
-        data={"path": str(out), "quantization": sub.quantization, "before": before, "after": after,
-              "target": sub.k_rule, "errors": report["errors"], "tasks": report["tasks"], "held": report["held"],
-              "warnings": warnings, "stats": sub.compression_stats()},
+        data=QuantizeResult(path=str(out), quantization=sub.quantization, before=QuantizeFigures.from_dict(before),
+                            after=QuantizeFigures.from_dict(after), target=sub.k_rule, errors=report["errors"],
+                            tasks=report["tasks"], held=report["held"], warnings=warnings,
+                            stats=SubspaceStats.from_dict(sub.compression_stats())).to_dict(),
     )
 
 
@@ -167,4 +204,5 @@ KIND = JobKind(
     ),
     writes=("output",), func=run_quantize,
     positionals=("subspace",), process=True, needs="subspace", form_rank=3, view="subspace_written", stderr_warnings=True,
+    result=QuantizeResult,
 )

@@ -1,0 +1,62 @@
+"""Typed job results (engine.jobs.results): to_dict/from_dict, and JobResult.typed() per kind."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from engine.jobs import JobRequest
+from engine.jobs.catalog import run_job
+from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
+from engine.jobs.reports import ErrorPair, TaskChange
+from engine.jobs.results import Result, optional
+
+
+@dataclass(frozen=True)
+class _Row(Result):
+    name: str = ""
+    err: ErrorPair | None = None
+
+
+@dataclass(frozen=True)
+class _Doc(Result):
+    path: str
+    rows: list[_Row] = field(default_factory=list)
+    by: dict[str, ErrorPair] = field(default_factory=dict)
+    note: str | None = optional()
+
+
+def test_to_dict_keeps_field_order_and_leaves_out_optional_none() -> None:
+    d = _Doc("p", [_Row("a", ErrorPair(0.1, 0.2))], {"x": ErrorPair(0.0, 1.0)}).to_dict()
+    assert list(d) == ["path", "rows", "by"]
+    assert d["rows"] == [{"name": "a", "err": {"mean": 0.1, "max": 0.2}}]
+    assert _Doc("p", note="n").to_dict()["note"] == "n"
+
+
+def test_from_dict_builds_nested_results_and_tolerates_missing_keys() -> None:
+    doc = _Doc.from_dict({"path": "p", "rows": [{"name": "a", "err": {"mean": 0.5}}], "by": {"x": {"max": 2.0}},
+                          "unknown": 1})
+    assert isinstance(doc.rows[0], _Row) and doc.rows[0].err == ErrorPair(0.5, None)
+    assert doc.by["x"].max == 2.0 and doc.note is None
+    assert _Doc.from_dict({}).path is None  # no default: None, not a KeyError
+    change = TaskChange.from_dict({"task_id": "t", "before": None, "after": {"mean": 0.1, "max": 0.2}})
+    assert change.before is None and change.after.max == 0.2
+
+
+def test_info_results_come_back_typed_and_round_trip(peft_family_dirs) -> None:
+    one = run_job(JobRequest("info", {"path": str(peft_family_dirs[0])}))
+    typed = one.typed()
+    assert isinstance(typed, AdapterInfo)
+    assert typed.rank == one.data["rank"] == 4 and [m.name for m in typed.modules] == [m["name"] for m in one.data["modules"]]
+    assert json.dumps(typed.to_dict()) == json.dumps(one.data)  # the --json data, key order included
+    folder = run_job(JobRequest("info", {"path": str(peft_family_dirs[0].parent)}))
+    coll = folder.typed()
+    assert isinstance(coll, CollectionInfo) and coll.count == len(peft_family_dirs)
+    assert json.dumps(coll.to_dict()) == json.dumps(folder.data)
+
+
+def test_a_kind_without_a_result_class_keeps_its_dict() -> None:
+    from engine.jobs.base import JobResult
+
+    r = JobResult(job_id="x", kind="no-such-kind", status="ok", data={"a": 1})
+    assert r.typed() == {"a": 1}
