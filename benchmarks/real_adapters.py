@@ -13,7 +13,8 @@ heads as modules_to_save)") and prints its figures.
    saved as ``modules_to_save``), r8 on query/value, every 4th task r16, plus ONE more
    adapter with target modules query/key/value/dense (the odd one: N+1 folders, as the
    tester's 33). fp32, ``model.save_pretrained``. Held-out accuracy base head vs trained
-   is printed per task.
+   is printed per task. ``--init-seed per-adapter`` (default): each LoRA A drawn from its
+   own seed; ``--init-seed same``: every LoRA A from one seed (a shared init).
 2. The session: each step is ``python -m vlora_tui --batch … --json`` in a subprocess;
    the figures come from its JSON, the on-disk ratio and one ΔW error check are
    recomputed here (benchmarks/_measure.py, independent of engine.subspace).
@@ -114,7 +115,8 @@ def load_classifier(mdir: Path, num_labels: int, seed: int) -> Any:
     return AutoModelForSequenceClassification.from_pretrained(str(mdir), num_labels=num_labels)
 
 
-def train_one(mdir: Path, tok: Any, p: dict[str, Any], steps: int, seed: int, dest: Path) -> dict[str, Any]:
+def train_one(mdir: Path, tok: Any, p: dict[str, Any], steps: int, seed: int, dest: Path,
+              init_seed: str = "per-adapter") -> dict[str, Any]:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -123,6 +125,8 @@ def train_one(mdir: Path, tok: Any, p: dict[str, Any], steps: int, seed: int, de
     model = load_classifier(mdir, task.num_labels, seed * 100 + i)
     cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=p["r"], lora_alpha=p["alpha"], lora_dropout=0.0,
                      target_modules=p["targets"])
+    if init_seed == "same":  # every adapter's LoRA A from one seed (as most training scripts fix it); heads stay per task
+        torch.manual_seed(seed)
     model = get_peft_model(model, cfg)
     ev = _eval_set(task, seed, i)
     acc_base = _accuracy(model, tok, ev)  # LoRA B = 0: the base encoder + the untrained head
@@ -150,22 +154,29 @@ def train_one(mdir: Path, tok: Any, p: dict[str, Any], steps: int, seed: int, de
             "describe": task.describe, "acc_base": acc_base, "acc": acc, "loss": loss_v, "train_s": secs}
 
 
-def generate(out: Path, n: int, steps: int, seed: int) -> list[dict[str, Any]]:
-    """Train (or reuse from the stamp) the N+1 adapters under ``out``; rows of accuracies."""
+def generate(out: Path, n: int, steps: int, seed: int, init_seed: str = "per-adapter") -> list[dict[str, Any]]:
+    """Train (or reuse from the stamp) the N+1 adapters under ``out``; rows of accuracies.
+
+    ``init_seed``: ``per-adapter`` (each LoRA A from its own seed, ``seed·100 + i``, drawn
+    after the head) or ``same`` (every LoRA A from ``seed``: one shared init).
+    """
     import torch
     from transformers import AutoTokenizer
 
     mdir = model_dir()
     assert mdir is not None
-    want = {"version": STAMP_VERSION, "n": n, "steps": steps, "seed": seed, "model": "all-MiniLM-L6-v2"}
+    want = {"version": STAMP_VERSION, "n": n, "steps": steps, "seed": seed, "model": "all-MiniLM-L6-v2",
+            "init_seed": init_seed}
     stamp = out / STAMP
     ps = plan(n, seed)
     if stamp.is_file():
         have = json.loads(stamp.read_text())
+        have.setdefault("init_seed", "per-adapter")  # stamps written before the option: per-adapter
         if {k: have.get(k) for k in want} == want and all((out / p["name"] / "adapter_model.safetensors").is_file() for p in ps):
             print(f"reusing {len(ps)} adapters in {out} (stamp matches: n={n} steps={steps} seed={seed})")
             return have["rows"]
-        print(f"{out} holds a different or incomplete set (stamp {have.get('n')}/{have.get('steps')}/{have.get('seed')}); regenerating")
+        print(f"{out} holds a different or incomplete set (stamp {have.get('n')}/{have.get('steps')}/{have.get('seed')}/"
+              f"{have.get('init_seed')}); regenerating")
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     for d in out.iterdir():
@@ -177,7 +188,7 @@ def generate(out: Path, n: int, steps: int, seed: int) -> list[dict[str, Any]]:
     rows = []
     t0 = time.perf_counter()
     for p in ps:
-        row = train_one(mdir, tok, p, steps, seed, out / p["name"])
+        row = train_one(mdir, tok, p, steps, seed, out / p["name"], init_seed)
         rows.append(row)
         print(f"  [{len(rows):2d}/{len(ps)}] {row['name']:<34} r{row['r']:<2} {len(row['targets'])} targets "
               f"acc {row['acc_base']:.2f} -> {row['acc']:.2f}  ({row['train_s']:.1f}s)", flush=True)
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="folder of the adapters (cached by a stamp)")
     ap.add_argument("--steps", type=int, default=60, help="training steps per adapter (batch 16)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-seed", choices=("per-adapter", "same"), default="per-adapter",
+                    help="LoRA init: each adapter its own seed (default) or one seed for all")
     ap.add_argument("--generate-only", action="store_true", help="train (or reuse) the adapters, no session")
     ap.add_argument("--work", type=Path, default=None, help="parent of the session's temp folder (default: the system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the session's outputs (subspaces, exports, merges)")
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 3:
         ap.error("--n must be at least 3")
     out = args.out.expanduser().resolve()
-    rows = generate(out, args.n, args.steps, args.seed)
+    rows = generate(out, args.n, args.steps, args.seed, args.init_seed)
     print_accuracy(rows)
     if args.generate_only:
         return 0
