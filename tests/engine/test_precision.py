@@ -87,6 +87,24 @@ def test_separate_choice_equals_brute_force(seed, target):
     assert got.error == pytest.approx(err, rel=1e-9, abs=1e-12) and got.error <= target
 
 
+def test_nf4_is_chosen_where_int4_misses_at_the_same_bytes():
+    """Gaussian factors: NF4's levels fit them better than int4's; at a target between the two errors
+    the choice is nf4, as cheap as int4 and cheaper than what the search without nf4 keeps."""
+    from engine import ops
+
+    g = torch.Generator().manual_seed(7)
+    sb = torch.randn(256, 8, generator=g, dtype=torch.float64)
+    a = torch.randn(8, 256, generator=g, dtype=torch.float64)
+    e = {p: ops.lowrank_rel_error(sb, a, store(sb, p).value.double(), store(a, p).value.double()) for p in ("int4", "nf4")}
+    assert e["nf4"] < e["int4"]
+    target = (e["nf4"] + e["int4"]) / 2
+    got = choose_separate(sb, a, target)
+    without = choose_separate(sb, a, target, precisions=tuple(p for p in PRECISIONS if p != "nf4"))
+    assert got.met and got.error <= target
+    assert "nf4" in {s.precision for s in got.tensors.values()}
+    assert got.nbytes < without.nbytes
+
+
 def test_core_choice_equals_brute_force():
     g = torch.Generator().manual_seed(5)
     u, _ = torch.linalg.qr(torch.randn(64, 6, generator=g, dtype=torch.float64))
