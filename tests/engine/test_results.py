@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import pytest
+
 from engine.jobs import JobRequest
 from engine.jobs.catalog import run_job
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
@@ -60,3 +62,31 @@ def test_a_kind_without_a_result_class_keeps_its_dict() -> None:
 
     r = JobResult(job_id="x", kind="no-such-kind", status="ok", data={"a": 1})
     assert r.typed() == {"a": 1}
+
+
+# --- a round trip per kind: the job's data back typed, and to_dict() gives the same JSON, key order included
+
+
+def _round_trip(result, cls):
+    assert result.ok, result.error
+    typed = result.typed()
+    assert isinstance(typed, cls)
+    assert json.dumps(typed.to_dict()) == json.dumps(result.data)
+    return typed
+
+
+@pytest.fixture(scope="module")
+def family_subspace(peft_family_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "sub"
+    assert run_job(JobRequest("compress", {"adapters": [str(p) for p in peft_family_dirs], "output": str(out)})).ok
+    return out
+
+
+def test_export_result_round_trips(family_subspace, tmp_path) -> None:
+    from engine.jobs.kinds.export import ExportResult
+
+    r = run_job(JobRequest("export", {"subspace": str(family_subspace), "task_id": "task_0", "output": str(tmp_path / "e"),
+                                      "modelfile": True}))
+    typed = _round_trip(r, ExportResult)
+    assert typed.rank == r.data["rank"] and typed.modelfile == str(tmp_path / "e" / "Modelfile")
+    assert typed.fidelity == r.data["fidelity"] and typed.max_error == max(typed.fidelity.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
 
 from .base import Block, fmt_bytes, renderer
@@ -74,15 +75,15 @@ def _render_validate(d: dict[str, Any]) -> list[Block]:
 
 
 @renderer("export")
-def _render_export(d: dict[str, Any]) -> list[Block]:
-    kv = [("path", d["path"]), ("task", d["task_id"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
-          ("base model", d["base_model"]), ("target modules", d["target_modules"]), ("dtype", d["dtype"]),
-          ("Modelfile", d["modelfile"]), ("ΔW error mean", d["mean_error"]), ("ΔW error max", d["max_error"])]
-    if d.get("target"):
-        kv.insert(2, ("target", d["target"]))
+def _render_export(r: ExportResult) -> list[Block]:
+    kv = [("path", r.path), ("task", r.task_id), ("rank", r.rank), ("lora_alpha", r.lora_alpha),
+          ("base model", r.base_model), ("target modules", r.target_modules), ("dtype", r.dtype),
+          ("Modelfile", r.modelfile), ("ΔW error mean", r.mean_error), ("ΔW error max", r.max_error)]
+    if r.target:
+        kv.insert(2, ("target", r.target))
     blocks: list[Block] = [("kv", "Adapter exported", kv)]
-    if d.get("target_warnings"):
-        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["target_warnings"]]))
+    if r.target_warnings:
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in r.target_warnings]))
     return blocks
 
 
