@@ -90,3 +90,13 @@ def test_export_result_round_trips(family_subspace, tmp_path) -> None:
     typed = _round_trip(r, ExportResult)
     assert typed.rank == r.data["rank"] and typed.modelfile == str(tmp_path / "e" / "Modelfile")
     assert typed.fidelity == r.data["fidelity"] and typed.max_error == max(typed.fidelity.values())
+
+
+def test_merge_result_round_trips(peft_family_dirs, tmp_path) -> None:
+    from engine.jobs.kinds.merge import MergedResult
+
+    r = run_job(JobRequest("merge", {"adapters": [str(p) for p in peft_family_dirs[:3]], "output": str(tmp_path / "m"),
+                                     "method": "ties"}))
+    typed = _round_trip(r, MergedResult)
+    assert typed.inputs == [p.name for p in peft_family_dirs[:3]] and typed.method == "ties"
+    assert typed.max_error == max(typed.errors.values()) and set(typed.ranks) == set(typed.errors)

@@ -6,6 +6,7 @@ from typing import Any
 
 from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
+from engine.jobs.kinds.merge import MergedResult
 
 from .base import Block, fmt_bytes, renderer
 
@@ -88,18 +89,18 @@ def _render_export(r: ExportResult) -> list[Block]:
 
 
 @renderer("merge")
-def _render_merge(d: dict[str, Any]) -> list[Block]:
-    kv = [("output", d["path"]), ("method", d["method"]), ("inputs", d["inputs"]), ("rank", d["rank"]),
-          ("parameters", d["num_params"]), ("max ΔW error", d["max_error"]), ("overall ΔW error", d["overall_error"])]
-    kv += [(k, v) for k, v in d["params"].items() if k not in ("rank",)]
+def _render_merge(r: MergedResult) -> list[Block]:
+    kv = [("output", r.path), ("method", r.method), ("inputs", r.inputs), ("rank", r.rank),
+          ("parameters", r.num_params), ("max ΔW error", r.max_error), ("overall ΔW error", r.overall_error)]
+    kv += [(k, v) for k, v in r.params.items() if k not in ("rank",)]
     blocks: list[Block] = [("kv", "Merged adapter", kv)]
-    if not all(e == 0 for e in d["errors"].values()):
-        rows = [[m, d["ranks"].get(m), d["norms"].get(m), e] for m, e in d["errors"].items()]
+    if not all(e == 0 for e in r.errors.values()):
+        rows = [[m, r.ranks.get(m), r.norms.get(m), e] for m, e in r.errors.items()]
         blocks.append(("table", "Per-module truncation error", ["module", "rank", "‖ΔW‖", "rel. error"], rows))
-    if d.get("heads"):
+    if r.heads:
         blocks.append(("table", "Heads (modules_to_save, extra tensors)", ["head", "kept"],
-                       [[h, v] for h, v in d["heads"].items()]))
-    warnings = [*d["warnings"], *d.get("target_warnings", [])]
+                       [[h, v] for h, v in r.heads.items()]))
+    warnings = [*r.warnings, *r.target_warnings]
     if warnings:
         blocks.append(("lines", "Warnings", [f"- {w}" for w in warnings]))
     return blocks
