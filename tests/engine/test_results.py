@@ -100,3 +100,15 @@ def test_merge_result_round_trips(peft_family_dirs, tmp_path) -> None:
     typed = _round_trip(r, MergedResult)
     assert typed.inputs == [p.name for p in peft_family_dirs[:3]] and typed.method == "ties"
     assert typed.max_error == max(typed.errors.values()) and set(typed.ranks) == set(typed.errors)
+
+
+def test_analyze_result_round_trips(peft_family_dirs) -> None:
+    from engine.jobs.kinds.analyze import AnalyzeResult, Cluster
+
+    r = run_job(JobRequest("analyze", {"adapters": [str(p) for p in peft_family_dirs], "per_module": True}))
+    typed = _round_trip(r, AnalyzeResult)
+    assert all(isinstance(c, Cluster) for c in typed.clusters) and typed.paths is None
+    assert sorted(i for c in typed.clusters for i in c.members) == list(range(len(peft_family_dirs)))
+    assert typed.modules is not None and set(typed.modules) == set(typed.compared_modules)
+    assert "paths" not in r.data and "modules" not in run_job(
+        JobRequest("analyze", {"adapters": [str(p) for p in peft_family_dirs]})).data

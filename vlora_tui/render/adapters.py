@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.jobs.kinds.analyze import AnalyzeResult
 from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
 from engine.jobs.kinds.merge import MergedResult
@@ -115,24 +116,24 @@ def _left_out_lines(left_out: dict[str, list[str]]) -> list[str]:
 
 
 @renderer("analyze")
-def _render_analyze(d: dict[str, Any]) -> list[Block]:
-    names = d["names"]
+def _render_analyze(r: AnalyzeResult) -> list[Block]:
+    names = r.names
     short = [n if len(n) <= 10 else n[:9] + "…" for n in names]
-    sim_rows = [[names[i], *[f"{v:.2f}" if v is not None else "-" for v in row]] for i, row in enumerate(d["similarity"])]
-    cl_rows = [[i + 1, len(c["names"]), ", ".join(c["names"])] for i, c in enumerate(d["clusters"])]
-    out_names = {o["name"] for o in d["outliers"]}
-    per = [[n, d["max_similarity"][i], d["mean_similarity"][i], "outlier" if n in out_names else ""] for i, n in enumerate(names)]
-    var = d["variance"]["mean"]
+    sim_rows = [[names[i], *[f"{v:.2f}" if v is not None else "-" for v in row]] for i, row in enumerate(r.similarity)]
+    cl_rows = [[i + 1, len(c.names), ", ".join(c.names)] for i, c in enumerate(r.clusters)]
+    out_names = {o.name for o in r.outliers}
+    per = [[n, r.max_similarity[i], r.mean_similarity[i], "outlier" if n in out_names else ""] for i, n in enumerate(names)]
+    var = r.variance.mean
     blocks: list[Block] = [
         ("table", "Cosine similarity of ΔW", ["adapter", *short], sim_rows),
-        ("table", f"Clusters (threshold {d['threshold']:g}, {d['linkage']} linkage)", ["#", "size", "members"], cl_rows),
-        ("table", f"Outliers (max |cos| < {d['outlier_threshold']:g})", ["adapter", "max |cos|", "mean cos", ""], per),
+        ("table", f"Clusters (threshold {r.threshold:g}, {r.linkage} linkage)", ["#", "size", "members"], cl_rows),
+        ("table", f"Outliers (max |cos| < {r.outlier_threshold:g})", ["adapter", "max |cos|", "mean cos", ""], per),
         ("table", "Shared structure: energy of all ΔW captured by the top-k shared column directions (mean over modules)",
          ["k", *var.keys()], [["share", *[f"{v:.1%}" for v in var.values()]]]),
     ]
-    if d.get("left_out"):
-        blocks.append(("lines", f"Compared on the {len(d['compared_modules'])} modules every adapter has; left out:",
-                       _left_out_lines(d["left_out"])))
+    if r.left_out:
+        blocks.append(("lines", f"Compared on the {len(r.compared_modules)} modules every adapter has; left out:",
+                       _left_out_lines(r.left_out)))
     return blocks
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.table import Table
@@ -11,6 +12,8 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Label, SelectionList, Static
+
+from engine.jobs.kinds.analyze import AnalyzeResult
 
 from ..widgets.heatmap import SimilarityHeatmap
 from ..widgets.plots import DataPlot
@@ -109,8 +112,14 @@ class CollectionScreen(VloraScreen):
         return [s for s in self.app.collection if s in chosen]
 
     # -- analysis -------------------------------------------------------------------------
-    def _refresh_analysis(self) -> None:
+    @property
+    def analysis(self) -> AnalyzeResult | None:
+        """The ``analyze`` job's data (``app.analysis``, with the view's ``paths``), typed."""
         data = self.app.analysis
+        return AnalyzeResult.from_dict(data) if data else None
+
+    def _refresh_analysis(self) -> None:
+        data = self.analysis
         heat = self.query_one(SimilarityHeatmap)
         plot = self.query_one("#heatmap-plot", DataPlot)
         clusters = self.query_one("#clusters", Static)
@@ -119,25 +128,24 @@ class CollectionScreen(VloraScreen):
             plot.draw_empty()
             clusters.update("Clusters and outliers appear after the analyze job (a).")
             return
-        names = list(data.get("names") or [])
-        matrix = data.get("similarity") or []
+        names = list(data.names)
+        matrix = data.similarity
         heat.set_matrix(names, matrix)
-        metric = data.get("metric", "cosine")
-        plot.draw_heatmap(matrix, names, f"{metric} similarity of ΔW")
+        plot.draw_heatmap(matrix, names, "cosine similarity of ΔW")  # the analyze job's one metric
         clusters.update(self._clusters_text(data))
 
     @staticmethod
-    def _clusters_text(data: dict[str, Any]) -> Table:
+    def _clusters_text(data: AnalyzeResult | Mapping[str, Any]) -> Table:
+        """Clusters and outliers of the ``analyze`` job's result (a dict is read as an :class:`AnalyzeResult`)."""
+        if isinstance(data, Mapping):
+            data = AnalyzeResult.from_dict(data)
         t = Table(title="Clusters", expand=True, show_edge=False, box=None)
         t.add_column("#", justify="right", width=3)
         t.add_column("members", overflow="fold")  # long names wrap, never end in an ellipsis
-        for i, cluster in enumerate(data.get("clusters") or []):
-            names = cluster.get("names") or [] if isinstance(cluster, dict) else cluster
-            t.add_row(str(i + 1), ", ".join(map(str, names)))
-        outliers = data.get("outliers") or []
-        if outliers:
-            names = [o.get("name", str(o)) if isinstance(o, dict) else str(o) for o in outliers]
-            t.add_row("⚠", Text("outliers: " + ", ".join(names), style="bold"))
+        for i, cluster in enumerate(data.clusters):
+            t.add_row(str(i + 1), ", ".join(map(str, cluster.names)))
+        if data.outliers:
+            t.add_row("⚠", Text("outliers: " + ", ".join(o.name for o in data.outliers), style="bold"))
         return t
 
     def _refresh_diff(self) -> None:
@@ -182,8 +190,8 @@ class CollectionScreen(VloraScreen):
     def action_diff(self) -> None:
         heat = self.query_one(SimilarityHeatmap)
         pair = heat.pair_at_cursor()
-        data = self.app.analysis or {}
-        paths = list(data.get("paths") or [])
+        data = self.analysis
+        paths = list(data.paths or []) if data else []
         if pair is None or not paths:
             self.notify("Move the heatmap cursor onto a pair first", title="Diff", severity="warning")
             return
