@@ -112,3 +112,18 @@ def test_analyze_result_round_trips(peft_family_dirs) -> None:
     assert typed.modules is not None and set(typed.modules) == set(typed.compared_modules)
     assert "paths" not in r.data and "modules" not in run_job(
         JobRequest("analyze", {"adapters": [str(p) for p in peft_family_dirs]})).data
+
+
+def test_validate_result_round_trips(peft_family_dirs, tmp_path) -> None:
+    from engine.jobs.kinds.validate import AdapterCheck, ValidateResult
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    r = run_job(JobRequest("validate", {"adapters": [str(peft_family_dirs[0]), str(broken)], "target": "vllm"}))
+    assert not r.ok and r.data  # failed, with its report
+    typed = ValidateResult.from_dict(r.data)
+    assert json.dumps(typed.to_dict()) == json.dumps(r.data) and isinstance(r.typed(), ValidateResult)
+    assert [type(a) for a in typed.adapters] == [AdapterCheck, AdapterCheck]
+    assert [a.ok for a in typed.adapters] == [True, False] and typed.adapters[1].error and not typed.ok

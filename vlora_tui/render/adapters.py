@@ -8,6 +8,7 @@ from engine.jobs.kinds.analyze import AnalyzeResult
 from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
 from engine.jobs.kinds.merge import MergedResult
+from engine.jobs.kinds.validate import ValidateResult
 
 from .base import Block, fmt_bytes, renderer
 
@@ -61,18 +62,18 @@ def _render_inspect(d: dict[str, Any]) -> list[Block]:
 
 
 @renderer("validate")
-def _render_validate(d: dict[str, Any]) -> list[Block]:
-    rows = [[a["name"], "ok" if a["ok"] else "INVALID", a["error"] or "; ".join(a["warnings"]) or "-"] for a in d["adapters"]]
+def _render_validate(r: ValidateResult) -> list[Block]:
+    rows = [[a.name, "ok" if a.ok else "INVALID", a.error or "; ".join(a.warnings) or "-"] for a in r.adapters]
     lines = []
-    if d["compatible"] is True:
-        lines.append("compatible: yes" + (f" ({'; '.join(d['compat_warnings'])})" if d["compat_warnings"] else ""))
-    elif d["compatible"] is False:
-        lines.append(f"compatible: NO ({d['compatibility']})")
+    if r.compatible is True:
+        lines.append("compatible: yes" + (f" ({'; '.join(r.compat_warnings)})" if r.compat_warnings else ""))
+    elif r.compatible is False:
+        lines.append(f"compatible: NO ({r.compatibility})")
     blocks: list[Block] = [("table", "Adapters", ["adapter", "status", "problems"], rows)]
-    if d.get("target"):
-        found = [f"- {a['name']}: {p}" for a in d["adapters"] for p in a.get("target_problems", [])]
-        blocks.append(("lines", f"For {d['target']}", found or ["nothing it refuses or misreads"]))
-    lines.append("result: " + ("all valid" if d["ok"] else "FAILED"))
+    if r.target:
+        found = [f"- {a.name}: {p}" for a in r.adapters for p in a.target_problems]
+        blocks.append(("lines", f"For {r.target}", found or ["nothing it refuses or misreads"]))
+    lines.append("result: " + ("all valid" if r.ok else "FAILED"))
     return [*blocks, ("lines", None, lines)]
 
 

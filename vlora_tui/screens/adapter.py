@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Header, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from engine.io.scan import is_hub_spec
+from engine.jobs.kinds.validate import ValidateResult
 
 from .base import VloraScreen
 
@@ -160,12 +161,12 @@ class AdapterScreen(VloraScreen):
             "Extra tensors: " + ", ".join(extra_keys) if extra_keys else "Extra tensors: none (LoRA factors only)"
         )
         found: list[str] = list((insp or {}).get("problems", []))
-        val = app.validations.get(spec)
+        val = ValidateResult.from_dict(app.validations[spec]) if app.validations.get(spec) else None
         if val:
-            for row in val.get("adapters", []):
-                if row.get("error"):
-                    found.append(row["error"])
-                found.extend(w for w in row.get("warnings", []) if w not in found)
+            for row in val.adapters:
+                if row.error:
+                    found.append(row.error)
+                found.extend(w for w in row.warnings if w not in found)
         if found:
             problems.update(Text("Validation problems:\n" + "\n".join(f"  ⚠ {p}" for p in found), style="bold"))
         elif insp or val:
