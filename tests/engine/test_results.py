@@ -127,3 +127,12 @@ def test_validate_result_round_trips(peft_family_dirs, tmp_path) -> None:
     assert json.dumps(typed.to_dict()) == json.dumps(r.data) and isinstance(r.typed(), ValidateResult)
     assert [type(a) for a in typed.adapters] == [AdapterCheck, AdapterCheck]
     assert [a.ok for a in typed.adapters] == [True, False] and typed.adapters[1].error and not typed.ok
+
+
+def test_inspect_result_round_trips(peft_family_dirs) -> None:
+    from engine.jobs.kinds.inspect import InspectResult, ModuleFigures
+
+    r = run_job(JobRequest("inspect", {"adapter": str(peft_family_dirs[0])}))
+    typed = _round_trip(r, InspectResult)
+    assert all(isinstance(m, ModuleFigures) for m in typed.modules) and typed.rank == 4
+    assert typed.norm_delta_total == pytest.approx(sum(m.norm_delta ** 2 for m in typed.modules) ** 0.5)

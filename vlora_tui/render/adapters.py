@@ -7,6 +7,7 @@ from typing import Any
 from engine.jobs.kinds.analyze import AnalyzeResult
 from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
+from engine.jobs.kinds.inspect import InspectResult
 from engine.jobs.kinds.merge import MergedResult
 from engine.jobs.kinds.validate import ValidateResult
 
@@ -49,15 +50,15 @@ def render_collection_info(r: CollectionInfo) -> list[Block]:
 
 
 @renderer("inspect")
-def _render_inspect(d: dict[str, Any]) -> list[Block]:
-    kv = [("path", d["path"]), ("base model", d["base_model"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
-          ("rsLoRA", d["use_rslora"]), ("parameters", d["num_params"]), ("size", fmt_bytes(d["bytes"])),
-          ("‖ΔW‖ total", d["norm_delta_total"])]
-    rows = [[m["name"], m["rank"], f"{m['out_features']}×{m['in_features']}", m["scale"], m["norm_a"], m["norm_b"],
-             m["norm_delta"], m["stable_rank"]] for m in d["modules"]]
+def _render_inspect(r: InspectResult) -> list[Block]:
+    kv = [("path", r.path), ("base model", r.base_model), ("rank", r.rank), ("lora_alpha", r.lora_alpha),
+          ("rsLoRA", r.use_rslora), ("parameters", r.num_params), ("size", fmt_bytes(r.bytes)),
+          ("‖ΔW‖ total", r.norm_delta_total)]
+    rows = [[m.name, m.rank, f"{m.out_features}×{m.in_features}", m.scale, m.norm_a, m.norm_b,
+             m.norm_delta, m.stable_rank] for m in r.modules]
     blocks: list[Block] = [("kv", "Adapter", kv),
                            ("table", "Modules", ["module", "rank", "shape", "scale", "‖A‖", "‖B‖", "‖ΔW‖", "stable rank"], rows)]
-    blocks.append(("lines", "Problems", [f"- {p}" for p in d["problems"]] or ["none"]))
+    blocks.append(("lines", "Problems", [f"- {p}" for p in r.problems] or ["none"]))
     return blocks
 
 
