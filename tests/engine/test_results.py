@@ -136,3 +136,12 @@ def test_inspect_result_round_trips(peft_family_dirs) -> None:
     typed = _round_trip(r, InspectResult)
     assert all(isinstance(m, ModuleFigures) for m in typed.modules) and typed.rank == 4
     assert typed.norm_delta_total == pytest.approx(sum(m.norm_delta ** 2 for m in typed.modules) ** 0.5)
+
+
+def test_diff_result_round_trips(peft_family_dirs) -> None:
+    from engine.jobs.kinds.diff import DiffReport, ModuleDiffRow
+
+    r = run_job(JobRequest("diff", {"a": str(peft_family_dirs[0]), "b": str(peft_family_dirs[1])}))
+    typed = _round_trip(r, DiffReport)
+    assert isinstance(typed.overall, ModuleDiffRow) and all(isinstance(m, ModuleDiffRow) for m in typed.modules)
+    assert typed.overall.norm_a == pytest.approx(sum(m.norm_a ** 2 for m in typed.modules) ** 0.5)

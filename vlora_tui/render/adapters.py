@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.jobs.kinds.analyze import AnalyzeResult
+from engine.jobs.kinds.diff import DiffReport
 from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
 from engine.jobs.kinds.inspect import InspectResult
@@ -140,15 +141,16 @@ def _render_analyze(r: AnalyzeResult) -> list[Block]:
 
 
 @renderer("diff")
-def _render_diff(d: dict[str, Any]) -> list[Block]:
-    rows = [[m["module"], m["rank_a"], m["rank_b"], m["norm_a"], m["norm_b"], m["cosine"], m["relative_difference"]]
-            for m in d["modules"]]
-    o = d["overall"]
+def _render_diff(r: DiffReport) -> list[Block]:
+    rows = [[m.module, m.rank_a, m.rank_b, m.norm_a, m.norm_b, m.cosine, m.relative_difference] for m in r.modules]
+    o = r.overall
+    if o is None:  # a figure missing: the summary line
+        return []
     blocks: list[Block] = [
-        ("kv", f"{d['a']} vs {d['b']}", [("cosine", o["cosine"]), ("relative difference", o["relative_difference"]),
-                                         ("‖ΔW‖ a", o["norm_a"]), ("‖ΔW‖ b", o["norm_b"])]),
+        ("kv", f"{r.a} vs {r.b}", [("cosine", o.cosine), ("relative difference", o.relative_difference),
+                                   ("‖ΔW‖ a", o.norm_a), ("‖ΔW‖ b", o.norm_b)]),
         ("table", "Per module", ["module", "rank a", "rank b", "‖ΔW_a‖", "‖ΔW_b‖", "cosine", "‖ΔW_a−ΔW_b‖/‖ΔW_a‖"], rows),
     ]
-    if d["only_in_a"] or d["only_in_b"]:
-        blocks.append(("kv", "Not shared", [("only in a", d["only_in_a"]), ("only in b", d["only_in_b"])]))
+    if r.only_in_a or r.only_in_b:
+        blocks.append(("kv", "Not shared", [("only in a", r.only_in_a), ("only in b", r.only_in_b)]))
     return blocks

@@ -14,6 +14,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Label, SelectionList, Static
 
 from engine.jobs.kinds.analyze import AnalyzeResult
+from engine.jobs.kinds.diff import DiffReport, ModuleDiffRow
 
 from ..widgets.heatmap import SimilarityHeatmap
 from ..widgets.plots import DataPlot
@@ -219,24 +220,25 @@ class CollectionScreen(VloraScreen):
             heat.border_subtitle = f"{heat.labels[i]} ~ {heat.labels[j]}: {'—' if v is None else f'{v:.3f}'}"
 
 
-def diff_table(data: dict[str, Any]) -> Table:
-    """The ``diff`` job's data as a table: overall figures, then every module."""
-    t = Table(title=f"{data.get('a', 'A')} vs {data.get('b', 'B')}", expand=True, show_edge=False, box=None, pad_edge=False)
+def diff_table(data: DiffReport | Mapping[str, Any]) -> Table:
+    """The ``diff`` job's result as a table: overall figures, then every module (a dict is read as a :class:`DiffReport`)."""
+    if isinstance(data, Mapping):
+        data = DiffReport.from_dict(data)
+    t = Table(title=f"{data.a or 'A'} vs {data.b or 'B'}", expand=True, show_edge=False, box=None, pad_edge=False)
     t.add_column("module")
     t.add_column("cos", justify="right")
     t.add_column("rel.diff", justify="right")
 
-    def row(m: dict[str, Any], style: str = "") -> None:
-        t.add_row(Text(short(str(m.get("module", "overall"))), style=style), _num(m.get("cosine"), ".3f"),
-                  _num(m.get("relative_difference"), ".3f"))
+    def row(m: ModuleDiffRow, label: str, style: str = "") -> None:
+        t.add_row(Text(short(label), style=style), _num(m.cosine, ".3f"), _num(m.relative_difference, ".3f"))
 
-    if data.get("overall"):
-        row({**data["overall"], "module": "overall"}, "bold")
-    for m in data.get("modules") or []:
-        row(m)
+    if data.overall:
+        row(data.overall, "overall", "bold")
+    for m in data.modules:
+        row(m, str(m.module or "overall"))
     for side in ("only_in_a", "only_in_b"):
-        if data.get(side):
-            t.add_row(Text(f"{side}: {', '.join(data[side])}", style="bold"), "", "")
+        if getattr(data, side):
+            t.add_row(Text(f"{side}: {', '.join(getattr(data, side))}", style="bold"), "", "")
     return t
 
 
