@@ -93,18 +93,23 @@ def _validate(app: VloraApp, job: JobRecord) -> str | None:
 
 @view("analysis")
 def _analysis(app: VloraApp, job: JobRecord) -> str | None:
-    data = _data(job)
+    """The ``analyze`` job: its result, with each adapter's folder (``paths``, for diff), on the collection screen."""
+    from dataclasses import replace
+
+    from engine.jobs.kinds.analyze import AnalyzeResult
+
+    result = AnalyzeResult.from_dict(_data(job))
     specs = [str(x) for x in job.request.params.get("adapters") or []]
-    if len(specs) == len(data.get("names") or []):
-        data["paths"] = specs
+    if len(specs) == len(result.names):
+        paths = specs
     else:  # a parent folder was given: name → folder
         from engine.io.scan import expand_adapter_specs
 
         try:
-            data["paths"] = [s.label for s in expand_adapter_specs(specs)]
+            paths = [s.label for s in expand_adapter_specs(specs)]
         except Exception:
-            data["paths"] = []
-    app.analysis = data
+            paths = []
+    app.analysis = replace(result, paths=paths).to_dict()
     app.state_signal.publish("analysis")
     return "collection"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import pytest
+
 from engine.jobs import JobRequest
 from engine.jobs.catalog import run_job
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
@@ -60,3 +62,86 @@ def test_a_kind_without_a_result_class_keeps_its_dict() -> None:
 
     r = JobResult(job_id="x", kind="no-such-kind", status="ok", data={"a": 1})
     assert r.typed() == {"a": 1}
+
+
+# --- a round trip per kind: the job's data back typed, and to_dict() gives the same JSON, key order included
+
+
+def _round_trip(result, cls):
+    assert result.ok, result.error
+    typed = result.typed()
+    assert isinstance(typed, cls)
+    assert json.dumps(typed.to_dict()) == json.dumps(result.data)
+    return typed
+
+
+@pytest.fixture(scope="module")
+def family_subspace(peft_family_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "sub"
+    assert run_job(JobRequest("compress", {"adapters": [str(p) for p in peft_family_dirs], "output": str(out)})).ok
+    return out
+
+
+def test_export_result_round_trips(family_subspace, tmp_path) -> None:
+    from engine.jobs.kinds.export import ExportResult
+
+    r = run_job(JobRequest("export", {"subspace": str(family_subspace), "task_id": "task_0", "output": str(tmp_path / "e"),
+                                      "modelfile": True}))
+    typed = _round_trip(r, ExportResult)
+    assert typed.rank == r.data["rank"] and typed.modelfile == str(tmp_path / "e" / "Modelfile")
+    assert typed.fidelity == r.data["fidelity"] and typed.max_error == max(typed.fidelity.values())
+
+
+def test_merge_result_round_trips(peft_family_dirs, tmp_path) -> None:
+    from engine.jobs.kinds.merge import MergedResult
+
+    r = run_job(JobRequest("merge", {"adapters": [str(p) for p in peft_family_dirs[:3]], "output": str(tmp_path / "m"),
+                                     "method": "ties"}))
+    typed = _round_trip(r, MergedResult)
+    assert typed.inputs == [p.name for p in peft_family_dirs[:3]] and typed.method == "ties"
+    assert typed.max_error == max(typed.errors.values()) and set(typed.ranks) == set(typed.errors)
+
+
+def test_analyze_result_round_trips(peft_family_dirs) -> None:
+    from engine.jobs.kinds.analyze import AnalyzeResult, Cluster
+
+    r = run_job(JobRequest("analyze", {"adapters": [str(p) for p in peft_family_dirs], "per_module": True}))
+    typed = _round_trip(r, AnalyzeResult)
+    assert all(isinstance(c, Cluster) for c in typed.clusters) and typed.paths is None
+    assert sorted(i for c in typed.clusters for i in c.members) == list(range(len(peft_family_dirs)))
+    assert typed.modules is not None and set(typed.modules) == set(typed.compared_modules)
+    assert "paths" not in r.data and "modules" not in run_job(
+        JobRequest("analyze", {"adapters": [str(p) for p in peft_family_dirs]})).data
+
+
+def test_validate_result_round_trips(peft_family_dirs, tmp_path) -> None:
+    from engine.jobs.kinds.validate import AdapterCheck, ValidateResult
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    r = run_job(JobRequest("validate", {"adapters": [str(peft_family_dirs[0]), str(broken)], "target": "vllm"}))
+    assert not r.ok and r.data  # failed, with its report
+    typed = ValidateResult.from_dict(r.data)
+    assert json.dumps(typed.to_dict()) == json.dumps(r.data) and isinstance(r.typed(), ValidateResult)
+    assert [type(a) for a in typed.adapters] == [AdapterCheck, AdapterCheck]
+    assert [a.ok for a in typed.adapters] == [True, False] and typed.adapters[1].error and not typed.ok
+
+
+def test_inspect_result_round_trips(peft_family_dirs) -> None:
+    from engine.jobs.kinds.inspect import InspectResult, ModuleFigures
+
+    r = run_job(JobRequest("inspect", {"adapter": str(peft_family_dirs[0])}))
+    typed = _round_trip(r, InspectResult)
+    assert all(isinstance(m, ModuleFigures) for m in typed.modules) and typed.rank == 4
+    assert typed.norm_delta_total == pytest.approx(sum(m.norm_delta ** 2 for m in typed.modules) ** 0.5)
+
+
+def test_diff_result_round_trips(peft_family_dirs) -> None:
+    from engine.jobs.kinds.diff import DiffReport, ModuleDiffRow
+
+    r = run_job(JobRequest("diff", {"a": str(peft_family_dirs[0]), "b": str(peft_family_dirs[1])}))
+    typed = _round_trip(r, DiffReport)
+    assert isinstance(typed.overall, ModuleDiffRow) and all(isinstance(m, ModuleDiffRow) for m in typed.modules)
+    assert typed.overall.norm_a == pytest.approx(sum(m.norm_a ** 2 for m in typed.modules) ** 0.5)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.jobs.kinds.analyze import AnalyzeResult
+from engine.jobs.kinds.diff import DiffReport
+from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
+from engine.jobs.kinds.inspect import InspectResult
+from engine.jobs.kinds.merge import MergedResult
+from engine.jobs.kinds.validate import ValidateResult
 
 from .base import Block, fmt_bytes, renderer
 
@@ -45,60 +51,60 @@ def render_collection_info(r: CollectionInfo) -> list[Block]:
 
 
 @renderer("inspect")
-def _render_inspect(d: dict[str, Any]) -> list[Block]:
-    kv = [("path", d["path"]), ("base model", d["base_model"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
-          ("rsLoRA", d["use_rslora"]), ("parameters", d["num_params"]), ("size", fmt_bytes(d["bytes"])),
-          ("‖ΔW‖ total", d["norm_delta_total"])]
-    rows = [[m["name"], m["rank"], f"{m['out_features']}×{m['in_features']}", m["scale"], m["norm_a"], m["norm_b"],
-             m["norm_delta"], m["stable_rank"]] for m in d["modules"]]
+def _render_inspect(r: InspectResult) -> list[Block]:
+    kv = [("path", r.path), ("base model", r.base_model), ("rank", r.rank), ("lora_alpha", r.lora_alpha),
+          ("rsLoRA", r.use_rslora), ("parameters", r.num_params), ("size", fmt_bytes(r.bytes)),
+          ("‖ΔW‖ total", r.norm_delta_total)]
+    rows = [[m.name, m.rank, f"{m.out_features}×{m.in_features}", m.scale, m.norm_a, m.norm_b,
+             m.norm_delta, m.stable_rank] for m in r.modules]
     blocks: list[Block] = [("kv", "Adapter", kv),
                            ("table", "Modules", ["module", "rank", "shape", "scale", "‖A‖", "‖B‖", "‖ΔW‖", "stable rank"], rows)]
-    blocks.append(("lines", "Problems", [f"- {p}" for p in d["problems"]] or ["none"]))
+    blocks.append(("lines", "Problems", [f"- {p}" for p in r.problems] or ["none"]))
     return blocks
 
 
 @renderer("validate")
-def _render_validate(d: dict[str, Any]) -> list[Block]:
-    rows = [[a["name"], "ok" if a["ok"] else "INVALID", a["error"] or "; ".join(a["warnings"]) or "-"] for a in d["adapters"]]
+def _render_validate(r: ValidateResult) -> list[Block]:
+    rows = [[a.name, "ok" if a.ok else "INVALID", a.error or "; ".join(a.warnings) or "-"] for a in r.adapters]
     lines = []
-    if d["compatible"] is True:
-        lines.append("compatible: yes" + (f" ({'; '.join(d['compat_warnings'])})" if d["compat_warnings"] else ""))
-    elif d["compatible"] is False:
-        lines.append(f"compatible: NO ({d['compatibility']})")
+    if r.compatible is True:
+        lines.append("compatible: yes" + (f" ({'; '.join(r.compat_warnings)})" if r.compat_warnings else ""))
+    elif r.compatible is False:
+        lines.append(f"compatible: NO ({r.compatibility})")
     blocks: list[Block] = [("table", "Adapters", ["adapter", "status", "problems"], rows)]
-    if d.get("target"):
-        found = [f"- {a['name']}: {p}" for a in d["adapters"] for p in a.get("target_problems", [])]
-        blocks.append(("lines", f"For {d['target']}", found or ["nothing it refuses or misreads"]))
-    lines.append("result: " + ("all valid" if d["ok"] else "FAILED"))
+    if r.target:
+        found = [f"- {a.name}: {p}" for a in r.adapters for p in a.target_problems]
+        blocks.append(("lines", f"For {r.target}", found or ["nothing it refuses or misreads"]))
+    lines.append("result: " + ("all valid" if r.ok else "FAILED"))
     return [*blocks, ("lines", None, lines)]
 
 
 @renderer("export")
-def _render_export(d: dict[str, Any]) -> list[Block]:
-    kv = [("path", d["path"]), ("task", d["task_id"]), ("rank", d["rank"]), ("lora_alpha", d["lora_alpha"]),
-          ("base model", d["base_model"]), ("target modules", d["target_modules"]), ("dtype", d["dtype"]),
-          ("Modelfile", d["modelfile"]), ("ΔW error mean", d["mean_error"]), ("ΔW error max", d["max_error"])]
-    if d.get("target"):
-        kv.insert(2, ("target", d["target"]))
+def _render_export(r: ExportResult) -> list[Block]:
+    kv = [("path", r.path), ("task", r.task_id), ("rank", r.rank), ("lora_alpha", r.lora_alpha),
+          ("base model", r.base_model), ("target modules", r.target_modules), ("dtype", r.dtype),
+          ("Modelfile", r.modelfile), ("ΔW error mean", r.mean_error), ("ΔW error max", r.max_error)]
+    if r.target:
+        kv.insert(2, ("target", r.target))
     blocks: list[Block] = [("kv", "Adapter exported", kv)]
-    if d.get("target_warnings"):
-        blocks.append(("lines", "Warnings", [f"- {w}" for w in d["target_warnings"]]))
+    if r.target_warnings:
+        blocks.append(("lines", "Warnings", [f"- {w}" for w in r.target_warnings]))
     return blocks
 
 
 @renderer("merge")
-def _render_merge(d: dict[str, Any]) -> list[Block]:
-    kv = [("output", d["path"]), ("method", d["method"]), ("inputs", d["inputs"]), ("rank", d["rank"]),
-          ("parameters", d["num_params"]), ("max ΔW error", d["max_error"]), ("overall ΔW error", d["overall_error"])]
-    kv += [(k, v) for k, v in d["params"].items() if k not in ("rank",)]
+def _render_merge(r: MergedResult) -> list[Block]:
+    kv = [("output", r.path), ("method", r.method), ("inputs", r.inputs), ("rank", r.rank),
+          ("parameters", r.num_params), ("max ΔW error", r.max_error), ("overall ΔW error", r.overall_error)]
+    kv += [(k, v) for k, v in r.params.items() if k not in ("rank",)]
     blocks: list[Block] = [("kv", "Merged adapter", kv)]
-    if not all(e == 0 for e in d["errors"].values()):
-        rows = [[m, d["ranks"].get(m), d["norms"].get(m), e] for m, e in d["errors"].items()]
+    if not all(e == 0 for e in r.errors.values()):
+        rows = [[m, r.ranks.get(m), r.norms.get(m), e] for m, e in r.errors.items()]
         blocks.append(("table", "Per-module truncation error", ["module", "rank", "‖ΔW‖", "rel. error"], rows))
-    if d.get("heads"):
+    if r.heads:
         blocks.append(("table", "Heads (modules_to_save, extra tensors)", ["head", "kept"],
-                       [[h, v] for h, v in d["heads"].items()]))
-    warnings = [*d["warnings"], *d.get("target_warnings", [])]
+                       [[h, v] for h, v in r.heads.items()]))
+    warnings = [*r.warnings, *r.target_warnings]
     if warnings:
         blocks.append(("lines", "Warnings", [f"- {w}" for w in warnings]))
     return blocks
@@ -113,37 +119,38 @@ def _left_out_lines(left_out: dict[str, list[str]]) -> list[str]:
 
 
 @renderer("analyze")
-def _render_analyze(d: dict[str, Any]) -> list[Block]:
-    names = d["names"]
+def _render_analyze(r: AnalyzeResult) -> list[Block]:
+    names = r.names
     short = [n if len(n) <= 10 else n[:9] + "…" for n in names]
-    sim_rows = [[names[i], *[f"{v:.2f}" if v is not None else "-" for v in row]] for i, row in enumerate(d["similarity"])]
-    cl_rows = [[i + 1, len(c["names"]), ", ".join(c["names"])] for i, c in enumerate(d["clusters"])]
-    out_names = {o["name"] for o in d["outliers"]}
-    per = [[n, d["max_similarity"][i], d["mean_similarity"][i], "outlier" if n in out_names else ""] for i, n in enumerate(names)]
-    var = d["variance"]["mean"]
+    sim_rows = [[names[i], *[f"{v:.2f}" if v is not None else "-" for v in row]] for i, row in enumerate(r.similarity)]
+    cl_rows = [[i + 1, len(c.names), ", ".join(c.names)] for i, c in enumerate(r.clusters)]
+    out_names = {o.name for o in r.outliers}
+    per = [[n, r.max_similarity[i], r.mean_similarity[i], "outlier" if n in out_names else ""] for i, n in enumerate(names)]
+    var = r.variance.mean
     blocks: list[Block] = [
         ("table", "Cosine similarity of ΔW", ["adapter", *short], sim_rows),
-        ("table", f"Clusters (threshold {d['threshold']:g}, {d['linkage']} linkage)", ["#", "size", "members"], cl_rows),
-        ("table", f"Outliers (max |cos| < {d['outlier_threshold']:g})", ["adapter", "max |cos|", "mean cos", ""], per),
+        ("table", f"Clusters (threshold {r.threshold:g}, {r.linkage} linkage)", ["#", "size", "members"], cl_rows),
+        ("table", f"Outliers (max |cos| < {r.outlier_threshold:g})", ["adapter", "max |cos|", "mean cos", ""], per),
         ("table", "Shared structure: energy of all ΔW captured by the top-k shared column directions (mean over modules)",
          ["k", *var.keys()], [["share", *[f"{v:.1%}" for v in var.values()]]]),
     ]
-    if d.get("left_out"):
-        blocks.append(("lines", f"Compared on the {len(d['compared_modules'])} modules every adapter has; left out:",
-                       _left_out_lines(d["left_out"])))
+    if r.left_out:
+        blocks.append(("lines", f"Compared on the {len(r.compared_modules)} modules every adapter has; left out:",
+                       _left_out_lines(r.left_out)))
     return blocks
 
 
 @renderer("diff")
-def _render_diff(d: dict[str, Any]) -> list[Block]:
-    rows = [[m["module"], m["rank_a"], m["rank_b"], m["norm_a"], m["norm_b"], m["cosine"], m["relative_difference"]]
-            for m in d["modules"]]
-    o = d["overall"]
+def _render_diff(r: DiffReport) -> list[Block]:
+    rows = [[m.module, m.rank_a, m.rank_b, m.norm_a, m.norm_b, m.cosine, m.relative_difference] for m in r.modules]
+    o = r.overall
+    if o is None:  # a figure missing: the summary line
+        return []
     blocks: list[Block] = [
-        ("kv", f"{d['a']} vs {d['b']}", [("cosine", o["cosine"]), ("relative difference", o["relative_difference"]),
-                                         ("‖ΔW‖ a", o["norm_a"]), ("‖ΔW‖ b", o["norm_b"])]),
+        ("kv", f"{r.a} vs {r.b}", [("cosine", o.cosine), ("relative difference", o.relative_difference),
+                                   ("‖ΔW‖ a", o.norm_a), ("‖ΔW‖ b", o.norm_b)]),
         ("table", "Per module", ["module", "rank a", "rank b", "‖ΔW_a‖", "‖ΔW_b‖", "cosine", "‖ΔW_a−ΔW_b‖/‖ΔW_a‖"], rows),
     ]
-    if d["only_in_a"] or d["only_in_b"]:
-        blocks.append(("kv", "Not shared", [("only in a", d["only_in_a"]), ("only in b", d["only_in_b"])]))
+    if r.only_in_a or r.only_in_b:
+        blocks.append(("kv", "Not shared", [("only in a", r.only_in_a), ("only in b", r.only_in_b)]))
     return blocks

@@ -15,6 +15,8 @@ from textual.widgets import DataTable, Footer, Header, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from engine.io.scan import is_hub_spec
+from engine.jobs.kinds.inspect import InspectResult
+from engine.jobs.kinds.validate import ValidateResult
 
 from .base import VloraScreen
 
@@ -107,7 +109,7 @@ class AdapterScreen(VloraScreen):
             extras.update("")
             problems.update("")
             return
-        insp = app.inspections.get(spec)
+        insp = InspectResult.from_dict(app.inspections[spec]) if app.inspections.get(spec) else None
         summary = None
         hub = is_hub_spec(spec)
         if not hub:
@@ -134,38 +136,38 @@ class AdapterScreen(VloraScreen):
             grid.add_row("target modules", tm)
             grid.add_row("size", f"{len(summary.modules)} modules, {summary.num_params:,} params, {summary.nbytes / 1024:,.0f} KiB ({', '.join(summary.dtypes)})")
         elif insp:
-            grid.add_row("base model", str(insp.get("base_model") or "—"))
-            grid.add_row("rank / alpha", f"r={insp.get('rank')}   lora_alpha={insp.get('lora_alpha')}")
-            grid.add_row("rsLoRA", "yes" if insp.get("use_rslora") else "no")
+            grid.add_row("base model", str(insp.base_model or "—"))
+            grid.add_row("rank / alpha", f"r={insp.rank}   lora_alpha={insp.lora_alpha}")
+            grid.add_row("rsLoRA", "yes" if insp.use_rslora else "no")
         if insp:
-            grid.add_row("‖ΔW‖ total", _fmt(insp.get("norm_delta_total")))
+            grid.add_row("‖ΔW‖ total", _fmt(insp.norm_delta_total))
         else:
             grid.add_row("norms", "press i to compute (inspect job)")
         cfg.update(grid)
-        figures = {m["name"]: m for m in (insp or {}).get("modules", [])}
+        figures = {m.name: m for m in insp.modules} if insp else {}
         modules = summary.modules if summary is not None else []
         rows = [(m.name, m.out_features, m.in_features, m.rank, m.dtype) for m in modules] or [
-            (m["name"], m.get("out_features"), m.get("in_features"), m.get("rank"), m.get("dtype")) for m in figures.values()
+            (m.name, m.out_features, m.in_features, m.rank, m.dtype) for m in figures.values()
         ]
         for name_, out_f, in_f, rank, dtype in rows:
-            f = figures.get(name_, {})
-            sv = f.get("singular_values") or []
+            f = figures.get(name_)
+            sv = f.singular_values if f else []
             table.add_row(
                 name_, f"{out_f} × {in_f}", str(rank), str(dtype),
-                _fmt(f.get("norm_a")), _fmt(f.get("norm_b")), _fmt(f.get("norm_delta")), _fmt(sv[0] if sv else None),
-                key=name_,
+                _fmt(f.norm_a if f else None), _fmt(f.norm_b if f else None), _fmt(f.norm_delta if f else None),
+                _fmt(sv[0] if sv else None), key=name_,
             )
-        extra_keys = list(summary.extra_tensors) if summary is not None else list((insp or {}).get("extra_tensors", []))
+        extra_keys = list(summary.extra_tensors) if summary is not None else list(insp.extra_tensors if insp else [])
         extras.update(
             "Extra tensors: " + ", ".join(extra_keys) if extra_keys else "Extra tensors: none (LoRA factors only)"
         )
-        found: list[str] = list((insp or {}).get("problems", []))
-        val = app.validations.get(spec)
+        found: list[str] = list(insp.problems if insp else [])
+        val = ValidateResult.from_dict(app.validations[spec]) if app.validations.get(spec) else None
         if val:
-            for row in val.get("adapters", []):
-                if row.get("error"):
-                    found.append(row["error"])
-                found.extend(w for w in row.get("warnings", []) if w not in found)
+            for row in val.adapters:
+                if row.error:
+                    found.append(row.error)
+                found.extend(w for w in row.warnings if w not in found)
         if found:
             problems.update(Text("Validation problems:\n" + "\n".join(f"  ⚠ {p}" for p in found), style="bold"))
         elif insp or val:

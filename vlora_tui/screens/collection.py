@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.table import Table
@@ -11,6 +12,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Label, SelectionList, Static
+
+from engine.jobs.kinds.analyze import AnalyzeResult
+from engine.jobs.kinds.diff import DiffReport, ModuleDiffRow
 
 from ..widgets.heatmap import SimilarityHeatmap
 from ..widgets.plots import DataPlot
@@ -109,8 +113,14 @@ class CollectionScreen(VloraScreen):
         return [s for s in self.app.collection if s in chosen]
 
     # -- analysis -------------------------------------------------------------------------
-    def _refresh_analysis(self) -> None:
+    @property
+    def analysis(self) -> AnalyzeResult | None:
+        """The ``analyze`` job's data (``app.analysis``, with the view's ``paths``), typed."""
         data = self.app.analysis
+        return AnalyzeResult.from_dict(data) if data else None
+
+    def _refresh_analysis(self) -> None:
+        data = self.analysis
         heat = self.query_one(SimilarityHeatmap)
         plot = self.query_one("#heatmap-plot", DataPlot)
         clusters = self.query_one("#clusters", Static)
@@ -119,25 +129,24 @@ class CollectionScreen(VloraScreen):
             plot.draw_empty()
             clusters.update("Clusters and outliers appear after the analyze job (a).")
             return
-        names = list(data.get("names") or [])
-        matrix = data.get("similarity") or []
+        names = list(data.names)
+        matrix = data.similarity
         heat.set_matrix(names, matrix)
-        metric = data.get("metric", "cosine")
-        plot.draw_heatmap(matrix, names, f"{metric} similarity of ΔW")
+        plot.draw_heatmap(matrix, names, "cosine similarity of ΔW")  # the analyze job's one metric
         clusters.update(self._clusters_text(data))
 
     @staticmethod
-    def _clusters_text(data: dict[str, Any]) -> Table:
+    def _clusters_text(data: AnalyzeResult | Mapping[str, Any]) -> Table:
+        """Clusters and outliers of the ``analyze`` job's result (a dict is read as an :class:`AnalyzeResult`)."""
+        if isinstance(data, Mapping):
+            data = AnalyzeResult.from_dict(data)
         t = Table(title="Clusters", expand=True, show_edge=False, box=None)
         t.add_column("#", justify="right", width=3)
         t.add_column("members", overflow="fold")  # long names wrap, never end in an ellipsis
-        for i, cluster in enumerate(data.get("clusters") or []):
-            names = cluster.get("names") or [] if isinstance(cluster, dict) else cluster
-            t.add_row(str(i + 1), ", ".join(map(str, names)))
-        outliers = data.get("outliers") or []
-        if outliers:
-            names = [o.get("name", str(o)) if isinstance(o, dict) else str(o) for o in outliers]
-            t.add_row("⚠", Text("outliers: " + ", ".join(names), style="bold"))
+        for i, cluster in enumerate(data.clusters):
+            t.add_row(str(i + 1), ", ".join(map(str, cluster.names)))
+        if data.outliers:
+            t.add_row("⚠", Text("outliers: " + ", ".join(o.name for o in data.outliers), style="bold"))
         return t
 
     def _refresh_diff(self) -> None:
@@ -182,8 +191,8 @@ class CollectionScreen(VloraScreen):
     def action_diff(self) -> None:
         heat = self.query_one(SimilarityHeatmap)
         pair = heat.pair_at_cursor()
-        data = self.app.analysis or {}
-        paths = list(data.get("paths") or [])
+        data = self.analysis
+        paths = list(data.paths or []) if data else []
         if pair is None or not paths:
             self.notify("Move the heatmap cursor onto a pair first", title="Diff", severity="warning")
             return
@@ -211,24 +220,25 @@ class CollectionScreen(VloraScreen):
             heat.border_subtitle = f"{heat.labels[i]} ~ {heat.labels[j]}: {'—' if v is None else f'{v:.3f}'}"
 
 
-def diff_table(data: dict[str, Any]) -> Table:
-    """The ``diff`` job's data as a table: overall figures, then every module."""
-    t = Table(title=f"{data.get('a', 'A')} vs {data.get('b', 'B')}", expand=True, show_edge=False, box=None, pad_edge=False)
+def diff_table(data: DiffReport | Mapping[str, Any]) -> Table:
+    """The ``diff`` job's result as a table: overall figures, then every module (a dict is read as a :class:`DiffReport`)."""
+    if isinstance(data, Mapping):
+        data = DiffReport.from_dict(data)
+    t = Table(title=f"{data.a or 'A'} vs {data.b or 'B'}", expand=True, show_edge=False, box=None, pad_edge=False)
     t.add_column("module")
     t.add_column("cos", justify="right")
     t.add_column("rel.diff", justify="right")
 
-    def row(m: dict[str, Any], style: str = "") -> None:
-        t.add_row(Text(short(str(m.get("module", "overall"))), style=style), _num(m.get("cosine"), ".3f"),
-                  _num(m.get("relative_difference"), ".3f"))
+    def row(m: ModuleDiffRow, label: str, style: str = "") -> None:
+        t.add_row(Text(short(label), style=style), _num(m.cosine, ".3f"), _num(m.relative_difference, ".3f"))
 
-    if data.get("overall"):
-        row({**data["overall"], "module": "overall"}, "bold")
-    for m in data.get("modules") or []:
-        row(m)
+    if data.overall:
+        row(data.overall, "overall", "bold")
+    for m in data.modules:
+        row(m, str(m.module or "overall"))
     for side in ("only_in_a", "only_in_b"):
-        if data.get(side):
-            t.add_row(Text(f"{side}: {', '.join(data[side])}", style="bold"), "", "")
+        if getattr(data, side):
+            t.add_row(Text(f"{side}: {', '.join(getattr(data, side))}", style="bold"), "", "")
     return t
 
 

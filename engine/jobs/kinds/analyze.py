@@ -2,12 +2,66 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...progress import CancelLike, ProgressFn, StagedProgress
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import ADAPTERS, EXCLUDE
+from ..results import Result, optional
+
+
+@dataclass(frozen=True)
+class Cluster(Result):
+    """One cluster of adapters: their indices and names."""
+
+    members: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outlier(Result):
+    """An adapter whose largest |cosine| to the others is below the outlier threshold."""
+
+    index: int = 0
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class VarianceSummary(Result):
+    """Shared structure: energy of all ΔW captured by the top-k shared directions
+    (:meth:`engine.analysis.spectra.ExplainedVariance.to_dict`); ``mean``: k → share over modules."""
+
+    side: str = "column"
+    ks: list[int] = field(default_factory=list)
+    mean: dict[str, float] = field(default_factory=dict)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AnalyzeResult(Result):
+    """``analyze``: the cosine similarity of the adapters' ΔW, clusters, outliers and shared structure.
+
+    ``modules`` (per-module matrices) only with ``per_module``; ``paths`` (each adapter's folder, in
+    ``names``' order) is never in the job's data: the TUI's view adds it.
+    """
+
+    names: list[str] = field(default_factory=list)
+    similarity: list[list[float | None]] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    clusters: list[Cluster] = field(default_factory=list)
+    threshold: float = 0.5
+    linkage: str = "average"
+    outliers: list[Outlier] = field(default_factory=list)
+    outlier_threshold: float = 0.1
+    max_similarity: list[float] = field(default_factory=list)
+    mean_similarity: list[float] = field(default_factory=list)
+    variance: VarianceSummary = field(default_factory=VarianceSummary)
+    compared_modules: list[str] = field(default_factory=list)
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+    modules: dict[str, dict[str, Any]] | None = optional()
+    paths: list[str] | None = optional()
 
 
 def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -68,28 +122,19 @@ def run_analyze(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     stages.done()
     sd = sim.to_dict(modules=params["per_module"])
     od = outliers.to_dict()
-    data: dict[str, Any] = {
-        "names": sd["names"],
-        "similarity": sd["matrix"],
-        "norms": sd["norms"],
-        "clusters": clusters.to_dict()["clusters"],
-        "threshold": clusters.threshold,
-        "linkage": clusters.linkage,
-        "outliers": od["outliers"],
-        "outlier_threshold": od["threshold"],
-        "max_similarity": od["max_similarity"],
-        "mean_similarity": od["mean_similarity"],
-        "variance": variance.to_dict(),
-        **overlap.to_dict(),
-    }
-    if params["per_module"]:
-        data["modules"] = sd["modules"]
+    result = AnalyzeResult.from_dict({
+        "names": sd["names"], "similarity": sd["matrix"], "norms": sd["norms"],
+        "clusters": clusters.to_dict()["clusters"], "threshold": clusters.threshold, "linkage": clusters.linkage,
+        "outliers": od["outliers"], "outlier_threshold": od["threshold"], "max_similarity": od["max_similarity"],
+        "mean_similarity": od["mean_similarity"], "variance": variance.to_dict(), **overlap.to_dict(),
+        "modules": sd["modules"] if params["per_module"] else None,
+    })
     multi = sum(1 for c in clusters if len(c) > 1)
     summary = f"{len(sim)} adapters: {len(clusters)} cluster(s) ({multi} with several members), {len(outliers)} outlier(s)"
     if not overlap.complete:
         summary += (f"; compared on the {len(overlap.modules)} modules all share "
                     f"({len(overlap.left_out)} adapter(s) have modules left out)")
-    return JobOutput(summary=summary, data=data)
+    return JobOutput(summary=summary, data=result.to_dict())
 
 
 KIND = JobKind(
@@ -110,4 +155,5 @@ KIND = JobKind(
     ),
     func=run_analyze,
     positionals=("adapters",), min_adapters=2, form_rank=5, view="analysis",
+    result=AnalyzeResult,
 )

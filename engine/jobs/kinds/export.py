@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,28 @@ from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import FORCE, STORAGE_DTYPES, export_target, output_param
 from ..reports import task_report
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class ExportResult(Result):
+    """``export``: the PEFT folder written, its config, and the task's errors (:class:`TaskReport` less ``task_id``)."""
+
+    path: str = ""
+    task_id: str = ""
+    target: str = "portable"
+    rank: int = 0
+    ranks: dict[str, int] = field(default_factory=dict)
+    lora_alpha: float | None = None
+    base_model: str | None = None
+    target_modules: list[str] | str | None = None
+    dtype: str = "float32"
+    modelfile: str | None = None
+    target_warnings: list[str] = field(default_factory=list)
+    mean_error: float = 0.0
+    max_error: float = 0.0
+    error_is_bound: bool = False
+    fidelity: dict[str, float] = field(default_factory=dict)
 
 
 def run_export(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -69,15 +92,15 @@ def run_export(params: dict[str, Any], *, progress: ProgressFn | None = None, ca
     out = save_adapter(w, params["output"], force=params["force"], dtype=dtype, modelfile=params["modelfile"],
                        target="peft", modelfile_base=params["base_model"])
     tick(progress, cancel, 3, 3, "done")
-    task = task_report(sub, task_id).to_dict()
-    data = {
-        "path": str(out), "task_id": task_id, "target": target, "rank": w.rank, "ranks": w.ranks,
-        "lora_alpha": w.lora_alpha, "base_model": w.base_model_name_or_path, "target_modules": w.target_modules,
-        "dtype": params["dtype"], "modelfile": str(Path(out) / "Modelfile") if params["modelfile"] else None,
-        "target_warnings": notes, **{k: v for k, v in task.items() if k != "task_id"},
-    }
-    return JobOutput(summary=f"exported {task_id!r} to {out} (rank {w.rank}, ΔW error max {task['max_error']:.3g})",
-                     outputs=[str(out)], data=data)
+    task = task_report(sub, task_id)
+    result = ExportResult(
+        path=str(out), task_id=task_id, target=target, rank=w.rank, ranks=w.ranks, lora_alpha=w.lora_alpha,
+        base_model=w.base_model_name_or_path, target_modules=w.target_modules, dtype=params["dtype"],
+        modelfile=str(Path(out) / "Modelfile") if params["modelfile"] else None, target_warnings=notes,
+        mean_error=task.mean_error, max_error=task.max_error, error_is_bound=task.error_is_bound, fidelity=task.fidelity,
+    )
+    return JobOutput(summary=f"exported {task_id!r} to {out} (rank {w.rank}, ΔW error max {task.max_error:.3g})",
+                     outputs=[str(out)], data=result.to_dict())
 
 
 KIND = JobKind(
@@ -99,4 +122,5 @@ KIND = JobKind(
     ),
     writes=("output",), func=run_export,
     positionals=("subspace", "task_id"), process=True, needs="subspace", form_rank=4, view="adapters_written",
+    result=ExportResult,
 )

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...progress import CancelLike, ProgressFn, StagedProgress, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import ADAPTERS, EXCLUDE, FORCE, export_target, method_choices, method_kwargs, method_params, output_param
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class MergedResult(Result):
+    """``merge``: the PEFT folder written, its inputs and target, then the merge's figures
+    (:meth:`engine.merge.driver.MergeResult.to_dict`: method, resolved params, rank, errors per module, heads…)."""
+
+    path: str = ""
+    inputs: list[str] = field(default_factory=list)
+    target: str = "portable"
+    target_warnings: list[str] = field(default_factory=list)
+    method: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    rank: int = 0
+    ranks: dict[str, int] = field(default_factory=dict)
+    num_modules: int = 0
+    num_params: int = 0
+    max_error: float = 0.0
+    mean_error: float = 0.0
+    overall_error: float = 0.0
+    errors: dict[str, float] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    heads: dict[str, str] = field(default_factory=dict)
 
 
 _MERGE_FIXED = ("adapters", "output", "method", "force", "modelfile", "exclude", "head_from", "target")
@@ -47,13 +74,13 @@ def run_merge(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
     out = save_adapter(w, params["output"], force=params["force"], modelfile=params["modelfile"], target="peft")
     stages.done()
-    d = result.to_dict()
-    data = {"path": str(out), "inputs": [a.name for a in adapters], "target": target, "target_warnings": notes, **d}
+    merged = MergedResult.from_dict({"path": str(out), "inputs": [a.name for a in adapters], "target": target,
+                                     "target_warnings": notes, **result.to_dict()})
     err = "exact" if result.exact else f"max ΔW error {result.max_error:.3g}"
     return JobOutput(
         summary=f"merged {len(adapters)} adapters with {method} (rank {result.weights.rank}, {err}) into {out}",
         outputs=[str(out)],
-        data=data,
+        data=merged.to_dict(),
     )
 
 
@@ -73,4 +100,5 @@ KIND = JobKind(
     ),
     writes=("output",), func=run_merge, stderr_warnings=True,
     positionals=("adapters",), process=True, min_adapters=2, needs="adapters|subspace", form_rank=2, view="adapters_written",
+    result=MergedResult,
 )

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...progress import CancelLike, ProgressFn, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import ADAPTERS, EXCLUDE, check_targets
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class AdapterCheck(Result):
+    """One adapter checked: its error (``None`` when it loads), warnings, and what ``target`` refuses or misreads."""
+
+    path: str = ""
+    name: str = ""
+    ok: bool = True
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    target_problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ValidateResult(Result):
+    """``validate``: every adapter checked, whether they fit together, and the target checked for."""
+
+    ok: bool = True
+    adapters: list[AdapterCheck] = field(default_factory=list)
+    compatible: bool | None = None
+    compatibility: str | None = None
+    compat_warnings: list[str] = field(default_factory=list)
+    target: str | None = None
+    max_lora_rank: int = 16
 
 
 def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -76,9 +103,9 @@ def run_validate(params: dict[str, Any], *, progress: ProgressFn | None = None, 
         summary += "; compatible"
     if target:
         summary += f"; {n_target} problem(s) for {target}"
-    data = {"ok": ok, "adapters": rows, "compatible": compatible, "compatibility": compat_msg, "compat_warnings": compat_warn,
-            "target": target, "max_lora_rank": max_rank}
-    return JobOutput(summary=summary, data=data, ok=ok)
+    result = ValidateResult(ok=ok, adapters=[AdapterCheck.from_dict(r) for r in rows], compatible=compatible,
+                            compatibility=compat_msg, compat_warnings=compat_warn, target=target, max_lora_rank=max_rank)
+    return JobOutput(summary=summary, data=result.to_dict(), ok=ok)
 
 
 def _config_target_problems(path: Any, target: str, max_rank: int) -> list[str]:
@@ -108,4 +135,5 @@ KIND = JobKind(
     ),
     func=run_validate,
     positionals=("adapters",), min_adapters=1, form_rank=8, view="validate",
+    result=ValidateResult,
 )
