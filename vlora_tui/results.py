@@ -163,9 +163,11 @@ def _adapters_written(app: VloraApp, job: JobRecord) -> str | None:
 @view("compare")
 def _compare(app: VloraApp, job: JobRecord) -> str | None:
     """Output fidelity per task: a table on the subspace screen (under the ΔW fidelity)."""
-    data = _data(job)
-    app.comparison = data
-    if data.get("subspace") and str(data["subspace"]) != str(app.subspace_path):
-        app.open_subspace(str(data["subspace"]), switch=False)  # its info job publishes "subspace" again
+    from engine.jobs.kinds.compare import Compared
+
+    result = Compared.from_dict(_data(job))
+    app.comparison = result.to_dict()
+    if result.subspace and str(result.subspace) != str(app.subspace_path):
+        app.open_subspace(str(result.subspace), switch=False)  # its info job publishes "subspace" again
     app.state_signal.publish("subspace")
     return "subspace"

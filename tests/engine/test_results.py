@@ -145,3 +145,34 @@ def test_diff_result_round_trips(peft_family_dirs) -> None:
     typed = _round_trip(r, DiffReport)
     assert isinstance(typed.overall, ModuleDiffRow) and all(isinstance(m, ModuleDiffRow) for m in typed.modules)
     assert typed.overall.norm_a == pytest.approx(sum(m.norm_a ** 2 for m in typed.modules) ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from peft_factory import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("results_base") / "base")
+
+
+def test_compare_results_round_trip_in_both_modes(family_subspace, tiny_base, peft_family_dirs) -> None:
+    from engine.jobs.kinds.compare import BaseChangeRow, BaseCompareResult, CompareInputs, CompareResult, FidelityRow
+
+    r = run_job(JobRequest("compare", {"subspace": str(family_subspace), "adapters": [str(p) for p in peft_family_dirs[:2]],
+                                       "base_model": str(tiny_base)}))
+    typed = _round_trip(r, CompareResult)
+    assert [t.task_id for t in typed.tasks] == ["task_0", "task_1"] and all(isinstance(t, FidelityRow) for t in typed.tasks)
+    assert typed.inputs.rows == 8 and typed.inputs.labelled is None and "labelled" not in r.data["inputs"]
+    assert all(t.ppl_change == pytest.approx(t.ppl_reconstructed / t.ppl_original - 1.0) for t in typed.tasks)
+    base = run_job(JobRequest("compare", {"subspace": str(family_subspace), "base_model": str(tiny_base), "tasks": ["task_2"]}))
+    typed_base = _round_trip(base, BaseCompareResult)
+    (row,) = typed_base.tasks
+    assert isinstance(row, BaseChangeRow) and row.task_id == "task_2" and typed_base.inputs.labelled is False
+    assert "accuracy_task" not in base.data["tasks"][0] and row.accuracy_task is None
+    # the rows' keys follow the task type and the inputs: a causal LM keeps its ppl keys even when None
+    rows = [FidelityRow(task_id="t", kl_mean=0.1)]
+    assert "ppl_original" not in CompareResult(task_type="SEQ_CLS", tasks=rows).to_dict()["tasks"][0]
+    causal = CompareResult(task_type="CAUSAL_LM", tasks=rows).to_dict()
+    assert causal["tasks"][0]["ppl_original"] is None and CompareResult.from_dict(causal).tasks == rows
+    labelled = BaseCompareResult(task_type="SEQ_CLS", inputs=CompareInputs(labelled=True),
+                                 tasks=[BaseChangeRow(task_id="t", accuracy_task=0.5)]).to_dict()
+    assert labelled["tasks"][0]["accuracy_before"] is None and "ppl_base" not in labelled["tasks"][0]

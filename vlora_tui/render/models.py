@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.jobs.kinds.compare import BaseCompareResult, CompareInputs, CompareResult
+
 from .base import Block, fmt, renderer
 
 
@@ -11,41 +13,42 @@ def _pct(v: Any) -> str:
     return f"{v:+.2%}" if isinstance(v, (int, float)) else "-"
 
 
-def _render_compare_base(d: dict[str, Any]) -> list[Block]:
-    inputs = d["inputs"]
-    causal = d["task_type"] == "CAUSAL_LM"
-    acc = inputs.get("labelled")
-    kv = [("subspace", d["subspace"]), ("base model", d["base_model"]), ("task type", d["task_type"]),
-          ("inputs", f"{inputs['rows']} {inputs['source']} ({inputs['tokens']} tokens)")]
+def _inputs_line(i: CompareInputs) -> str:
+    return f"{i.rows} {i.source} ({i.tokens} tokens)"
+
+
+def _render_compare_base(r: BaseCompareResult) -> list[Block]:
+    causal = r.task_type == "CAUSAL_LM"
+    acc = r.inputs.labelled
+    kv = [("subspace", r.subspace), ("base model", r.base_model), ("task type", r.task_type), ("inputs", _inputs_line(r.inputs))]
     cols = ["task", "compared with", "KL(task ‖ base) mean", "KL max", "top-1 = base",
             *(["ppl base", "ppl task", "ppl change"] if causal else []), *(["accuracy before", "accuracy task"] if acc else [])]
-    rows = [[t["task_id"], t["reference"], t["kl_mean"], t["kl_max"], f"{t['top1_agreement']:.3f}",
-             *([t["ppl_base"], t["ppl_task"], _pct(t["ppl_change"])] if causal else []),
-             *([f"{t['accuracy_before']:.3f}", f"{t['accuracy_task']:.3f}"] if acc else [])] for t in d["tasks"]]
+    rows = [[t.task_id, t.reference, t.kl_mean, t.kl_max, f"{t.top1_agreement:.3f}",
+             *([t.ppl_base, t.ppl_task, _pct(t.ppl_change)] if causal else []),
+             *([f"{t.accuracy_before:.3f}", f"{t.accuracy_task:.3f}"] if acc else [])] for t in r.tasks]
     blocks: list[Block] = [("kv", "Output change: each task vs the base model", kv), ("table", "Per task", cols, rows)]
-    if d.get("notes"):
-        blocks.append(("lines", "Notes", [f"- {n}" for n in d["notes"]]))
+    if r.notes:
+        blocks.append(("lines", "Notes", [f"- {n}" for n in r.notes]))
     return blocks
 
 
 @renderer("compare")
-def _render_compare(d: dict[str, Any]) -> list[Block]:
-    if d.get("mode") == "base":
-        return _render_compare_base(d)
-    inputs = d["inputs"]
-    causal = d["task_type"] == "CAUSAL_LM"
-    kv = [("subspace", d["subspace"]), ("base model", d["base_model"]), ("task type", d["task_type"]),
-          ("inputs", f"{inputs['rows']} {inputs['source']} ({inputs['tokens']} tokens)"), ("mixed batch", d["mixed_batch"])]
+def _render_compare(r: CompareResult | BaseCompareResult) -> list[Block]:
+    if isinstance(r, BaseCompareResult):
+        return _render_compare_base(r)
+    causal = r.task_type == "CAUSAL_LM"
+    kv = [("subspace", r.subspace), ("base model", r.base_model), ("task type", r.task_type),
+          ("inputs", _inputs_line(r.inputs)), ("mixed batch", r.mixed_batch)]
     cols = ["task", "KL mean", "KL max", "top-1 agreement", *(["ppl original", "ppl ours", "ppl change"] if causal else []),
             "ΔW error"]
-    rows = [[t["task_id"], t["kl_mean"], t["kl_max"], f"{t['top1_agreement']:.3f}",
-             *([t["ppl_original"], t["ppl_reconstructed"], _pct(t["ppl_change"])] if causal else []), t["delta_w_error"]]
-            for t in d["tasks"]]
+    rows = [[t.task_id, t.kl_mean, t.kl_max, f"{t.top1_agreement:.3f}",
+             *([t.ppl_original, t.ppl_reconstructed, _pct(t.ppl_change)] if causal else []), t.delta_w_error]
+            for t in r.tasks]
     blocks: list[Block] = [("kv", "Output fidelity: original adapter (PEFT) vs reconstruction (subspace)", kv),
-                           ("table", "Per task (KL(original ‖ ours) over " + ("tokens" if d["task_type"] != "SEQ_CLS" else "examples") + ")",
+                           ("table", "Per task (KL(original ‖ ours) over " + ("tokens" if r.task_type != "SEQ_CLS" else "examples") + ")",
                             cols, rows)]
-    if d.get("notes"):
-        blocks.append(("lines", "Notes", [f"- {n}" for n in d["notes"]]))
+    if r.notes:
+        blocks.append(("lines", "Notes", [f"- {n}" for n in r.notes]))
     return blocks
 
 
