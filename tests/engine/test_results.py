@@ -176,3 +176,18 @@ def test_compare_results_round_trip_in_both_modes(family_subspace, tiny_base, pe
     labelled = BaseCompareResult(task_type="SEQ_CLS", inputs=CompareInputs(labelled=True),
                                  tasks=[BaseChangeRow(task_id="t", accuracy_task=0.5)]).to_dict()
     assert labelled["tasks"][0]["accuracy_before"] is None and "ppl_base" not in labelled["tasks"][0]
+
+
+def test_train_result_round_trips(family_subspace, tiny_base, tmp_path) -> None:
+    from engine.jobs.kinds.train import EvalFigures, HeldOut, TrainResult
+    from engine.jobs.reports import TaskReport
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "a" * n}) + "\n" for n in (12, 9, 10, 11)), encoding="utf-8")
+    r = run_job(JobRequest("train", {"subspace": str(family_subspace), "task_id": "new", "base_model": str(tiny_base),
+                                     "data": str(data), "steps": 3, "eval_fraction": 0.25, "output": str(tmp_path / "t")}))
+    typed = _round_trip(r, TrainResult)
+    assert isinstance(typed.task, TaskReport) and typed.task.task_id == "new" and typed.labels is None
+    assert isinstance(typed.eval, HeldOut) and isinstance(typed.eval.before, EvalFigures) and typed.eval.examples == 1
+    assert typed.losses[0] == typed.loss_first and typed.losses[-1] == typed.loss_last and len(typed.losses) == 3
+    assert typed.eval.before.accuracy is None and typed.train_examples == 3

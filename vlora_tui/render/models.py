@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.jobs.kinds.compare import BaseCompareResult, CompareInputs, CompareResult
+from engine.jobs.kinds.train import TrainResult
 
 from .base import Block, fmt, renderer
 
@@ -64,25 +65,25 @@ def loss_sparkline(losses: list[float], width: int = 40) -> str:
 
 
 @renderer("train")
-def _render_train(d: dict[str, Any]) -> list[Block]:
-    t = d["task"]
-    kv = [("path", d["path"]), ("task", d["task_id"] + (" (trained on)" if d.get("resumed") else " (new)")),
-          ("task type", d["task_type"]), ("base model", d["base_model"]),
-          ("examples", f"{d['examples']}" + ("" if d["tokenizer"] else " (no tokenizer: UTF-8 bytes)")),
-          ("steps", d["steps"]), ("lr", d["lr"]), ("batch size", d["batch_size"]), ("num_expand", d["num_expand"]),
-          ("trainable numbers", d["trainable_params"]), ("seconds", f"{d['seconds']:.1f}"),
-          ("loss", f"{fmt(d['loss_first'])} → {fmt(d['loss_last'])}"), ("loss curve", loss_sparkline(d["losses"])),
-          ("ΔW error (stored vs trained)", f"mean {fmt(t['mean_error'])}, max {fmt(t['max_error'])}"),
-          ("tasks now", d["num_tasks"])]
-    if d.get("labels"):
-        kv.append(("labels", ", ".join(f"{k}={v}" for k, v in d["labels"].items())))
+def _render_train(r: TrainResult) -> list[Block]:
+    t = r.task
+    kv = [("path", r.path), ("task", r.task_id + (" (trained on)" if r.resumed else " (new)")),
+          ("task type", r.task_type), ("base model", r.base_model),
+          ("examples", f"{r.examples}" + ("" if r.tokenizer else " (no tokenizer: UTF-8 bytes)")),
+          ("steps", r.steps), ("lr", r.lr), ("batch size", r.batch_size), ("num_expand", r.num_expand),
+          ("trainable numbers", r.trainable_params), ("seconds", f"{r.seconds:.1f}"),
+          ("loss", f"{fmt(r.loss_first)} → {fmt(r.loss_last)}"), ("loss curve", loss_sparkline(r.losses)),
+          ("ΔW error (stored vs trained)", f"mean {fmt(t.mean_error)}, max {fmt(t.max_error)}"),
+          ("tasks now", r.num_tasks)]
+    if r.labels:
+        kv.append(("labels", ", ".join(f"{k}={v}" for k, v in r.labels.items())))
     blocks: list[Block] = [("kv", "Task trained", kv)]
-    ev = d.get("eval")
+    ev = r.eval
     if ev:
-        rows = [["loss (per " + ev["unit"] + ")", fmt(ev["before"]["loss"]), fmt(ev["after"]["loss"])]]
-        if ev["before"].get("accuracy") is not None:
-            rows.append(["accuracy", f"{ev['before']['accuracy']:.3f}", f"{ev['after']['accuracy']:.3f}"])
-        blocks.append(("table", f"Held out ({ev['examples']} examples, not trained on): before → after",
+        rows = [["loss (per " + ev.unit + ")", fmt(ev.before.loss), fmt(ev.after.loss)]]
+        if ev.before.accuracy is not None:
+            rows.append(["accuracy", f"{ev.before.accuracy:.3f}", f"{ev.after.accuracy:.3f}"])
+        blocks.append(("table", f"Held out ({ev.examples} examples, not trained on): before → after",
                        ["metric", "before", "after"], rows))
-        blocks.append(("lines", "Before / after", [f"- before: {ev['before_is']}", f"- after: {ev['after_is']}"]))
+        blocks.append(("lines", "Before / after", [f"- before: {ev.before_is}", f"- after: {ev.after_is}"]))
     return blocks

@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
 from engine.jobs.kinds.compare import BaseCompareResult, CompareResult, Compared
+from engine.jobs.kinds.train import HeldOut
 from engine.jobs.reports import SubspaceInfo
 
 from ..config import tildify
@@ -302,12 +303,12 @@ def comparison_table(data: CompareResult | BaseCompareResult | Mapping[str, Any]
     """``(title, columns, [(key, cells)])`` of the table under the ΔW fidelity: a ``compare`` job's per-task
     output fidelity (original vs reconstruction, or each task vs the base model), or a ``train`` job's
     held-out figures before → after training (a ``compare`` dict is read as its result class)."""
-    if isinstance(data, Mapping) and data.get("mode") == "train":
-        rows = [("loss", ["loss per " + str(data.get("unit", "example")), _f(data["before"].get("loss"), ".4g"),
-                          _f(data["after"].get("loss"), ".4g")])]
-        if data["before"].get("accuracy") is not None:
-            rows.append(("accuracy", ["accuracy", _f(data["before"]["accuracy"], ".3f"), _f(data["after"]["accuracy"], ".3f")]))
-        return (f"Train {data.get('task_id')}: held out ({data.get('examples')} examples), before → after",
+    if isinstance(data, Mapping) and data.get("mode") == "train":  # the view's dict: a HeldOut plus task_id
+        held = HeldOut.from_dict(data)
+        rows = [("loss", ["loss per " + str(held.unit), _f(held.before.loss, ".4g"), _f(held.after.loss, ".4g")])]
+        if held.before.accuracy is not None:
+            rows.append(("accuracy", ["accuracy", _f(held.before.accuracy, ".3f"), _f(held.after.accuracy, ".3f")]))
+        return (f"Train {data.get('task_id')}: held out ({held.examples} examples), before → after",
                 ["metric", "before", "after"], rows)
     result = Compared.from_dict(data) if isinstance(data, Mapping) else data
     causal = result.task_type == "CAUSAL_LM"
