@@ -142,12 +142,14 @@ def _subspace_written(app: VloraApp, job: JobRecord) -> str | None:
 @view("trained")
 def _trained(app: VloraApp, job: JobRecord) -> str | None:
     """The ``train`` job: open the written subspace, with the held-out before → after table under its fidelity."""
-    data = _data(job)
+    from engine.jobs.kinds.train import TrainResult
+
+    result = TrainResult.from_dict(_data(job))
     outputs = _outputs(job)
-    out = outputs[0] if outputs else data.get("path")
-    if data.get("eval") and out:
-        app.comparison = {"mode": "train", "subspace": str(out), "task_id": data.get("task_id"),
-                          "task_type": data.get("task_type"), **data["eval"]}
+    out = outputs[0] if outputs else result.path
+    if result.eval and out:
+        app.comparison = {"mode": "train", "subspace": str(out), "task_id": result.task_id,
+                          "task_type": result.task_type, **result.eval.to_dict()}
     return _subspace_written(app, job)
 
 
@@ -163,9 +165,11 @@ def _adapters_written(app: VloraApp, job: JobRecord) -> str | None:
 @view("compare")
 def _compare(app: VloraApp, job: JobRecord) -> str | None:
     """Output fidelity per task: a table on the subspace screen (under the ΔW fidelity)."""
-    data = _data(job)
-    app.comparison = data
-    if data.get("subspace") and str(data["subspace"]) != str(app.subspace_path):
-        app.open_subspace(str(data["subspace"]), switch=False)  # its info job publishes "subspace" again
+    from engine.jobs.kinds.compare import Compared
+
+    result = Compared.from_dict(_data(job))
+    app.comparison = result.to_dict()
+    if result.subspace and str(result.subspace) != str(app.subspace_path):
+        app.open_subspace(str(result.subspace), switch=False)  # its info job publishes "subspace" again
     app.state_signal.publish("subspace")
     return "subspace"

@@ -145,3 +145,49 @@ def test_diff_result_round_trips(peft_family_dirs) -> None:
     typed = _round_trip(r, DiffReport)
     assert isinstance(typed.overall, ModuleDiffRow) and all(isinstance(m, ModuleDiffRow) for m in typed.modules)
     assert typed.overall.norm_a == pytest.approx(sum(m.norm_a ** 2 for m in typed.modules) ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from peft_factory import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("results_base") / "base")
+
+
+def test_compare_results_round_trip_in_both_modes(family_subspace, tiny_base, peft_family_dirs) -> None:
+    from engine.jobs.kinds.compare import BaseChangeRow, BaseCompareResult, CompareInputs, CompareResult, FidelityRow
+
+    r = run_job(JobRequest("compare", {"subspace": str(family_subspace), "adapters": [str(p) for p in peft_family_dirs[:2]],
+                                       "base_model": str(tiny_base)}))
+    typed = _round_trip(r, CompareResult)
+    assert [t.task_id for t in typed.tasks] == ["task_0", "task_1"] and all(isinstance(t, FidelityRow) for t in typed.tasks)
+    assert typed.inputs.rows == 8 and typed.inputs.labelled is None and "labelled" not in r.data["inputs"]
+    assert all(t.ppl_change == pytest.approx(t.ppl_reconstructed / t.ppl_original - 1.0) for t in typed.tasks)
+    base = run_job(JobRequest("compare", {"subspace": str(family_subspace), "base_model": str(tiny_base), "tasks": ["task_2"]}))
+    typed_base = _round_trip(base, BaseCompareResult)
+    (row,) = typed_base.tasks
+    assert isinstance(row, BaseChangeRow) and row.task_id == "task_2" and typed_base.inputs.labelled is False
+    assert "accuracy_task" not in base.data["tasks"][0] and row.accuracy_task is None
+    # the rows' keys follow the task type and the inputs: a causal LM keeps its ppl keys even when None
+    rows = [FidelityRow(task_id="t", kl_mean=0.1)]
+    assert "ppl_original" not in CompareResult(task_type="SEQ_CLS", tasks=rows).to_dict()["tasks"][0]
+    causal = CompareResult(task_type="CAUSAL_LM", tasks=rows).to_dict()
+    assert causal["tasks"][0]["ppl_original"] is None and CompareResult.from_dict(causal).tasks == rows
+    labelled = BaseCompareResult(task_type="SEQ_CLS", inputs=CompareInputs(labelled=True),
+                                 tasks=[BaseChangeRow(task_id="t", accuracy_task=0.5)]).to_dict()
+    assert labelled["tasks"][0]["accuracy_before"] is None and "ppl_base" not in labelled["tasks"][0]
+
+
+def test_train_result_round_trips(family_subspace, tiny_base, tmp_path) -> None:
+    from engine.jobs.kinds.train import EvalFigures, HeldOut, TrainResult
+    from engine.jobs.reports import TaskReport
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "a" * n}) + "\n" for n in (12, 9, 10, 11)), encoding="utf-8")
+    r = run_job(JobRequest("train", {"subspace": str(family_subspace), "task_id": "new", "base_model": str(tiny_base),
+                                     "data": str(data), "steps": 3, "eval_fraction": 0.25, "output": str(tmp_path / "t")}))
+    typed = _round_trip(r, TrainResult)
+    assert isinstance(typed.task, TaskReport) and typed.task.task_id == "new" and typed.labels is None
+    assert isinstance(typed.eval, HeldOut) and isinstance(typed.eval.before, EvalFigures) and typed.eval.examples == 1
+    assert typed.losses[0] == typed.loss_first and typed.losses[-1] == typed.loss_last and len(typed.losses) == 3
+    assert typed.eval.before.accuracy is None and typed.train_examples == 3

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.jobs.kinds.compare import BaseCompareResult, CompareInputs, CompareResult
+from engine.jobs.kinds.train import TrainResult
+
 from .base import Block, fmt, renderer
 
 
@@ -11,41 +14,42 @@ def _pct(v: Any) -> str:
     return f"{v:+.2%}" if isinstance(v, (int, float)) else "-"
 
 
-def _render_compare_base(d: dict[str, Any]) -> list[Block]:
-    inputs = d["inputs"]
-    causal = d["task_type"] == "CAUSAL_LM"
-    acc = inputs.get("labelled")
-    kv = [("subspace", d["subspace"]), ("base model", d["base_model"]), ("task type", d["task_type"]),
-          ("inputs", f"{inputs['rows']} {inputs['source']} ({inputs['tokens']} tokens)")]
+def _inputs_line(i: CompareInputs) -> str:
+    return f"{i.rows} {i.source} ({i.tokens} tokens)"
+
+
+def _render_compare_base(r: BaseCompareResult) -> list[Block]:
+    causal = r.task_type == "CAUSAL_LM"
+    acc = r.inputs.labelled
+    kv = [("subspace", r.subspace), ("base model", r.base_model), ("task type", r.task_type), ("inputs", _inputs_line(r.inputs))]
     cols = ["task", "compared with", "KL(task ‖ base) mean", "KL max", "top-1 = base",
             *(["ppl base", "ppl task", "ppl change"] if causal else []), *(["accuracy before", "accuracy task"] if acc else [])]
-    rows = [[t["task_id"], t["reference"], t["kl_mean"], t["kl_max"], f"{t['top1_agreement']:.3f}",
-             *([t["ppl_base"], t["ppl_task"], _pct(t["ppl_change"])] if causal else []),
-             *([f"{t['accuracy_before']:.3f}", f"{t['accuracy_task']:.3f}"] if acc else [])] for t in d["tasks"]]
+    rows = [[t.task_id, t.reference, t.kl_mean, t.kl_max, f"{t.top1_agreement:.3f}",
+             *([t.ppl_base, t.ppl_task, _pct(t.ppl_change)] if causal else []),
+             *([f"{t.accuracy_before:.3f}", f"{t.accuracy_task:.3f}"] if acc else [])] for t in r.tasks]
     blocks: list[Block] = [("kv", "Output change: each task vs the base model", kv), ("table", "Per task", cols, rows)]
-    if d.get("notes"):
-        blocks.append(("lines", "Notes", [f"- {n}" for n in d["notes"]]))
+    if r.notes:
+        blocks.append(("lines", "Notes", [f"- {n}" for n in r.notes]))
     return blocks
 
 
 @renderer("compare")
-def _render_compare(d: dict[str, Any]) -> list[Block]:
-    if d.get("mode") == "base":
-        return _render_compare_base(d)
-    inputs = d["inputs"]
-    causal = d["task_type"] == "CAUSAL_LM"
-    kv = [("subspace", d["subspace"]), ("base model", d["base_model"]), ("task type", d["task_type"]),
-          ("inputs", f"{inputs['rows']} {inputs['source']} ({inputs['tokens']} tokens)"), ("mixed batch", d["mixed_batch"])]
+def _render_compare(r: CompareResult | BaseCompareResult) -> list[Block]:
+    if isinstance(r, BaseCompareResult):
+        return _render_compare_base(r)
+    causal = r.task_type == "CAUSAL_LM"
+    kv = [("subspace", r.subspace), ("base model", r.base_model), ("task type", r.task_type),
+          ("inputs", _inputs_line(r.inputs)), ("mixed batch", r.mixed_batch)]
     cols = ["task", "KL mean", "KL max", "top-1 agreement", *(["ppl original", "ppl ours", "ppl change"] if causal else []),
             "ΔW error"]
-    rows = [[t["task_id"], t["kl_mean"], t["kl_max"], f"{t['top1_agreement']:.3f}",
-             *([t["ppl_original"], t["ppl_reconstructed"], _pct(t["ppl_change"])] if causal else []), t["delta_w_error"]]
-            for t in d["tasks"]]
+    rows = [[t.task_id, t.kl_mean, t.kl_max, f"{t.top1_agreement:.3f}",
+             *([t.ppl_original, t.ppl_reconstructed, _pct(t.ppl_change)] if causal else []), t.delta_w_error]
+            for t in r.tasks]
     blocks: list[Block] = [("kv", "Output fidelity: original adapter (PEFT) vs reconstruction (subspace)", kv),
-                           ("table", "Per task (KL(original ‖ ours) over " + ("tokens" if d["task_type"] != "SEQ_CLS" else "examples") + ")",
+                           ("table", "Per task (KL(original ‖ ours) over " + ("tokens" if r.task_type != "SEQ_CLS" else "examples") + ")",
                             cols, rows)]
-    if d.get("notes"):
-        blocks.append(("lines", "Notes", [f"- {n}" for n in d["notes"]]))
+    if r.notes:
+        blocks.append(("lines", "Notes", [f"- {n}" for n in r.notes]))
     return blocks
 
 
@@ -61,25 +65,25 @@ def loss_sparkline(losses: list[float], width: int = 40) -> str:
 
 
 @renderer("train")
-def _render_train(d: dict[str, Any]) -> list[Block]:
-    t = d["task"]
-    kv = [("path", d["path"]), ("task", d["task_id"] + (" (trained on)" if d.get("resumed") else " (new)")),
-          ("task type", d["task_type"]), ("base model", d["base_model"]),
-          ("examples", f"{d['examples']}" + ("" if d["tokenizer"] else " (no tokenizer: UTF-8 bytes)")),
-          ("steps", d["steps"]), ("lr", d["lr"]), ("batch size", d["batch_size"]), ("num_expand", d["num_expand"]),
-          ("trainable numbers", d["trainable_params"]), ("seconds", f"{d['seconds']:.1f}"),
-          ("loss", f"{fmt(d['loss_first'])} → {fmt(d['loss_last'])}"), ("loss curve", loss_sparkline(d["losses"])),
-          ("ΔW error (stored vs trained)", f"mean {fmt(t['mean_error'])}, max {fmt(t['max_error'])}"),
-          ("tasks now", d["num_tasks"])]
-    if d.get("labels"):
-        kv.append(("labels", ", ".join(f"{k}={v}" for k, v in d["labels"].items())))
+def _render_train(r: TrainResult) -> list[Block]:
+    t = r.task
+    kv = [("path", r.path), ("task", r.task_id + (" (trained on)" if r.resumed else " (new)")),
+          ("task type", r.task_type), ("base model", r.base_model),
+          ("examples", f"{r.examples}" + ("" if r.tokenizer else " (no tokenizer: UTF-8 bytes)")),
+          ("steps", r.steps), ("lr", r.lr), ("batch size", r.batch_size), ("num_expand", r.num_expand),
+          ("trainable numbers", r.trainable_params), ("seconds", f"{r.seconds:.1f}"),
+          ("loss", f"{fmt(r.loss_first)} → {fmt(r.loss_last)}"), ("loss curve", loss_sparkline(r.losses)),
+          ("ΔW error (stored vs trained)", f"mean {fmt(t.mean_error)}, max {fmt(t.max_error)}"),
+          ("tasks now", r.num_tasks)]
+    if r.labels:
+        kv.append(("labels", ", ".join(f"{k}={v}" for k, v in r.labels.items())))
     blocks: list[Block] = [("kv", "Task trained", kv)]
-    ev = d.get("eval")
+    ev = r.eval
     if ev:
-        rows = [["loss (per " + ev["unit"] + ")", fmt(ev["before"]["loss"]), fmt(ev["after"]["loss"])]]
-        if ev["before"].get("accuracy") is not None:
-            rows.append(["accuracy", f"{ev['before']['accuracy']:.3f}", f"{ev['after']['accuracy']:.3f}"])
-        blocks.append(("table", f"Held out ({ev['examples']} examples, not trained on): before → after",
+        rows = [["loss (per " + ev.unit + ")", fmt(ev.before.loss), fmt(ev.after.loss)]]
+        if ev.before.accuracy is not None:
+            rows.append(["accuracy", f"{ev.before.accuracy:.3f}", f"{ev.after.accuracy:.3f}"])
+        blocks.append(("table", f"Held out ({ev.examples} examples, not trained on): before → after",
                        ["metric", "before", "after"], rows))
-        blocks.append(("lines", "Before / after", [f"- before: {ev['before_is']}", f"- after: {ev['after_is']}"]))
+        blocks.append(("lines", "Before / after", [f"- before: {ev.before_is}", f"- after: {ev.after_is}"]))
     return blocks

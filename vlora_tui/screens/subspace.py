@@ -12,6 +12,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
+from engine.jobs.kinds.compare import BaseCompareResult, CompareResult, Compared
+from engine.jobs.kinds.train import HeldOut
 from engine.jobs.reports import SubspaceInfo
 
 from ..config import tildify
@@ -297,34 +299,33 @@ def stats_table(info: SubspaceInfo, path: str | None) -> Table:
     return t
 
 
-def comparison_table(data: dict[str, Any]) -> tuple[str, list[str], list[tuple[str, list[str]]]]:
+def comparison_table(data: CompareResult | BaseCompareResult | Mapping[str, Any]) -> tuple[str, list[str], list[tuple[str, list[str]]]]:
     """``(title, columns, [(key, cells)])`` of the table under the ΔW fidelity: a ``compare`` job's per-task
     output fidelity (original vs reconstruction, or each task vs the base model), or a ``train`` job's
-    held-out figures before → after training."""
-    causal = data.get("task_type") == "CAUSAL_LM"
-    if data.get("mode") == "train":
-        rows = [("loss", ["loss per " + str(data.get("unit", "example")), _f(data["before"].get("loss"), ".4g"),
-                          _f(data["after"].get("loss"), ".4g")])]
-        if data["before"].get("accuracy") is not None:
-            rows.append(("accuracy", ["accuracy", _f(data["before"]["accuracy"], ".3f"), _f(data["after"]["accuracy"], ".3f")]))
-        return (f"Train {data.get('task_id')}: held out ({data.get('examples')} examples), before → after",
+    held-out figures before → after training (a ``compare`` dict is read as its result class)."""
+    if isinstance(data, Mapping) and data.get("mode") == "train":  # the view's dict: a HeldOut plus task_id
+        held = HeldOut.from_dict(data)
+        rows = [("loss", ["loss per " + str(held.unit), _f(held.before.loss, ".4g"), _f(held.after.loss, ".4g")])]
+        if held.before.accuracy is not None:
+            rows.append(("accuracy", ["accuracy", _f(held.before.accuracy, ".3f"), _f(held.after.accuracy, ".3f")]))
+        return (f"Train {data.get('task_id')}: held out ({held.examples} examples), before → after",
                 ["metric", "before", "after"], rows)
-    if data.get("mode") == "base":
-        acc = any(t.get("accuracy_task") is not None for t in data.get("tasks") or [])
+    result = Compared.from_dict(data) if isinstance(data, Mapping) else data
+    causal = result.task_type == "CAUSAL_LM"
+    if isinstance(result, BaseCompareResult):
+        acc = any(t.accuracy_task is not None for t in result.tasks)
         cols = ["task", "KL(task ‖ base)", "top-1 = base", *(("ppl base", "ppl task") if causal else ()),
                 *(("acc before", "acc task") if acc else ())]
         rows = []
-        for t in data.get("tasks") or []:
-            ppl = [_f(t.get("ppl_base"), ".4g"), _f(t.get("ppl_task"), ".4g")] if causal else []
-            ac = [_f(t.get("accuracy_before"), ".3f"), _f(t.get("accuracy_task"), ".3f")] if acc else []
-            rows.append((t["task_id"], [t["task_id"], _f(t.get("kl_mean"), ".3g"), _f(t.get("top1_agreement"), ".3f"),
-                                        *ppl, *ac]))
+        for b in result.tasks:
+            ppl = [_f(b.ppl_base, ".4g"), _f(b.ppl_task, ".4g")] if causal else []
+            ac = [_f(b.accuracy_before, ".3f"), _f(b.accuracy_task, ".3f")] if acc else []
+            rows.append((b.task_id, [b.task_id, _f(b.kl_mean, ".3g"), _f(b.top1_agreement, ".3f"), *ppl, *ac]))
         return "Output change (compare): each task vs the base model", cols, rows
     cols = ["task", "KL mean", "KL max", "top-1", *(("ppl orig", "ppl ours", "ppl Δ") if causal else ()), "ΔW error"]
     rows = []
-    for t in data.get("tasks") or []:
-        ppl = [_f(t.get("ppl_original"), ".4g"), _f(t.get("ppl_reconstructed"), ".4g"),
-               _f(t.get("ppl_change"), "+.2%")] if causal else []
-        rows.append((t["task_id"], [t["task_id"], _f(t.get("kl_mean"), ".3g"), _f(t.get("kl_max"), ".3g"),
-                                    _f(t.get("top1_agreement"), ".3f"), *ppl, _f(t.get("delta_w_error"), ".3g")]))
+    for t in result.tasks:
+        ppl = [_f(t.ppl_original, ".4g"), _f(t.ppl_reconstructed, ".4g"), _f(t.ppl_change, "+.2%")] if causal else []
+        rows.append((t.task_id, [t.task_id, _f(t.kl_mean, ".3g"), _f(t.kl_max, ".3g"), _f(t.top1_agreement, ".3f"), *ppl,
+                                 _f(t.delta_w_error, ".3g")]))
     return "Output fidelity (compare): original adapter vs reconstruction", cols, rows

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,117 @@ from ...progress import CancelLike, ProgressFn, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import ADAPTERS, EXCLUDE
+from ..results import Result, optional
+
+
+@dataclass(frozen=True)
+class CompareInputs(Result):
+    """The inputs both sides ran on: ``source`` (``prompts``, ``built-in``, ``random``; ``data`` without adapters),
+    whether a tokenizer encoded them, rows and valid tokens; ``labelled`` (without adapters): labels for accuracy."""
+
+    source: str = ""
+    tokenizer: bool = False
+    rows: int = 0
+    tokens: int = 0
+    labelled: bool | None = optional()
+
+
+@dataclass(frozen=True)
+class FidelityRow(Result):
+    """One task: its original adapter (PEFT) vs its reconstruction from the subspace.
+
+    ``kl_*``: KL(original ‖ reconstruction) over ``positions`` (tokens, or examples for a classifier);
+    ``ppl_*``: a causal LM only (``None`` there when no position has a next token).
+    """
+
+    task_id: str = ""
+    adapter: str = ""
+    kl_mean: float = 0.0
+    kl_max: float = 0.0
+    top1_agreement: float = 0.0
+    positions: int = 0
+    ppl_original: float | None = None
+    ppl_reconstructed: float | None = None
+    ppl_change: float | None = None
+    delta_w_error: float | None = None
+
+
+@dataclass(frozen=True)
+class BaseChangeRow(Result):
+    """One task vs ``reference`` (the base model, or it with the task's stored head): KL(task ‖ reference),
+    top-1 agreement; ``ppl_*`` for a causal LM; ``accuracy_*`` with labelled data."""
+
+    task_id: str = ""
+    reference: str = ""
+    kl_mean: float = 0.0
+    kl_max: float = 0.0
+    top1_agreement: float = 0.0
+    positions: int = 0
+    ppl_base: float | None = None
+    ppl_task: float | None = None
+    ppl_change: float | None = None
+    accuracy_before: float | None = None
+    accuracy_task: float | None = None
+
+
+def _shaped(d: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
+    """``d`` with each task row's ``drop`` keys left out (columns the task type or inputs do not have)."""
+    if drop:
+        d["tasks"] = [{k: v for k, v in row.items() if k not in drop} for row in d["tasks"]]
+    return d
+
+
+_PPL_FIDELITY = ("ppl_original", "ppl_reconstructed", "ppl_change")
+_PPL_BASE = ("ppl_base", "ppl_task", "ppl_change")
+_ACCURACY = ("accuracy_before", "accuracy_task")
+
+
+@dataclass(frozen=True)
+class CompareResult(Result):
+    """``compare`` with adapters: per task, original adapter vs reconstruction on the same inputs.
+
+    The rows' ``ppl_*`` keys are in :meth:`to_dict` for a causal LM only (there even when ``None``).
+    """
+
+    subspace: str = ""
+    base_model: str = ""
+    task_type: str = ""
+    inputs: CompareInputs = field(default_factory=CompareInputs)
+    notes: list[str] = field(default_factory=list)
+    mixed_batch: bool = False
+    tasks: list[FidelityRow] = field(default_factory=list)
+    mode: str = "adapters"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _shaped(super().to_dict(), () if self.task_type == "CAUSAL_LM" else _PPL_FIDELITY)
+
+
+@dataclass(frozen=True)
+class BaseCompareResult(Result):
+    """``compare`` without adapters: per task, how far it moves the base model's outputs.
+
+    The rows' ``ppl_*`` keys are in :meth:`to_dict` for a causal LM only, ``accuracy_*`` with labelled inputs only.
+    """
+
+    mode: str = "base"
+    subspace: str = ""
+    base_model: str = ""
+    task_type: str = ""
+    inputs: CompareInputs = field(default_factory=CompareInputs)
+    notes: list[str] = field(default_factory=list)
+    tasks: list[BaseChangeRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        drop = (() if self.task_type == "CAUSAL_LM" else _PPL_BASE) + (() if self.inputs.labelled else _ACCURACY)
+        return _shaped(super().to_dict(), drop)
+
+
+class Compared:
+    """The ``compare`` kind's result: :class:`CompareResult`, or :class:`BaseCompareResult` (``mode`` ``"base"``)."""
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> CompareResult | BaseCompareResult:
+        return (BaseCompareResult if d.get("mode") == "base" else CompareResult).from_dict(d)
 
 #: Rows of one mixed batch of reconstructions (tasks are grouped whole into batches of about this many rows).
 MIXED_ROWS = 64
@@ -107,10 +219,7 @@ def run_compare(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     agreement, and for a causal LM the perplexity of the prompts under each and its
     relative change (``ppl_reconstructed / ppl_original − 1``).
 
-    data: ``{"subspace", "base_model", "task_type", "inputs": {"source": "prompts"|"built-in"|"random",
-    "tokenizer": bool, "rows", "tokens"}, "notes": [str], "mixed_batch": bool, "tasks": [{"task_id",
-    "adapter", "kl_mean", "kl_max", "top1_agreement", "positions", "ppl_original", "ppl_reconstructed",
-    "ppl_change", "delta_w_error"}]}``
+    data: :class:`CompareResult` (its ``to_dict``); without adapters :class:`BaseCompareResult`.
     """
     import torch
 
@@ -206,17 +315,16 @@ def run_compare(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     tasks = []
     for t, (_, folder) in zip(task_ids, pairs):
         m = _metrics(ref[t], rec[t], ids, mask, causal, per_token)
-        tasks.append({"task_id": t, "adapter": str(folder), **m, "delta_w_error": sub.tasks[t].mean_error})
+        tasks.append(FidelityRow.from_dict({"task_id": t, "adapter": str(folder), **m, "delta_w_error": sub.tasks[t].mean_error}))
     tick(progress, cancel, n_steps, n_steps, "done")
-    worst = max(tasks, key=lambda r: r["kl_mean"])
+    worst = max(tasks, key=lambda r: r.kl_mean)
     summary = (f"compared {len(tasks)} task(s) on {ids.shape[0]} input(s) ({task_type}): KL mean "
-               f"{sum(r['kl_mean'] for r in tasks) / len(tasks):.3g}, worst {worst['task_id']} {worst['kl_mean']:.3g}; "
-               f"top-1 agreement min {min(r['top1_agreement'] for r in tasks):.3f}")
-    return JobOutput(summary=summary, data={
-        "subspace": str(params["subspace"]), "base_model": str(base_dir), "task_type": task_type,
-        "inputs": {"source": source, "tokenizer": tok is not None, "rows": int(ids.shape[0]), "tokens": int(mask.sum())},
-        "notes": notes, "mixed_batch": bool(mixed), "tasks": tasks, "mode": "adapters",
-    })
+               f"{sum(r.kl_mean for r in tasks) / len(tasks):.3g}, worst {worst.task_id} {worst.kl_mean:.3g}; "
+               f"top-1 agreement min {min(r.top1_agreement for r in tasks):.3f}")
+    result = CompareResult(subspace=str(params["subspace"]), base_model=str(base_dir), task_type=task_type,
+                           inputs=CompareInputs(source, tok is not None, int(ids.shape[0]), int(mask.sum())),
+                           notes=notes, mixed_batch=bool(mixed), tasks=tasks)
+    return JobOutput(summary=summary, data=result.to_dict())
 
 
 KIND = JobKind(
@@ -233,4 +341,5 @@ KIND = JobKind(
         Param("max_length", "int", 64, "tokens per prompt at most", minimum=2),
     ),
     func=run_compare, positionals=("subspace", "adapters"), process=True, needs="subspace", form_rank=11, view="compare",
+    result=Compared,
 )

@@ -25,9 +25,7 @@ def run_compare_base(params: dict[str, Any], base_dir: Path, *, progress: Progre
                      cancel: CancelLike | None = None) -> JobOutput:
     """Each task (``tasks``, default all) against the base model on the same inputs (see the module docstring).
 
-    data: ``{"mode": "base", "subspace", "base_model", "task_type", "inputs": {"source", "tokenizer", "rows",
-    "tokens", "labelled"}, "notes", "tasks": [{"task_id", "reference", "kl_mean", "kl_max", "top1_agreement",
-    "positions", "ppl_base", "ppl_task", "ppl_change", "accuracy_before", "accuracy_task"}]}``
+    data: :class:`engine.jobs.kinds.compare.BaseCompareResult` (its ``to_dict``).
     """
     import torch
 
@@ -36,7 +34,7 @@ def run_compare_base(params: dict[str, Any], base_dir: Path, *, progress: Progre
     from ...subspace import SharedSubspace
     from ..basemodel import (DEFAULT_PROMPTS, encode, load_base_model, load_tokenizer, read_jsonl, task_type_of,
                              vocab_size)
-    from .compare import RANDOM_INPUTS, _head_tensors, _metrics, _prompts
+    from .compare import RANDOM_INPUTS, BaseChangeRow, BaseCompareResult, CompareInputs, _head_tensors, _metrics, _prompts
     from .train import _labels
 
     if params.get("data") and params.get("prompts"):
@@ -105,20 +103,18 @@ def run_compare_base(params: dict[str, Any], base_dir: Path, *, progress: Progre
             if labels is not None:
                 row.update(accuracy_before=float((ref.argmax(-1) == labels).double().mean()),
                            accuracy_task=float((got.argmax(-1) == labels).double().mean()))
-            out.append(row)
+            out.append(BaseChangeRow.from_dict(row))
     vm.unwrap()
-    if any(r["reference"] == REF_HEAD for r in out):
+    if any(r.reference == REF_HEAD for r in out):
         notes.append(f"tasks with their own head (modules_to_save) are compared with {REF_HEAD} ('before'), "
                      "not with the base model's own head")
     if classify and labels is None:
         notes.append("no labels (a 'label' field in --data): no accuracy")
     tick(progress, cancel, 3, 3, "done")
-    far = max(out, key=lambda r: r["kl_mean"])
+    far = max(out, key=lambda r: r.kl_mean)
     summary = (f"compared {len(out)} task(s) with the base model on {ids.shape[0]} input(s) ({task_type}): KL(task ‖ base) "
-               f"mean {sum(r['kl_mean'] for r in out) / len(out):.3g}, largest {far['task_id']} {far['kl_mean']:.3g}")
-    return JobOutput(summary=summary, data={
-        "mode": "base", "subspace": str(params["subspace"]), "base_model": str(base_dir), "task_type": task_type,
-        "inputs": {"source": source, "tokenizer": tok is not None, "rows": int(ids.shape[0]), "tokens": int(mask.sum()),
-                   "labelled": labels is not None},
-        "notes": notes, "tasks": out,
-    })
+               f"mean {sum(r.kl_mean for r in out) / len(out):.3g}, largest {far.task_id} {far.kl_mean:.3g}")
+    inputs = CompareInputs(source, tok is not None, int(ids.shape[0]), int(mask.sum()), labels is not None)
+    result = BaseCompareResult(subspace=str(params["subspace"]), base_model=str(base_dir), task_type=task_type,
+                               inputs=inputs, notes=notes, tasks=out)
+    return JobOutput(summary=summary, data=result.to_dict())

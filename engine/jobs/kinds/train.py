@@ -4,13 +4,66 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...progress import CancelLike, Progress, ProgressFn, check_cancel, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import FORCE, output_param
-from ..reports import task_report
+from ..reports import TaskReport, task_report
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class EvalFigures(Result):
+    """Held-out loss (per ``HeldOut.unit``) and a classifier's accuracy (``None`` for a causal LM)."""
+
+    loss: float | None = None
+    accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class HeldOut(Result):
+    """The held-out rows (not trained on): their figures before → after training, and what each side is."""
+
+    examples: int = 0
+    fraction: float = 0.0
+    unit: str = "example"
+    before: EvalFigures = field(default_factory=EvalFigures)
+    after: EvalFigures = field(default_factory=EvalFigures)
+    before_is: str = ""
+    after_is: str = ""
+
+
+@dataclass(frozen=True)
+class TrainResult(Result):
+    """``train``: the grown subspace written, the run (steps, losses, ``seconds``), the task's ΔW errors
+    (``task``), the held-out figures (``eval``; ``None`` when no row is held out) and ``labels`` (a classifier:
+    label → class id; ``None`` for a causal LM)."""
+
+    path: str = ""
+    subspace: str = ""
+    task_id: str = ""
+    task_type: str = ""
+    base_model: str = ""
+    examples: int = 0
+    train_examples: int = 0
+    tokenizer: bool = False
+    labels: dict[str, int] | None = None
+    steps: int = 0
+    lr: float = 0.0
+    num_expand: int = 0
+    batch_size: int = 0
+    losses: list[float] = field(default_factory=list)
+    loss_first: float | None = None
+    loss_last: float | None = None
+    trainable_params: int = 0
+    seconds: float = 0.0
+    resumed: bool = False
+    task: TaskReport = field(default_factory=TaskReport)
+    num_tasks: int = 0
+    eval: HeldOut | None = None
 
 #: Task types the ``train`` job trains.
 TRAIN_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
@@ -59,11 +112,7 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     grown bases) is written to ``output`` through a temporary folder: the input subspace
     is never modified, and a cancelled job writes nothing.
 
-    data: ``{"path", "subspace", "task_id", "task_type", "base_model", "examples", "tokenizer": bool,
-    "labels": {label: id}|None, "steps", "lr", "num_expand", "batch_size", "losses": [float], "loss_first",
-    "loss_last", "trainable_params", "seconds", "resumed": bool, "task": {"task_id", "mean_error", "max_error",
-    "error_is_bound", "fidelity": {module: error}}, "num_tasks", "eval": {"examples", "fraction", "unit", "before":
-    {"loss", "accuracy"}, "after": {"loss", "accuracy"}, "before_is", "after_is"}|None}``
+    data: :class:`TrainResult` (its ``to_dict``).
     """
     import torch
 
@@ -153,28 +202,28 @@ def run_train(params: dict[str, Any], *, progress: ProgressFn | None = None, can
     task = task_report(sub, task_id)
     held = None
     if before is not None and after is not None:
-        held = {"examples": len(eval_rows), "fraction": params["eval_fraction"],
-                "unit": "example" if classify else "predicted token",
-                "before": {"loss": before["loss"], "accuracy": before["accuracy"]},
-                "after": {"loss": after["loss"], "accuracy": after["accuracy"]},
-                "before_is": ("the stored task before training" if resumed else "the base model with a zero update")
-                + (" and the initial head" if classify else ""),
-                "after_is": "the task as written back to the subspace" + (" with its stored head" if trainer.num_head_params else "")}
+        held = HeldOut(examples=len(eval_rows), fraction=params["eval_fraction"],
+                       unit="example" if classify else "predicted token",
+                       before=EvalFigures(before["loss"], before["accuracy"]), after=EvalFigures(after["loss"], after["accuracy"]),
+                       before_is=("the stored task before training" if resumed else "the base model with a zero update")
+                       + (" and the initial head" if classify else ""),
+                       after_is="the task as written back to the subspace" + (" with its stored head" if trainer.num_head_params else ""))
     held_txt = ""
     if held is not None:
-        held_txt = f"; held-out ({len(eval_rows)}) loss {held['before']['loss']:.4g} → {held['after']['loss']:.4g}"
+        held_txt = f"; held-out ({len(eval_rows)}) loss {held.before.loss:.4g} → {held.after.loss:.4g}"
         if classify:
-            held_txt += f", accuracy {held['before']['accuracy']:.3f} → {held['after']['accuracy']:.3f}"
+            held_txt += f", accuracy {held.before.accuracy:.3f} → {held.after.accuracy:.3f}"
+    result = TrainResult(
+        path=str(out), subspace=str(params["subspace"]), task_id=task_id, task_type=task_type, base_model=str(base_dir),
+        examples=len(rows), train_examples=len(train_rows), tokenizer=tok is not None, labels=label_map, steps=steps,
+        lr=params["lr"], num_expand=params["num_expand"], batch_size=batch_size, losses=losses, loss_first=losses[0],
+        loss_last=losses[-1], trainable_params=trainer.num_trainable_params, seconds=seconds, resumed=resumed, task=task,
+        num_tasks=len(sub.tasks), eval=held)
     return JobOutput(
         summary=(f"trained {task_id!r} for {steps} steps ({trainer.num_trainable_params} trainable numbers): loss "
                  f"{losses[0]:.4g} → {losses[-1]:.4g}{held_txt}; wrote {out} ({len(sub.tasks)} tasks)"),
         outputs=[str(out)],
-        data={"path": str(out), "subspace": str(params["subspace"]), "task_id": task_id, "task_type": task_type,
-              "base_model": str(base_dir), "examples": len(rows), "train_examples": len(train_rows), "tokenizer": tok is not None, "labels": label_map,
-              "steps": steps, "lr": params["lr"], "num_expand": params["num_expand"], "batch_size": batch_size,
-              "losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
-              "trainable_params": trainer.num_trainable_params, "seconds": seconds, "resumed": resumed,
-              "task": task, "num_tasks": len(sub.tasks), "eval": held},
+        data=result.to_dict(),
     )
 
 
@@ -199,5 +248,5 @@ KIND = JobKind(
         FORCE,
     ),
     writes=("output",), func=run_train, view="trained",
-    positionals=("subspace",), process=True, needs="subspace", form_rank=12,
+    positionals=("subspace",), process=True, needs="subspace", form_rank=12, result=TrainResult,
 )
