@@ -39,7 +39,7 @@ _K = (
 #: rank and precision chosen together (``auto``) or every tensor at ``dtype`` (``fp16``); joint, share and svd
 PRECISION = Param("precision", "choice", None,
                   "auto (default with an error target and float16 storage): each module's rank and each tensor's "
-                  "precision (fp16, int8…int3 per 64 values) chosen together, the fewest bytes meeting the target "
+                  "precision (fp16, int8…int3 or nf4 per 64 values) chosen together, the fewest bytes meeting the target "
                   "after rounding; fp16: every tensor at dtype",
                   choices=("fp16", "auto"))
 

@@ -225,7 +225,7 @@ class SharedSubspace:
                 modules (``None``), which holds every module's statistics at once.
             precision: ``fp16`` (every tensor at ``dtype``) or ``auto``: with an error target, each
                 module's rank (per-task form) or core and basis (shared form) and the precision of every
-                stored tensor (fp16, int8…int3 per ``block_size`` values with fp16 scales) are chosen
+                stored tensor (fp16, int8…int3 or nf4 per ``block_size`` values with fp16 scales) are chosen
                 together: the fewest bytes whose error after rounding meets the target
                 (:mod:`engine.subspace.precision`). joint, share and svd; needs ``dtype`` float16.
             block_size: Values per scale of the integer precisions.

@@ -44,7 +44,7 @@ def _stats_kv(st: SubspaceStats) -> list[tuple[str, Any]]:
     elif q:
         kv.append(("quantization", f"{q['bits']}-bit {q['method']}" + (" + double quant" if q.get("double_quant") else "")))
     elif st.precision == "auto":
-        kv.append(("quantization", "auto: rank and precision per module (fp16, int8…int3), see Modules"))
+        kv.append(("quantization", "auto: rank and precision per module (fp16, int8…int3, nf4), see Modules"))
     else:
         kv.append(("quantization", None))
     return kv
@@ -143,7 +143,7 @@ def _render_quantize(r: QuantizeResult) -> list[Block]:
     if q.get("method") == "auto":  # an error target: rank and precision chosen per module
         how = {"exact": "measured against the original adapters", "bound": "upper bounds (stored error + change)",
                "mixed": "exact where the original adapter was given, else upper bounds"}.get(r.errors or "", r.errors)
-        kv = [("path", r.path), ("precision", "cheapest rank and precision per module (fp16, int8…int3)"),
+        kv = [("path", r.path), ("precision", "cheapest rank and precision per module (fp16, int8…int3, nf4)"),
               ("target", _target_text(r.target)), ("errors", how), ("block size", q.get("block_size"))]
         tasks = [[t["task_id"], _before_after(t["before"]["max"], t["after"]["max"]),
                   _before_after(t["before"]["overall"], t["after"]["overall"]),

@@ -289,7 +289,7 @@ def stats_table(info: SubspaceInfo, path: str | None) -> Table:
         t.add_row("ΔW error", f"mean {st.error.mean:.3f}, worst {st.error.max:.3f} ({worst.task_id})")
     q = info.quantization
     if not q and st.precision == "auto":
-        t.add_row("precision", "auto: rank and bits per module (fp16, int8…int3)")
+        t.add_row("precision", "auto: rank and bits per module (fp16, int8…int3, nf4)")
     elif not q:
         t.add_row("quantization", "none")
     else:

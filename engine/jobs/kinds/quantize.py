@@ -193,7 +193,7 @@ KIND = JobKind(
         output_param("folder to write the quantized subspace into"),
         Param("bits", "choice", None, "bits per value (a fixed precision; or give --max-error/--mean-error)", (8, 4)),
         Param("max_error", "float", None, "instead of --bits: per module the cheapest rank and precision (fp16, "
-              "int8…int3) with every task's ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this", minimum=0.0, maximum=0.999, exclusive_minimum=True),
+              "int8…int3, nf4) with every task's ‖ΔW−ΔŴ‖/‖ΔW‖ ≤ this", minimum=0.0, maximum=0.999, exclusive_minimum=True),
         Param("mean_error", "float", None, "instead of --bits: the cheapest storage with each task's error over its "
               "modules (weighted by ‖ΔW‖²) ≤ this", minimum=0.0, maximum=0.999, exclusive_minimum=True),
         Param("adapters", "paths", None, "with a target: the original adapters, to measure errors exactly "
