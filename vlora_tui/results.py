@@ -71,7 +71,9 @@ def _first(value: Any) -> Any:
 
 @view("demo")
 def _demo(app: VloraApp, job: JobRecord) -> str | None:
-    app._demo_ready([str(s) for s in _data(job).get("adapters") or _outputs(job)])
+    from engine.jobs.kinds.demo import DemoResult
+
+    app._demo_ready(DemoResult.from_dict(_data(job)).adapters or [str(s) for s in _outputs(job)])
     return None
 
 

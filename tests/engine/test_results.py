@@ -191,3 +191,29 @@ def test_train_result_round_trips(family_subspace, tiny_base, tmp_path) -> None:
     assert isinstance(typed.eval, HeldOut) and isinstance(typed.eval.before, EvalFigures) and typed.eval.examples == 1
     assert typed.losses[0] == typed.loss_first and typed.losses[-1] == typed.loss_last and len(typed.losses) == 3
     assert typed.eval.before.accuracy is None and typed.train_examples == 3
+
+
+def test_benchmark_result_round_trips(peft_family_dirs) -> None:
+    from engine.jobs.kinds.benchmark import BenchmarkResult
+
+    r = run_job(JobRequest("benchmark", {"adapters": [str(p) for p in peft_family_dirs[:3]], "k_values": [1, 2],
+                                         "methods": ["joint", "svd"]}))
+    assert r.ok, r.error
+    t = r.typed()
+    assert isinstance(t, BenchmarkResult) and t.to_dict() == r.data
+    assert json.dumps(t.to_dict()) == json.dumps(r.data)  # key order too
+    assert [(x.method, x.k) for x in t.rows] == [("joint", 1), ("joint", 2), ("svd", 1), ("svd", 2)]
+    # an independent figure: every row's ratio is the inputs' bytes over its own bytes on disk
+    assert all(x.ratio == pytest.approx(t.input_bytes / x.stored_bytes) for x in t.rows)
+
+
+def test_demo_result_round_trips(tmp_path) -> None:
+    from engine.demo import DEMO_FAMILIES
+    from engine.jobs.kinds.demo import DemoResult
+
+    r = run_job(JobRequest("demo", {"output": str(tmp_path / "demo")}))
+    assert r.ok, r.error
+    t = r.typed()
+    assert isinstance(t, DemoResult) and json.dumps(t.to_dict()) == json.dumps(r.data)
+    assert sorted(t.adapters) == sorted(str(p) for p in (tmp_path / "demo").iterdir() if p.is_dir())
+    assert sum(len(v) for v in t.families.values()) == sum(len(v) for v in DEMO_FAMILIES.values())

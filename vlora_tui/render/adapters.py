@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.jobs.kinds.analyze import AnalyzeResult
+from engine.jobs.kinds.demo import DemoResult
 from engine.jobs.kinds.diff import DiffReport
 from engine.jobs.kinds.export import ExportResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
@@ -16,9 +17,9 @@ from .base import Block, fmt_bytes, renderer
 
 
 @renderer("demo")
-def _render_demo(d: dict[str, Any]) -> list[Block]:
-    rows = [[fam, len(tasks), ", ".join(tasks)] for fam, tasks in d["families"].items()]
-    return [("kv", "Demo collection", [("path", d["path"]), ("adapters", len(d["adapters"]))]),
+def _render_demo(r: DemoResult) -> list[Block]:
+    rows = [[fam, len(tasks), ", ".join(tasks)] for fam, tasks in r.families.items()]
+    return [("kv", "Demo collection", [("path", r.path), ("adapters", len(r.adapters))]),
             ("table", "Families", ["family", "tasks", "names"], rows)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.jobs.kinds.add import AddResult
+from engine.jobs.kinds.benchmark import BenchmarkResult
 from engine.jobs.kinds.compress import CompressResult, GroupedCompressResult
 from engine.jobs.kinds.info import AdapterInfo, CollectionInfo
 from engine.jobs.kinds.quantize import QuantizeResult
@@ -159,18 +160,18 @@ def _render_quantize(r: QuantizeResult) -> list[Block]:
 
 
 @renderer("benchmark")
-def _render_benchmark(d: dict[str, Any]) -> list[Block]:
-    fp32 = d.get("input_bytes_fp16") is not None and d["input_bytes_fp16"] != d.get("input_bytes")
-    rows = [[r["method"], r["k"], fmt_bytes(r["stored_bytes"]) if r["stored_bytes"] is not None else "-", fmt_ratio(r["ratio"]),
-             *([fmt_ratio(r.get("ratio_vs_fp16"))] if fp32 else []), r["mean_error"], r["max_error"],
-             f"{r['seconds']:.2f}" if r["seconds"] is not None else "-", (r["error"] or "")[:60]] for r in d["rows"]]
-    kv = [("adapters", len(d["tasks"])),
-          ("inputs on disk", fmt_bytes(d["input_bytes"]) if d.get("input_bytes") is not None else "not recorded")]
+def _render_benchmark(r: BenchmarkResult) -> list[Block]:
+    fp32 = r.input_bytes_fp16 is not None and r.input_bytes_fp16 != r.input_bytes
+    rows = [[x.method, x.k, fmt_bytes(x.stored_bytes) if x.stored_bytes is not None else "-", fmt_ratio(x.ratio),
+             *([fmt_ratio(x.ratio_vs_fp16)] if fp32 else []), x.mean_error, x.max_error,
+             f"{x.seconds:.2f}" if x.seconds is not None else "-", (x.error or "")[:60]] for x in r.rows]
+    kv = [("adapters", len(r.tasks)),
+          ("inputs on disk", fmt_bytes(r.input_bytes) if r.input_bytes is not None else "not recorded")]
     blocks: list[Block] = [
         ("kv", "Benchmark", kv),
         ("table", "Fidelity and size over k (bytes on disk; relative ΔW error; svd = each task alone, the baseline)",
          ["method", "k", "on disk", "ratio", *(["vs fp16 inputs"] if fp32 else []), "mean error", "max error", "s", "note"],
          rows)]
-    if d.get("skipped"):
-        blocks.append(("lines", "Skipped", [f"- {s['method']}: {s['reason']}" for s in d["skipped"]]))
+    if r.skipped:
+        blocks.append(("lines", "Skipped", [f"- {s.method}: {s.reason}" for s in r.skipped]))
     return blocks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,43 @@ from ...progress import CancelLike, ProgressFn, StagedProgress, tick
 from ...registry import Param
 from ..base import JobKind, JobOutput
 from ..params import ADAPTERS, EXCLUDE, STORAGE_DTYPES, method_choices
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class BenchmarkRow(Result):
+    """One method at one k: bytes on disk, ratio, errors, seconds (``None`` where the build failed: ``error``)."""
+
+    method: str = ""
+    k: int = 0
+    stored_bytes: int | None = None
+    ratio: float | None = None
+    ratio_vs_fp16: float | None = None
+    mean_error: float | None = None
+    max_error: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SkippedMethod(Result):
+    """A method that does not apply to these adapters, and why."""
+
+    method: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BenchmarkResult(Result):
+    """``benchmark``: one row per method and k."""
+
+    tasks: list[str] = field(default_factory=list)
+    input_bytes: int | None = None
+    input_bytes_fp16: int | None = None
+    ks: list[int] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    rows: list[BenchmarkRow] = field(default_factory=list)
+    skipped: list[SkippedMethod] = field(default_factory=list)
 
 
 def run_benchmark(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -94,9 +132,9 @@ def run_benchmark(params: dict[str, Any], *, progress: ProgressFn | None = None,
         summary += f"; lowest max error {best['max_error']:.3g} ({best['method']}, k={best['k']}, {ratio} on disk)"
     for sk in skipped:
         summary += f"; {sk['method']} skipped: {sk['reason']}"
-    return JobOutput(summary=summary, data={"tasks": [a.name for a in adapters], "input_bytes": disk.get("input_bytes"),
-                                            "input_bytes_fp16": disk.get("input_bytes_fp16"), "ks": ks,
-                                            "methods": meths, "rows": rows, "skipped": skipped})
+    result = BenchmarkResult([a.name for a in adapters], disk.get("input_bytes"), disk.get("input_bytes_fp16"), list(ks),
+                             list(meths), [BenchmarkRow(**r) for r in rows], [SkippedMethod(**sk) for sk in skipped])
+    return JobOutput(summary=summary, data=result.to_dict())
 
 
 KIND = JobKind(
@@ -108,6 +146,6 @@ KIND = JobKind(
         Param("methods", "strs", None, "methods to compare (default: all)"),
         Param("dtype", "choice", "float16", "storage precision", STORAGE_DTYPES),
     ),
-    func=run_benchmark,
+    func=run_benchmark, result=BenchmarkResult,
     positionals=("adapters",), process=True, min_adapters=1, form_rank=10,
 )

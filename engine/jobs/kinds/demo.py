@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...progress import CancelLike, ProgressFn
 from ..base import JobKind, JobOutput
 from ..params import FORCE, output_param
+from ..results import Result
+
+
+@dataclass(frozen=True)
+class DemoResult(Result):
+    """``demo``: the folder written, each adapter's folder, and the task families."""
+
+    path: str = ""
+    adapters: list[str] = field(default_factory=list)
+    families: dict[str, list[str]] = field(default_factory=dict)
 
 
 def run_demo(params: dict[str, Any], *, progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> JobOutput:
@@ -25,12 +36,12 @@ def run_demo(params: dict[str, Any], *, progress: ProgressFn | None = None, canc
     return JobOutput(
         summary=f"wrote {len(paths)} demo adapters to {out}",
         outputs=[str(out)],
-        data={"path": str(out), "adapters": [str(p) for p in paths], "families": DEMO_FAMILIES},
+        data=DemoResult(str(out), [str(p) for p in paths], {f: list(t) for f, t in DEMO_FAMILIES.items()}).to_dict(),
     )
 
 
 KIND = JobKind(
     "demo", "Demo collection", "write the built-in demo collection of adapters",
     (output_param("folder to write the demo adapters into"), FORCE), writes=("output",), func=run_demo,
-    view="demo",
+    view="demo", result=DemoResult,
 )
