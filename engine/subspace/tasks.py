@@ -35,9 +35,11 @@ def check_adapter(sub: Any, adapter: LoRAWeights, label: str) -> None:
             raise IncompatibleAdaptersError(f"{label}: module '{bad[0]}' has rank {adapter.module_rank(bad[0])}, "
                                             f"the pca subspace has rank {sub.modules[bad[0]].rank}")
 
+
 def error_target_of(sub: Any) -> float | None:
     """The build's per-task error target: the stricter of ``max_error`` and ``mean_error`` (``None``: no target)."""
     return error_target(sub.params.get("max_error"), sub.params.get("mean_error"))
+
 
 def encode(sub: Any, m: str, adapter: LoRAWeights, template: LoRAWeights) -> tuple[dict[str, Tensor], float]:
     b = sub.modules[m]
@@ -51,16 +53,23 @@ def encode(sub: Any, m: str, adapter: LoRAWeights, template: LoRAWeights) -> tup
         return encode_separate(sb, a, me, None, sub.dtype)
     return encode_joint(b.tensors["U"], b.tensors["V"], sb, a, adapter.module_rank(m), sub.dtype)
 
-def project(sub: Any, adapter: LoRAWeights, task_id: str, warn_threshold: float | None = None, *,
-            progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> TaskProjection:
-    """Coefficients of ``adapter`` in the current bases (they do not change), with its measured error (see ``SharedSubspace.project``)."""
+
+def _new_task(sub: Any, adapter: LoRAWeights, task_id: str, label: str) -> tuple[TaskProjection, Any]:
+    """A checked adapter's empty projection (its ranks, config and input recorded) and its config template."""
     validate_task_id(task_id)
-    label = f"adapter {task_id!r}"
     check_adapter(sub, adapter, label)
     tmpl = config_template(adapter, task_id)
     proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
                           original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in sub.modules))
     record_input(proj, adapter.source)
+    return proj, tmpl
+
+
+def project(sub: Any, adapter: LoRAWeights, task_id: str, warn_threshold: float | None = None, *,
+            progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> TaskProjection:
+    """Coefficients of ``adapter`` in the current bases (they do not change), with its measured error (see ``SharedSubspace.project``)."""
+    label = f"adapter {task_id!r}"
+    proj, tmpl = _new_task(sub, adapter, task_id, label)
     mods = sorted(sub.modules)
     for j, m in enumerate(mods):
         tick(progress, cancel, j, len(mods), f"projecting {m}")
@@ -75,6 +84,7 @@ def project(sub: Any, adapter: LoRAWeights, task_id: str, warn_threshold: float 
             warnings.warn(f"Low subspace coverage ({cov:.1%}) for adapter '{task_id}'. Reconstruction quality "
                           "may be poor. Consider absorb() to expand the basis.", stacklevel=2)
     return proj
+
 
 def coverage(sub: Any, adapter: LoRAWeights, proj: TaskProjection) -> float:
     """Mean coverage over modules (and, for pca, sides): see :meth:`project`."""
@@ -93,6 +103,7 @@ def coverage(sub: Any, adapter: LoRAWeights, proj: TaskProjection) -> float:
             vals.append(1.0 - float((c - (c @ comp.T) @ comp).norm()) / n)
     return sum(vals) / len(vals) if vals else 1.0
 
+
 def add_task(sub: Any, projection: TaskProjection) -> None:
     """Store a projection made by :meth:`project` (replaces a task of the same id)."""
     validate_task_id(projection.task_id)
@@ -101,6 +112,7 @@ def add_task(sub: Any, projection: TaskProjection) -> None:
         raise ValueError(f"projection {projection.task_id!r} lacks module '{missing[0]}'")
     sub.tasks[projection.task_id] = projection
     sub.saved_path = None
+
 
 def absorb(sub: Any, adapter: LoRAWeights, new_task_id: str, *, allow_worse: bool = False,
            progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> None:
@@ -128,6 +140,7 @@ def absorb(sub: Any, adapter: LoRAWeights, new_task_id: str, *, allow_worse: boo
     sub.modules, sub.tasks = new.modules, new.tasks
     sub.quantized, sub.quantization = new.quantized, None
     sub.saved_path = None
+
 
 def absorb_prior(sub: Any, olds: dict[str, LoRAWeights]) -> dict[str, dict[str, tuple[float, float]]] | None:
     """Each stored task's ``(offset, scale)`` per module for a rebuild from reconstructions (``None``: no error target).
@@ -157,6 +170,7 @@ def absorb_prior(sub: Any, olds: dict[str, LoRAWeights]) -> dict[str, dict[str, 
         prior[tid] = pm
     return prior
 
+
 def refuse_breaks(sub: Any, what: str, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
                    allow_worse: bool) -> list[RuleBreak]:
     """The places where ``after`` breaks the error target; ``ErrorTargetError`` unless ``allow_worse``."""
@@ -166,6 +180,7 @@ def refuse_breaks(sub: Any, what: str, before: dict[str, dict[str, float]], afte
         raise ErrorTargetError(breaks_message(what, rule, breaks, before, after)
                                + "; nothing was changed (allow_worse=True / --allow-worse accepts it)")
     return breaks
+
 
 def target_breaks(sub: Any, before: dict[str, dict[str, float]],
                   after: dict[str, dict[str, float]] | None = None) -> list[RuleBreak]:
@@ -177,16 +192,12 @@ def norms(sub: Any) -> dict[str, dict[str, float]]:
     """Task → module → ‖ΔW‖ of the original (the weights of a per-task ``mean_error``)."""
     return {t: dict(p.norms) for t, p in sub.tasks.items()}
 
+
 def absorb_incremental(sub: Any, adapter: LoRAWeights, task_id: str, *, allow_worse: bool = False,
                        progress: ProgressFn | None = None, cancel: CancelLike | None = None) -> TaskProjection:
     """Add a task in O(1) of N: stored tasks are not touched; bases grow by the few directions it needs (see ``SharedSubspace.absorb_incremental``)."""
-    validate_task_id(task_id)
     label = f"adapter {task_id!r}"
-    check_adapter(sub, adapter, label)
-    tmpl = config_template(adapter, task_id)
-    proj = TaskProjection(task_id, {}, ranks=adapter.ranks, template=tmpl,
-                          original_bytes=sum(nbytes(adapter.lora_a[m]) + nbytes(adapter.lora_b[m]) for m in sub.modules))
-    record_input(proj, adapter.source)
+    proj, tmpl = _new_task(sub, adapter, task_id, label)
     pending: dict[str, dict[str, Tensor]] = {}  # module → its grown tensors, applied once the task is accepted
     mods = sorted(sub.modules)
     for j, m in enumerate(mods):
@@ -229,6 +240,7 @@ def absorb_incremental(sub: Any, adapter: LoRAWeights, task_id: str, *, allow_wo
     sub.saved_path = None
     return proj
 
+
 def get_trainable_params(sub: Any, task_id: str, num_expand: int = 0) -> dict[str, Tensor]:
     """The task's coefficients as float32 leaf tensors with ``requires_grad`` (bases stay frozen) (see ``SharedSubspace.get_trainable_params``)."""
     proj = sub._task(task_id)
@@ -268,6 +280,7 @@ def get_trainable_params(sub: Any, task_id: str, num_expand: int = 0) -> dict[st
             params[f"{m}.lora_B"] = c["b"].float().clone().requires_grad_(True)
             params[f"{m}.lora_A"] = c["a"].float().clone().requires_grad_(True)
     return params
+
 
 def set_trainable_params(sub: Any, task_id: str, params: dict[str, Tensor]) -> None:
     """Write coefficients from :meth:`get_trainable_params` back into the task (errors become unknown: NaN)."""
