@@ -176,7 +176,12 @@ def _choose_k(m: str, st: _ModStats, p: JointParams, limit: int, n: int, shape: 
         ok = torch.ones_like(st.max_err, dtype=torch.bool)
         if p.max_error is not None:
             ok &= st.max_err <= p.max_error + 1e-12
-        if p.mean_error is not None:
+        if p.mean_error is not None and budgeted(p):
+            # mean_error per task over its modules: only the cores' precisions join the task's budget, so
+            # the basis itself must leave every task of this module within it (else a task with a large error
+            # here can end above its whole-update budget whatever the other modules do)
+            ok &= st.max_err <= p.mean_error + 1e-12
+        elif p.mean_error is not None:
             ok &= st.sum_err / max(n, 1) <= p.mean_error + 1e-12
         if not bool(ok.any()):  # not within the sketched width: the best the basis can do
             st.feasible = False

@@ -208,3 +208,40 @@ def test_auto_mean_error_is_met_per_task_from_the_exported_files(method, peft_fa
     both = SharedSubspace.from_adapters(originals, method=method, mean_error=0.05, max_error=0.07, precision="auto")
     assert max(e for f in both.fidelity().values() for e in f.values()) <= 0.07 + 1e-6
     assert both.target_breaks({}, both.fidelity()) == []
+
+
+def test_mean_error_holds_for_an_outlier_task_in_a_shared_module():
+    """--mean-error with precision auto is met by every task over its modules, also by a task the other
+    tasks' shared basis does not cover: twelve tasks in one 2-dim column/row space of each module, and a
+    thirteenth, small, whose update in one module lies elsewhere. A basis chosen by the module's mean over
+    tasks (energy-weighted, so the small task hardly counts) left that task at 99.9 % overall."""
+    from engine.types import LoRAWeights
+
+    g = torch.Generator().manual_seed(11)
+    out_f, in_f, r, mods = 64, 48, 2, ("m.0.q", "m.1.q")
+    u = {m: torch.linalg.qr(torch.randn(out_f, 2, generator=g))[0] for m in mods}
+    v = {m: torch.linalg.qr(torch.randn(in_f, 2, generator=g))[0] for m in mods}
+
+    def task(i: int, outlier: bool) -> LoRAWeights:
+        a, b = {}, {}
+        for m in mods:
+            if outlier and m == "m.0.q":  # outside the others' spaces
+                b[m] = 0.15 * torch.randn(out_f, r, generator=g)
+                a[m] = 0.15 * torch.randn(r, in_f, generator=g)
+            else:
+                b[m] = (0.1 if outlier else 1.0) * u[m] @ torch.randn(2, r, generator=g)
+                a[m] = torch.randn(r, 2, generator=g) @ v[m].T
+        return LoRAWeights(layer_names=list(mods), lora_a=a, lora_b=b, rank=r, lora_alpha=float(r), name=f"t{i}")
+
+    adapters = [task(i, i == 12) for i in range(13)]
+    target = 0.1
+    sub = SharedSubspace.from_adapters(adapters, method="joint", mean_error=target, precision="auto")
+    for ad in adapters:  # independent: dense ΔW of the original and of the reconstruction
+        rec = sub.reconstruct(ad.name)
+        num = den = 0.0
+        for m in mods:
+            dw = (ad.lora_b[m].double() @ ad.lora_a[m].double()) * ad.scale(m)
+            dr = (rec.lora_b[m].double() @ rec.lora_a[m].double()) * rec.scale(m)
+            num += float((dw - dr).norm() ** 2)
+            den += float(dw.norm() ** 2)
+        assert (num / den) ** 0.5 <= target + 1e-4, ad.name
