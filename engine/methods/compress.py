@@ -9,6 +9,7 @@ entry point) is :meth:`CompressMethod.run`:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,7 @@ PRECISION = Param("precision", "choice", None,
 
 
 @dataclass(frozen=True)
-class CompressMethod(MethodInfo):
+class CompressMethod(MethodInfo, ABC):
     """A registered compression method: its name, help and parameters, and its build.
 
     :meth:`build` turns checked :class:`BuildParams` and the adapters (an
@@ -73,9 +74,9 @@ class CompressMethod(MethodInfo):
     def check(self, report: Any) -> None:
         """Refuse adapters this method cannot build from, given their ``CompatibilityReport`` (default: none)."""
 
+    @abstractmethod
     def chunk_params(self, params: BuildParams, prior: Any) -> Any:
         """The parameters of the chunked build (``JointParams`` or ``PCAParams``)."""
-        raise NotImplementedError
 
     def build(self, params: BuildParams, source: Any, shapes: dict[str, tuple[int, int]], *,
               ranks: dict[str, Sequence[int]], memory_budget_mb: float | None, checked: Any,
