@@ -130,6 +130,29 @@ MIXED_ROWS = 64
 RANDOM_INPUTS = (8, 16, 0)
 
 
+def model_inputs(base_dir: Any, texts: list[str] | None, tok: Any, vocab: int, max_length: int, notes: list[str],
+                 what: str) -> tuple[Any, Any, bool]:
+    """``(input ids, attention mask, random)`` for ``texts`` (default: the built-in prompts).
+
+    With no tokenizer the texts are encoded as UTF-8 bytes; with neither tokenizer nor texts,
+    :data:`RANDOM_INPUTS` rows of seeded random token ids stand in (``random``). Each fallback adds a
+    line to ``notes`` (``what``: how the texts are called there).
+    """
+    import torch
+
+    from ..basemodel import DEFAULT_PROMPTS, encode
+
+    if tok is None and texts is None:
+        rows, length, seed = RANDOM_INPUTS
+        ids = torch.randint(1, max(2, vocab), (rows, length), generator=torch.Generator().manual_seed(seed))
+        notes.append(f"{base_dir} has no tokenizer: {rows} rows of {length} random token ids (seed {seed}) stand in for prompts")
+        return ids, torch.ones_like(ids), True
+    if tok is None:
+        notes.append(f"{base_dir} has no tokenizer: the {what} are encoded as UTF-8 bytes")
+    ids, mask = encode(list(texts or DEFAULT_PROMPTS), tok, vocab, max_length)
+    return ids, mask, False
+
+
 def _adapter_task_type(folder: Path) -> str | None:
     cfg = (folder.parent if folder.suffix == ".safetensors" else folder) / "adapter_config.json"
     try:
@@ -226,7 +249,7 @@ def run_compare(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     from ...errors import UnknownTaskError
     from ...inference import VLoRAModel
     from ...subspace import SharedSubspace
-    from ..basemodel import (DEFAULT_PROMPTS, check_model_dir, encode, load_base_model, load_tokenizer, quiet,
+    from ..basemodel import (check_model_dir, load_base_model, load_tokenizer, quiet,
                              require_transformers, task_type_of, vocab_size)
     from ..common import resolve_local_paths
 
@@ -258,17 +281,8 @@ def run_compare(params: dict[str, Any], *, progress: ProgressFn | None = None, c
     tok = load_tokenizer(base_dir)
     vocab = vocab_size(model)
     notes: list[str] = []
-    if tok is None and texts is None:
-        rows, length, seed = RANDOM_INPUTS
-        ids = torch.randint(1, max(2, vocab), (rows, length), generator=torch.Generator().manual_seed(seed))
-        mask = torch.ones_like(ids)
-        notes.append(f"{base_dir} has no tokenizer: {rows} rows of {length} random token ids (seed {seed}) stand in for prompts")
-        source = "random"
-    else:
-        if tok is None:
-            notes.append(f"{base_dir} has no tokenizer: the prompts are encoded as UTF-8 bytes")
-        ids, mask = encode(list(texts or DEFAULT_PROMPTS), tok, vocab, max_length)
-        source = "prompts" if texts is not None else "built-in"
+    ids, mask, random_ids = model_inputs(base_dir, texts, tok, vocab, max_length, notes, "prompts")
+    source = "random" if random_ids else ("prompts" if texts is not None else "built-in")
     if task_type == "SEQ_CLS" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = int(tok.pad_token_id) if tok is not None and tok.pad_token_id is not None else 0
     causal, per_token = task_type == "CAUSAL_LM", task_type != "SEQ_CLS"

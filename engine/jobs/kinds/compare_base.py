@@ -32,9 +32,9 @@ def run_compare_base(params: dict[str, Any], base_dir: Path, *, progress: Progre
     from ...errors import UnknownTaskError
     from ...inference import VLoRAModel
     from ...subspace import SharedSubspace
-    from ..basemodel import (DEFAULT_PROMPTS, encode, load_base_model, load_tokenizer, read_jsonl, task_type_of,
+    from ..basemodel import (load_base_model, load_tokenizer, read_jsonl, task_type_of,
                              vocab_size)
-    from .compare import RANDOM_INPUTS, BaseChangeRow, BaseCompareResult, CompareInputs, _head_tensors, _metrics, _prompts
+    from .compare import BaseChangeRow, BaseCompareResult, CompareInputs, _head_tensors, _metrics, _prompts, model_inputs
     from .train import _labels
 
     if params.get("data") and params.get("prompts"):
@@ -56,17 +56,8 @@ def run_compare_base(params: dict[str, Any], base_dir: Path, *, progress: Progre
     tok = load_tokenizer(base_dir)
     vocab = vocab_size(model)
     notes: list[str] = []
-    if tok is None and texts is None:
-        n_rows, length, seed = RANDOM_INPUTS
-        ids = torch.randint(1, max(2, vocab), (n_rows, length), generator=torch.Generator().manual_seed(seed))
-        mask = torch.ones_like(ids)
-        notes.append(f"{base_dir} has no tokenizer: {n_rows} rows of {length} random token ids (seed {seed}) stand in for prompts")
-        source = "random"
-    else:
-        if tok is None:
-            notes.append(f"{base_dir} has no tokenizer: the inputs are encoded as UTF-8 bytes")
-        ids, mask = encode(list(texts or DEFAULT_PROMPTS), tok, vocab, params["max_length"])
-        source = "data" if rows is not None else ("prompts" if texts is not None else "built-in")
+    ids, mask, random_ids = model_inputs(base_dir, texts, tok, vocab, params["max_length"], notes, "inputs")
+    source = "random" if random_ids else ("data" if rows is not None else ("prompts" if texts is not None else "built-in"))
     classify = task_type == "SEQ_CLS"
     labels = None
     if classify:
