@@ -9,10 +9,12 @@ partial results of neighbouring shards, and a finalize on the caller's side. An
 :class:`InProcessExecutor` maps the shards one after the other here (one shard:
 today's build, step for step). :class:`DaskExecutor` submits one task per shard
 to a ``dask.distributed`` cluster (a ``LocalCluster`` by default, or a running
-scheduler's address); workers read their shard's tensors from the paths
-themselves, partial results are combined on the workers in a tree (neighbours
-only, so that per-task lists keep the task order) and only the final, small
-result comes back. ``dask`` is imported only when a Dask executor is made.
+scheduler's address), as one chain of consecutive shards per worker (each link
+combines its shard into the chain's running result, so that a worker holds one
+partial result); workers read their shard's tensors from the paths themselves,
+the chains' results are combined on the workers in a tree (neighbours only, so
+that per-task lists keep the task order) and only the final, small result comes
+back. A combine may reuse its left input (each partial is read by one combine). ``dask`` is imported only when a Dask executor is made.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import JobCancelled, VloraError
+from .memory import return_freed_memory
 
 #: Names accepted for ``executor=``.
 EXECUTORS = ("inprocess", "dask")
@@ -110,14 +113,15 @@ class DaskExecutor:
             ``LocalCluster`` (closed with the executor).
         n_workers: Workers of the ``LocalCluster`` (default: the CPU cores), one thread each.
         client: An existing ``distributed.Client`` to use (left open by :meth:`close`).
-        shards_per_worker: Shards per worker and pass (more: finer progress and balance).
+        shards_per_worker: Shards per worker and pass: the links of its chain (more: finer progress; a worker
+            holds one partial result however many).
         processes: ``LocalCluster(processes=…)``; threads in this process with ``False``.
     """
 
     name = "dask"
 
     def __init__(self, scheduler: str | None = None, *, n_workers: int | None = None, client: Any = None,
-                 shards_per_worker: int = 2, processes: bool = True, poll_s: float = 0.1) -> None:
+                 shards_per_worker: int = 4, processes: bool = True, poll_s: float = 0.1) -> None:
         distributed = _import_distributed()
         self._distributed = distributed
         self._cluster = None
@@ -149,19 +153,36 @@ class DaskExecutor:
 
     def map_reduce(self, fn: MapFn, shards: Sequence[Any], combine: CombineFn, *, shared: Any = None,
                    tick: Any = None, on_done: Callable[[int], None] | None = None, cancel: Any = None) -> Any:
-        """Map every shard on the cluster, combine neighbours there as they finish, gather the one result."""
+        """Map every shard on the cluster, a chain of consecutive shards per worker; combine the chains; gather one result.
+
+        A chain's links run one after the other where its running result lives: each
+        link maps one shard and combines it into that result, so a worker holds one
+        partial result and the shard it reads, not one partial per shard (for the range
+        sketch, a d×K matrix per module). The chains' results are combined in a tree of
+        neighbours (task order kept) on the cluster; only the last one travels here.
+        """
+        if not shards:
+            return None
         dist = self._distributed
         client = self.client
         # sent once to every worker (not with each task): the bases, spaces and parameters of the pass
         shared_f = client.scatter([shared], broadcast=True, hash=False)[0] if shared is not None else None
         n = len(shards)
-        live: dict[Any, tuple[int, int, bool]] = {}  # future → (first shard, end shard, is a map)
-        for j, s in enumerate(shards):
-            live[client.submit(fn, s, shared_f, None, pure=False)] = (j, j + 1, True)
+        addrs = sorted(client.scheduler_info().get("workers", {}))
+        live: dict[Any, tuple[int, int, bool]] = {}  # future → (first shard, end shard, is a chain's last link)
+        links: dict[Any, int] = {}  # every link → its shard (progress, and the adapter a failure names)
+        for c, (lo, hi) in enumerate(_chains(n, len(addrs))):
+            where = {"workers": [addrs[c % len(addrs)]], "allow_other_workers": True} if addrs else {}
+            acc = None
+            for j in range(lo, hi):
+                acc = (client.submit(_first_link, fn, shards[j], shared_f, pure=False, **where) if acc is None else
+                       client.submit(_next_link, fn, combine, acc, shards[j], shared_f, pure=False, **where))
+                links[acc] = j
+            live[acc] = (lo, hi, True)
         by_start: dict[int, tuple[int, Any]] = {}  # finished partials: first shard → (end shard, future)
         by_end: dict[int, int] = {}
         inputs: dict[Any, tuple[Any, Any]] = {}  # combine → the partials it reads
-        pending = set(live)
+        pending = set(links)
         try:
             while pending or not (0 in by_start and by_start[0][0] == n):
                 if cancel is not None and cancel.is_set():
@@ -170,12 +191,16 @@ class DaskExecutor:
                     done, pending = dist.wait(list(pending), timeout=self.poll_s, return_when="FIRST_COMPLETED")
                 except TimeoutError:  # nothing finished in poll_s
                     continue
-                for f in done:
-                    lo, hi, is_map = live[f]
+                # in shard order: a failed link fails the later links of its chain with the same error
+                for f in sorted(done, key=lambda f: links.get(f, n)):
+                    j = links.pop(f, None)
                     if f.status != "finished":
-                        raise _worker_error(f, shards[lo] if is_map else None)
-                    if is_map and on_done is not None:
-                        on_done(lo)
+                        raise _worker_error(f, shards[j] if j is not None else None)
+                    if j is not None and on_done is not None:
+                        on_done(j)
+                    if f not in live:  # a link within a chain: the next link holds it
+                        continue
+                    lo, hi, _ = live[f]
                     for consumed in inputs.pop(f, ()):
                         del live[consumed]
                     # a finished neighbour on either side: combine with it on the cluster, in order
@@ -198,10 +223,12 @@ class DaskExecutor:
                         by_end[hi] = lo
             return by_start[0][1].result()
         except BaseException:
-            client.cancel(list(live))
+            client.cancel(list(live) + list(links))
             raise
         finally:
             live.clear()
+            links.clear()
+            inputs.clear()
 
     def close(self) -> None:
         if self._own_client:
@@ -217,6 +244,24 @@ class DaskExecutor:
 
     def __repr__(self) -> str:
         return f"DaskExecutor({self.client.scheduler.address if self.client.scheduler else '?'})"
+
+
+def _chains(n: int, workers: int) -> list[tuple[int, int]]:
+    """``n`` shards cut into at most ``workers`` runs of consecutive shards, as even as can be."""
+    c = max(1, min(n, workers))
+    return [(n * i // c, n * (i + 1) // c) for i in range(c)]
+
+
+def _first_link(fn: MapFn, shard: Any, shared: Any) -> Any:
+    """A chain's first link on a worker: the map of its shard."""
+    return_freed_memory()
+    return fn(shard, shared, None)
+
+
+def _next_link(fn: MapFn, combine: CombineFn, acc: Any, shard: Any, shared: Any) -> Any:
+    """A later link: the map of its shard, combined into the chain's running result (read by this link only)."""
+    return_freed_memory()
+    return combine(acc, fn(shard, shared, None))
 
 
 def _worker_error(future: Any, shard: Any) -> BaseException:

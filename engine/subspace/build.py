@@ -9,12 +9,12 @@ here. The class is passed in (``cls``), so this module does not import the class
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterFormatError
+from ..memory import return_freed_memory
 from ..io.scan import validate_task_id
 from ..methods.build_params import BuildParams
 from ..progress import CancelLike, ProgressFn
@@ -109,26 +109,6 @@ def record_input(proj: TaskProjection, source: Any) -> None:
 
     got = adapter_input_bytes(source)
     proj.input_bytes, proj.input_bytes_fp16 = got if got is not None else (None, None)
-
-
-def return_freed_memory() -> None:
-    """glibc: serve every allocation of 1 MiB or more by mmap, so that freed sketches and buffers go back to the OS.
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed,
-    after which the build's buffers come from the heap, which fragments and keeps
-    them: on N=100 7B-shaped adapters the peak RSS was 1.1–1.7 GB with the default,
-    0.76 GB with a fixed 1 MiB threshold in the same time (0.62 GB at 128 KiB, but
-    45 % slower: the per-adapter temporaries then page-fault on every read).
-    Process-wide, set once, as ``MALLOC_MMAP_THRESHOLD_=1048576`` would.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
-        pass
 
 
 class CheckedSource(AdapterSource):

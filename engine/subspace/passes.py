@@ -275,9 +275,9 @@ def _project_flush(st: _Projections, buf: _Buffer, q_u: Tensor, q_v: Tensor) -> 
     _, as_, sb, a = buf.take()
     pu, rv = q_u.T @ sb, a @ q_v
     off = 0
-    for ai in as_:
-        st.p.append(pu[:, off:off + ai.shape[0]])
-        st.r.append(rv[off:off + ai.shape[0]])
+    for ai in as_:  # copies, not views: a view pickles (to a Dask driver) the whole buffer's storage
+        st.p.append(pu[:, off:off + ai.shape[0]].clone())
+        st.r.append(rv[off:off + ai.shape[0]].clone())
         off += ai.shape[0]
 
 
@@ -312,16 +312,20 @@ def sketch_map(shard: AdapterSource, shared: Any, tick: Any) -> dict[str, _Sketc
 
 
 def sketch_combine(x: dict[str, _Sketch], y: dict[str, _Sketch]) -> dict[str, _Sketch]:
-    """The sketches of two shards: summed (new tensors; the inputs stay as they are)."""
-    out = {}
+    """The sketches of two shards, summed into ``x`` (returned).
+
+    In place: a partial result is read by one combine only (the executors' trees), and
+    a second d×K sketch per module would be the largest thing a Dask worker holds.
+    """
     for m, a in x.items():
         b = y[m]
-        if a.z_u is None or b.z_u is None:
-            zu, zv = (a.z_u, a.z_v) if b.z_u is None else (b.z_u, b.z_v)
-        else:
-            zu, zv = a.z_u + b.z_u, a.z_v + b.z_v
-        out[m] = _Sketch(zu, zv, a.rank_sum + b.rank_sum)
-    return out
+        if a.z_u is None:
+            a.z_u, a.z_v = b.z_u, b.z_v
+        elif b.z_u is not None:
+            a.z_u.add_(b.z_u)
+            a.z_v.add_(b.z_v)
+        a.rank_sum += b.rank_sum
+    return x
 
 
 @dataclass

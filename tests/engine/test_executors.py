@@ -206,6 +206,46 @@ def test_dask_cancel_stops_the_futures(client):
     assert not any(client.processing().values())
 
 
+def _ids(shard, shared, tick):
+    return {"ids": list(shard.task_ids), "read": False}
+
+
+def _concat_once(x, y):
+    """Concatenate in order; a partial read by a second combine fails (the combines may reuse their inputs)."""
+    assert not x["read"] and not y["read"], "a partial result was combined twice"
+    x["read"] = y["read"] = True
+    return {"ids": x["ids"] + y["ids"], "read": False}
+
+
+def test_chains_cover_the_shards_in_order():
+    from engine.executors import _chains
+
+    for n in range(0, 30):
+        for w in range(1, 6):
+            ch = _chains(n, w)
+            assert [i for lo, hi in ch for i in range(lo, hi)] == list(range(n))
+            assert len(ch) == max(1, min(n, w))
+            sizes = [hi - lo for lo, hi in ch]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_dask_chains_keep_the_task_order_and_combine_each_partial_once(client):
+    """Many shards on 2 workers: one chain of links per worker, the order of the tasks kept, every partial read once."""
+    from engine.executors import DaskExecutor
+    from engine.subspace.common import AdapterSource
+
+    ids = [f"t{i}" for i in range(37)]
+    src = AdapterSource(ids, adapters=[None] * len(ids))
+    for spw in (1, 3, 8):
+        ex = DaskExecutor(client=client, shards_per_worker=spw)
+        shards = src.split(ex.shard_count(len(ids)))
+        done = []
+        out = ex.map_reduce(_ids, shards, _concat_once, on_done=done.append)
+        assert out["ids"] == ids
+        assert sorted(done) == list(range(len(shards)))
+    assert DaskExecutor(client=client).map_reduce(_ids, [], _concat_once) is None
+
+
 def test_dask_cancel_in_a_build(client, demo_paths):
     from engine.executors import DaskExecutor
 

@@ -1,0 +1,30 @@
+"""Process memory hygiene for long builds (the driver's and, on Dask, each worker's)."""
+
+from __future__ import annotations
+
+import sys
+
+_done = False
+
+
+def return_freed_memory() -> None:
+    """glibc: serve every allocation of 1 MiB or more by mmap, so that freed sketches and buffers go back to the OS.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed,
+    after which the build's buffers come from the heap, which fragments and keeps
+    them: on N=100 7B-shaped adapters the peak RSS was 1.1–1.7 GB with the default,
+    0.76 GB with a fixed 1 MiB threshold in the same time (0.62 GB at 128 KiB, but
+    45 % slower: the per-adapter temporaries then page-fault on every read).
+    Process-wide, set once per process, as ``MALLOC_MMAP_THRESHOLD_=1048576`` would
+    (Dask workers call it before their first task of a build).
+    """
+    global _done
+    if _done or not sys.platform.startswith("linux"):
+        return
+    _done = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+        pass
