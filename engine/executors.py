@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import JobCancelled, VloraError
-from .memory import return_freed_memory
+from .memory import return_freed_memory, trim
 
 #: Names accepted for ``executor=``.
 EXECUTORS = ("inprocess", "dask")
@@ -255,13 +255,19 @@ def _chains(n: int, workers: int) -> list[tuple[int, int]]:
 def _first_link(fn: MapFn, shard: Any, shared: Any) -> Any:
     """A chain's first link on a worker: the map of its shard."""
     return_freed_memory()
-    return fn(shard, shared, None)
+    try:
+        return fn(shard, shared, None)
+    finally:
+        trim()
 
 
 def _next_link(fn: MapFn, combine: CombineFn, acc: Any, shard: Any, shared: Any) -> Any:
     """A later link: the map of its shard, combined into the chain's running result (read by this link only)."""
     return_freed_memory()
-    return combine(acc, fn(shard, shared, None))
+    try:
+        return combine(acc, fn(shard, shared, None))
+    finally:
+        trim()
 
 
 def _worker_error(future: Any, shard: Any) -> BaseException:

@@ -28,3 +28,20 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
         pass
+
+
+def trim() -> None:
+    """glibc: give the free pages inside the heap back to the OS (``malloc_trim(0)``), e.g. between a build's passes.
+
+    The small tensors of a pass (every task's K×r projections, r×r Gram matrices) come
+    from the heap, between the long-lived coefficients of earlier chunks; once the pass
+    is over their pages are free but, without a trim, still resident.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .common import AdapterSource, effective_factors
+from .common import AdapterSource
 from .passes import (
     BUFFER_COLUMNS,
     Reader,
@@ -74,7 +74,7 @@ def _projected(shard: AdapterSource, modules: list[str], spaces: dict[str, tuple
     tids: dict[str, list[str]] = {m: [] for m in modules}
 
     def flush(m: str) -> Iterator[tuple[str, str, Tensor, Tensor, Tensor, Tensor]]:
-        if not bufs[m].a:
+        if not bufs[m].ranks:
             return
         sbs, as_, sb, a = bufs[m].take()
         q_u, q_v = spaces[m][0], spaces[m][1]
@@ -90,9 +90,9 @@ def _projected(shard: AdapterSource, modules: list[str], spaces: dict[str, tuple
         if tick is not None:
             tick(f"{label}: {tid}")
         for m in modules:
-            sb, a = effective_factors(ad, m)
+            bufs[m].put(ad, m)
             tids[m].append(tid)
-            if bufs[m].add(sb, a):
+            if bufs[m].full:
                 yield from flush(m)
     for m in modules:
         yield from flush(m)

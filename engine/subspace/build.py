@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterFormatError
-from ..memory import return_freed_memory
 from ..io.scan import validate_task_id
+from ..memory import return_freed_memory
 from ..methods.build_params import BuildParams
 from ..progress import CancelLike, ProgressFn
 from ..types import LoRAWeights

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..memory import trim
 from ..progress import counted as _Steps  # the one progress combinator (engine/progress.py)
 from .common import AdapterSource, ModuleBasis, TaskProjection
 from .joint import (
@@ -223,4 +224,5 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
                             c[0] in bounded)
             parts.append(build_joint(reader, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all,
                                      rank_sums=rank_sums))  # type: ignore[arg-type]
+        trim()  # the chunk's statistics are gone: their pages back to the OS before the next chunk
     return merge_parts(parts)
