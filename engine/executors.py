@@ -14,7 +14,8 @@ combines its shard into the chain's running result, so that a worker holds one
 partial result); workers read their shard's tensors from the paths themselves,
 the chains' results are combined on the workers in a tree (neighbours only, so
 that per-task lists keep the task order) and only the final, small result comes
-back. A combine may reuse its left input (each partial is read by one combine). ``dask`` is imported only when a Dask executor is made.
+back. A combine may reuse its left input (each partial is read by one combine).
+``dask`` is imported only when a Dask executor is made.
 """
 
 from __future__ import annotations

@@ -230,7 +230,9 @@ class _Buffer:
         b, a = adapter.lora_b[module], adapter.lora_a[module]
         r, end = a.shape[0], self.cols + a.shape[0]
         if self.sbt is None or self.at is None or end > self.sbt.shape[0]:
-            size = max(end, self.cap + r)
+            # grown by doubling up to cap + r (then reused): a shard of few adapters holds no more than it reads
+            have = 0 if self.sbt is None else self.sbt.shape[0]
+            size = max(end, min(2 * have, self.cap + r))
             sbt = torch.empty(size, b.shape[0], dtype=torch.float64)
             at = torch.empty(size, a.shape[1], dtype=torch.float64)
             if self.cols and self.sbt is not None and self.at is not None:
