@@ -212,17 +212,21 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
                                       cancel=cancel, rank_sums=rank_sums))
         k_all = max(own.values(), default=0)
 
-    parts: list[Built] = []
+    built: Built | None = None
     for c, label in zip(chunks, labels):
         sub_shapes = {m: shapes[m] for m in c}
-        part = prog.part(steps(c), label)
+        steps_c = prog.part(steps(c), label)
         if pca:
             sub = checked(source.subset(None if whole else c), sub_shapes, not k_first)
-            parts.append(build_pca(sub, sub_shapes, params, progress=part, cancel=cancel))  # type: ignore[arg-type]
+            part = build_pca(sub, sub_shapes, params, progress=steps_c, cancel=cancel)  # type: ignore[arg-type]
         else:
             reader = Reader(source.subset(None if whole else c), executor, sub_shapes, checked, not k_first, cancel,
                             c[0] in bounded)
-            parts.append(build_joint(reader, sub_shapes, params, progress=part, cancel=cancel, k_all=k_all,
-                                     rank_sums=rank_sums))  # type: ignore[arg-type]
+            part = build_joint(reader, sub_shapes, params, progress=steps_c, cancel=cancel, k_all=k_all,
+                               rank_sums=rank_sums)  # type: ignore[arg-type]
+        # merged as it comes: one record per task, not one per task and chunk (their configs, dicts) until the end
+        built = part if built is None else merge_parts([built, part])
+        del part
         trim()  # the chunk's statistics are gone: their pages back to the OS before the next chunk
-    return merge_parts(parts)
+    assert built is not None
+    return built
