@@ -7,8 +7,9 @@ to every task's projections onto the sketched spaces and its r×r Gram matrices
 the error tables of :func:`_ritz`. The passes run through an
 :class:`~engine.executors.Executor` (:class:`Reader`): in this process, where one
 shard is step for step the build that streamed the adapters in one loop, or on Dask.
-The map functions are module-level so that they pickle. (Just above 450 lines:
-the numerical helpers of the sketch and the Ritz step sit with the passes that use them.)
+The map functions are module-level so that they pickle. (Above 450 lines: the
+numerical helpers of the sketch and the Ritz step, and the factor buffer the maps
+fill, sit with the passes that use them.)
 """
 
 from __future__ import annotations
