@@ -146,8 +146,16 @@ class DaskExecutor:
                                                      dashboard_address=None)
             self.client = distributed.Client(self._cluster)
 
+    def _addresses(self) -> list[str]:
+        """Every worker's address (some dask releases list 5 by default: ask for all)."""
+        try:
+            info = self.client.scheduler_info(n_workers=-1)
+        except TypeError:  # releases without the argument list every worker
+            info = self.client.scheduler_info()
+        return sorted(info.get("workers", {}))
+
     def workers(self) -> int:
-        return max(1, len(self.client.scheduler_info().get("workers", {})))
+        return max(1, len(self._addresses()))
 
     def shard_count(self, n: int) -> int:
         return max(1, min(n, self.workers() * self.shards_per_worker))
@@ -169,7 +177,7 @@ class DaskExecutor:
         # sent once to every worker (not with each task): the bases, spaces and parameters of the pass
         shared_f = client.scatter([shared], broadcast=True, hash=False)[0] if shared is not None else None
         n = len(shards)
-        addrs = sorted(client.scheduler_info().get("workers", {}))
+        addrs = self._addresses()
         live: dict[Any, tuple[int, int, bool]] = {}  # future → (first shard, end shard, is a chain's last link)
         links: dict[Any, int] = {}  # every link → its shard (progress, and the adapter a failure names)
         for c, (lo, hi) in enumerate(_chains(n, len(addrs))):
