@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 _done = False
+
+
+def _libc() -> Any:
+    """glibc, or ``None`` where there is none (not Linux, or another C library such as musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except (OSError, AttributeError):
+        return None
 
 
 def return_freed_memory() -> None:
@@ -19,15 +33,12 @@ def return_freed_memory() -> None:
     (Dask workers call it before their first task of a build).
     """
     global _done
-    if _done or not sys.platform.startswith("linux"):
+    if _done:
         return
     _done = True
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
-        pass
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def trim() -> None:
@@ -37,11 +48,6 @@ def trim() -> None:
     from the heap, between the long-lived coefficients of earlier chunks; once the pass
     is over their pages are free but, without a trim, still resident.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
