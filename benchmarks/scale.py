@@ -16,7 +16,9 @@ Each build runs in its own process (``_measure.py``'s worker, through
 --workers one-thread worker processes>, n_workers=--workers``. The cluster is started
 before the clock and closed after, so each worker's peak RSS is that build's. Columns:
 
-* wall s, s/adapter: seconds of the build call (reading included; saving not).
+* wall s, s/adapter: seconds of the build call, reading and writing the folder included
+  (``output=``: each chunk's coefficients written as it is built; a library without
+  ``output`` is timed without its save).
 * driver / worker peak RSS: ``VmHWM`` of the build process and of each Dask worker
   process (``client.run``), Python and torch included.
 * read: tensor bytes the build pulled from the adapter files (``safetensors.safe_open``'s
@@ -26,7 +28,8 @@ before the clock and closed after, so each worker's peak RSS is that build's. Co
 * ratio (disk): bytes of the N input folders ÷ bytes of the saved subspace folder;
   lib ratio: ``compression_stats()``.
 * ΔW err: ‖ΔW−ΔŴ‖_F/‖ΔW‖_F of ``--check`` tasks spread over the collection, every
-  module, from the original files and the reconstruction after save → load, by
+  module, from the original files and the reconstruction after load (``lazy``: those
+  tasks' files only), by
   ``_measure.py`` (independent of ``engine.subspace``); lib: the library's mean/max over
   all tasks.
 
@@ -163,6 +166,10 @@ def _accepts_executor() -> bool:
     return "executor" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _accepts(name: str, fn: Any) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
 def run_build(spec: dict) -> dict[str, Any]:
     """Build, measure, save, reload and check a sample of tasks; one result dict."""
     import torch
@@ -190,6 +197,9 @@ def run_build(spec: dict) -> dict[str, Any]:
         kw.update(executor="dask", scheduler=cluster.scheduler_address, n_workers=spec["workers"])
     elif _accepts_executor():
         kw["executor"] = "inprocess"
+    streamed_out = _accepts("output", SharedSubspace.from_adapters_streaming)
+    if streamed_out:  # written as built: the build holds one chunk's coefficients, not the collection's
+        kw.update(output=str(out / "subspace"), force=True)
     io0 = process_stats()
     try:
         t0 = time.perf_counter()
@@ -217,11 +227,13 @@ def run_build(spec: dict) -> dict[str, Any]:
         res.update(_lib_stats_summary(sub.compression_stats()))
     except Exception as exc:  # report, don't die
         res["lib_stats_error"] = f"{type(exc).__name__}: {exc}"
-    sub.save(str(out / "subspace"))
+    if not streamed_out:
+        sub.save(str(out / "subspace"))
     res["bytes"] = dir_bytes(out / "subspace")
     res["k_max"] = sub.num_components
     del sub
-    sub = SharedSubspace.load(str(out / "subspace"))
+    lazy = {"lazy": True} if _accepts("lazy", SharedSubspace.load) else {}
+    sub = SharedSubspace.load(str(out / "subspace"), **lazy)  # lazy: reads only the checked tasks' files
     tally = ErrorTally()
     for i in spec["check"]:
         _, ref = read_reference(paths[i])

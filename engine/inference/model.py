@@ -95,7 +95,7 @@ class VLoRAModel(RowsMixin, nn.Module):
         if lora_alpha is not None and not math.isfinite(float(lora_alpha)):
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         self.base_model = base_model
-        self.subspace = subspace
+        self.subspace = subspace.materialize()  # every task served: read a lazily loaded one whole
         # explicit scaling wins over lora_alpha (vlora's order: scaling > lora_alpha/r > the task's own)
         self._scaling = None if scaling is None else float(scaling)
         self.lora_alpha = None if lora_alpha is None or scaling is not None else float(lora_alpha)

@@ -81,7 +81,8 @@ class CompressMethod(MethodInfo, ABC):
     def build(self, params: BuildParams, source: Any, shapes: dict[str, tuple[int, int]], *,
               ranks: dict[str, Sequence[int]], memory_budget_mb: float | None, checked: Any,
               prior: Any = None, progress: Any = None, cancel: Any = None, executor: Any = "inprocess",
-              scheduler: str | None = None, n_workers: int | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[Any, Any]]:
+              scheduler: str | None = None, n_workers: int | None = None,
+              sink: Any = None) -> tuple[dict[str, Any], dict[str, Any], dict[Any, Any]]:
         """``(bases by module, projections by task, quantised tensors)`` of ``source``'s adapters.
 
         Args:
@@ -92,13 +93,14 @@ class CompressMethod(MethodInfo, ABC):
             memory_budget_mb: Bound on one chunk's statistics (``None``: one chunk); the result does not depend on it.
             prior: Task → module → ``(offset, scale)`` of tasks entering as reconstructions (``absorb``).
             executor, scheduler, n_workers: Where the passes run (:mod:`engine.executors`; pca runs in this process).
+            sink: Each chunk's task records as they are built (see :func:`engine.subspace.chunks.build_in_chunks`).
         """
         from ..subspace.chunks import build_in_chunks
 
         bp = self.chunk_params(params, prior)
         bases, tasks = build_in_chunks(source, shapes, self.name, bp, ranks=ranks, memory_budget_mb=memory_budget_mb,
                                        checked=checked, progress=progress, cancel=cancel, executor=executor,
-                                       scheduler=scheduler, n_workers=n_workers)
+                                       scheduler=scheduler, n_workers=n_workers, sink=sink)
         return bases, tasks, dict(getattr(bp, "quantized_out", {}))
 
 

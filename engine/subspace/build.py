@@ -10,6 +10,7 @@ here. The class is passed in (``cls``), so this module does not import the class
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..progress import CancelLike, ProgressFn
 from ..types import LoRAWeights
 from .chunks import DEFAULT_MEMORY_BUDGET_MB
 from .common import AdapterSource, TaskProjection, check_finite, check_shapes, parse_dtype
+from .manifest import task_file
 
 Prior = dict[str, dict[str, tuple[float, float]]]
 
@@ -28,7 +30,8 @@ Prior = dict[str, dict[str, tuple[float, float]]]
 def from_params(cls: Any, inputs: Sequence[Any], params: BuildParams, task_ids: Sequence[str] | None = None, *,
                 streaming: bool = False, memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
                 prior: Prior | None = None, progress: ProgressFn | None = None, cancel: CancelLike | None = None,
-                executor: Any = "inprocess", scheduler: str | None = None, n_workers: int | None = None) -> Any:
+                executor: Any = "inprocess", scheduler: str | None = None, n_workers: int | None = None,
+                output: str | Path | None = None, force: bool = False) -> Any:
     """A ``cls`` built from ``inputs``: ``LoRAWeights`` in memory, or adapter paths with ``streaming``.
 
     Args:
@@ -39,6 +42,10 @@ def from_params(cls: Any, inputs: Sequence[Any], params: BuildParams, task_ids: 
         memory_budget_mb: Bound on one chunk's statistics (``None``: one chunk); the result does not depend on it.
         prior: See ``JointParams.prior`` (``absorb`` only; in memory).
         executor, scheduler, n_workers: Where the passes run (see ``SharedSubspace.from_adapters``).
+        output: Write the subspace folder there as it is built (each chunk's coefficients as soon as
+            it is done, :class:`~engine.subspace.writer.FolderWriter`) and return it as loaded with
+            ``lazy=True``: the build holds one chunk's result, whatever the number of adapters.
+            Refused before anything is read if it exists, unless ``force``.
 
     Raises:
         ValueError: bad arguments, NaN/Inf, k too large, invalid task ids.
@@ -67,15 +74,37 @@ def from_params(cls: Any, inputs: Sequence[Any], params: BuildParams, task_ids: 
             check_finite(a, f"adapter {ids[i]!r}")
         source = AdapterSource(ids, adapters=adapters)
     method.check(report)
-    bases, tasks, quantized = method.build(params, source, report.shapes, ranks=report.ranks,
-                                           memory_budget_mb=memory_budget_mb, checked=CheckedSource, prior=prior,
-                                           progress=progress, cancel=cancel, executor=executor, scheduler=scheduler,
-                                           n_workers=n_workers)
+    if output is None:
+        return _assemble(cls, method.name, params, source, *method.build(
+            params, source, report.shapes, ranks=report.ranks, memory_budget_mb=memory_budget_mb, checked=CheckedSource,
+            prior=prior, progress=progress, cancel=cancel, executor=executor, scheduler=scheduler, n_workers=n_workers))
+    from .writer import FolderWriter
+
+    for t in ids:
+        task_file(t)
+    writer = FolderWriter(Path(output), force=force, spill=True)
+    try:
+        sink = partial(writer.add, dtype=parse_dtype(params.dtype))
+        sub = _assemble(cls, method.name, params, source, *method.build(
+            params, source, report.shapes, ranks=report.ranks, memory_budget_mb=memory_budget_mb, checked=CheckedSource,
+            prior=prior, progress=progress, cancel=cancel, executor=executor, scheduler=scheduler, n_workers=n_workers,
+            sink=sink))
+        writer.finish(sub)
+    except BaseException as exc:
+        writer.abort(exc)
+        raise
+    del sub
+    return cls.load(output, lazy=True)
+
+
+def _assemble(cls: Any, method: str, params: BuildParams, source: AdapterSource, bases: dict[str, Any],
+              tasks: dict[str, TaskProjection], quantized: dict[Any, Any]) -> Any:
+    """The subspace of a build's result, each task's input files measured."""
     srcs: list[Any] = list(source.paths) if source.paths is not None else [a.source for a in source.adapters or []]
     for tid, src in zip(source.task_ids, srcs):
         if tid in tasks:
             record_input(tasks[tid], src)
-    sub = cls(method.name, bases, tasks, params.manifest(), parse_dtype(params.dtype))
+    sub = cls(method, bases, tasks, params.manifest(), parse_dtype(params.dtype))
     sub.quantized.update(quantized)
     return sub
 

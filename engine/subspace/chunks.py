@@ -126,7 +126,7 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
                     params: JointParams | PCAParams, *, ranks: dict[str, Sequence[int]], memory_budget_mb: float | None,
                     checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource],
                     progress: Any = None, cancel: Any = None, executor: Any = None, scheduler: str | None = None,
-                    n_workers: int | None = None) -> Built:
+                    n_workers: int | None = None, sink: Callable[[dict[str, TaskProjection], list[str], dict], None] | None = None) -> Built:
     """Run the build of ``method`` over chunks of modules under ``memory_budget_mb`` and merge the results.
 
     Args:
@@ -141,6 +141,9 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
             each pass of joint/share/svd runs, as a map over shards of adapters. pca runs in this process.
         scheduler: With ``"dask"``: a running scheduler's ``tcp://HOST:PORT``; ``None`` starts a
             ``LocalCluster`` of ``n_workers`` (default: the CPU cores) for this build.
+        sink: Called with each chunk's task records, its modules and the build's quantised tensors
+            (``(task, module, key)`` → stored tensor) as soon as the chunk is built, before the merge:
+            :meth:`engine.subspace.writer.FolderWriter.add`, which writes the coefficients and drops them.
     """
     from ..executors import make_executor
 
@@ -149,7 +152,7 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
     ex, owned = make_executor(executor, scheduler, n_workers=n_workers)
     try:
         return _build_chunks(source, shapes, method, params, ranks=ranks, memory_budget_mb=memory_budget_mb,
-                             checked=checked, progress=progress, cancel=cancel, executor=ex)
+                             checked=checked, progress=progress, cancel=cancel, executor=ex, sink=sink)
     finally:
         if owned:
             ex.close()
@@ -177,7 +180,7 @@ def plan_build(method: str, params: JointParams | PCAParams, shapes: dict[str, t
 def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,
                   params: JointParams | PCAParams, *, ranks: dict[str, Sequence[int]], memory_budget_mb: float | None,
                   checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource],
-                  progress: Any, cancel: Any, executor: Any) -> Built:
+                  progress: Any, cancel: Any, executor: Any, sink: Any = None) -> Built:
     chunks, bounded, _ = plan_build(method, params, shapes, ranks, memory_budget_mb)
     n = len(source)
     rank_sums = {m: int(sum(ranks.get(m, ()))) for m in shapes}
@@ -224,6 +227,8 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
                             c[0] in bounded)
             part = build_joint(reader, sub_shapes, params, progress=steps_c, cancel=cancel, k_all=k_all,
                                rank_sums=rank_sums)  # type: ignore[arg-type]
+        if sink is not None:  # the chunk's coefficients to disk now: the build holds one chunk's result
+            sink(part[1], c, getattr(params, "quantized_out", {}))
         # merged as it comes: one record per task, not one per task and chunk (their configs, dicts) until the end
         built = part if built is None else merge_parts([built, part])
         del part

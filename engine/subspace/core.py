@@ -18,19 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import ops
 from ..errors import UnknownTaskError
 from ..methods.build_params import SEED_VARIANCE_THRESHOLD, BuildParams
-from ..progress import CancelLike, ProgressFn, tick
+from ..progress import CancelLike, ProgressFn
 from ..types import LoRAWeights
 from . import accounting as _accounting
 from . import tasks as _tasks
 from .build import from_params as _from_params
 from .chunks import DEFAULT_MEMORY_BUDGET_MB
-from .common import ModuleBasis, TaskProjection, dtype_name, effective_factors, parse_dtype, vllm_rank
+from .common import ModuleBasis, TaskProjection, dtype_name, parse_dtype, vllm_rank
 from .joint import joint_factors
 from .pca import pca_factors
-from .quant import QuantizedTensor, quantize_tensor
+from .quant import QuantizedTensor
 from .rule import RuleBreak, complete_params, k_rule
 
 
@@ -66,6 +65,8 @@ class SharedSubspace:
         #: The folder this subspace was last saved to or loaded from, while unchanged since
         #: (``None`` after any change in memory): :meth:`compression_stats` reports its size on disk.
         self.saved_path: Path | None = None
+        #: Loaded with ``lazy=True``: where the tasks not read yet are (:mod:`engine.subspace.ondisk`).
+        self.on_disk: Any = None
 
     # -- facts --------------------------------------------------------------
     @property
@@ -165,7 +166,18 @@ class SharedSubspace:
         if task_id not in self.tasks:
             known = ", ".join(list(self.tasks)[:5]) + (" …" if len(self.tasks) > 5 else "")
             raise UnknownTaskError(f"unknown task {task_id!r}; the subspace holds: {known or '(none)'}")
+        if self.on_disk is not None:
+            from .ondisk import read_task
+
+            read_task(self, task_id)
         return self.tasks[task_id]
+
+    def materialize(self) -> SharedSubspace:
+        """Read every task's coefficients of a subspace loaded with ``lazy=True`` (a no-op otherwise). Returns ``self``."""
+        from .ondisk import materialize
+
+        materialize(self)
+        return self
 
 
     # -- building -----------------------------------------------------------
@@ -271,6 +283,8 @@ class SharedSubspace:
         executor: Any = "inprocess",
         scheduler: str | None = None,
         n_workers: int | None = None,
+        output: str | Path | None = None,
+        force: bool = False,
     ) -> SharedSubspace:
         """Build from adapter folders, holding one adapter in memory at a time (plus basis and statistics).
 
@@ -278,19 +292,24 @@ class SharedSubspace:
         in three passes (joint/share; pca: 2–3) per chunk of modules, each reading only
         that chunk's tensors, so time is O(N) and memory is one adapter plus one
         chunk's statistics (``memory_budget_mb``) plus the result. With ``executor="dask"``
-        each worker reads only its shard's tensors of the chunk from the paths.
+        each worker reads only its shard's tensors of the chunk from the paths. With
+        ``output``, the folder is written as the build goes (each chunk's coefficients when
+        it is done; refused if it exists, unless ``force``) and the result is that folder
+        loaded with ``lazy=True``: the build holds one chunk's result, not the collection's.
         """
         params = BuildParams(method, num_components, variance_threshold, adaptive_k, max_error, mean_error, refine, hybrid,
                              sketch_rank, dtype, precision, block_size)
         return cls.from_params(paths, params, task_ids, streaming=True, memory_budget_mb=memory_budget_mb,
-                               progress=progress, cancel=cancel, executor=executor, scheduler=scheduler, n_workers=n_workers)
+                               progress=progress, cancel=cancel, executor=executor, scheduler=scheduler, n_workers=n_workers,
+                               output=output, force=force)
 
     @classmethod
     def from_params(cls, adapters: Sequence[Any], params: BuildParams, task_ids: Sequence[str] | None = None, *,
                     streaming: bool = False, memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
                     prior: dict[str, dict[str, tuple[float, float]]] | None = None,
                     progress: ProgressFn | None = None, cancel: CancelLike | None = None, executor: Any = "inprocess",
-                    scheduler: str | None = None, n_workers: int | None = None) -> SharedSubspace:
+                    scheduler: str | None = None, n_workers: int | None = None, output: str | Path | None = None,
+                    force: bool = False) -> SharedSubspace:
         """Build from checked :class:`~engine.methods.build_params.BuildParams` (what the ``compress`` job does).
 
         ``adapters``: ``LoRAWeights``, or adapter folders with ``streaming``; see :meth:`from_adapters`,
@@ -298,7 +317,7 @@ class SharedSubspace:
         """
         return _from_params(cls, adapters, params, task_ids, streaming=streaming, memory_budget_mb=memory_budget_mb,
                             prior=prior, progress=progress, cancel=cancel, executor=executor, scheduler=scheduler,
-                            n_workers=n_workers)
+                            n_workers=n_workers, output=output, force=force)
 
     # -- tasks (engine.subspace.tasks) ----------------------------------------
     def project(self, adapter: LoRAWeights, task_id: str, warn_threshold: float | None = None, *,
@@ -335,7 +354,7 @@ class SharedSubspace:
         Raises:
             ErrorTargetError: the result breaks the error target and not ``allow_worse``.
         """
-        return _tasks.absorb(self, adapter, new_task_id, allow_worse=allow_worse, progress=progress, cancel=cancel)
+        return _tasks.absorb(self.materialize(), adapter, new_task_id, allow_worse=allow_worse, progress=progress, cancel=cancel)
 
     def _refuse_breaks(self, what: str, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
                        allow_worse: bool) -> list[RuleBreak]:
@@ -432,62 +451,17 @@ class SharedSubspace:
         Returns:
             ``self``.
         """
+        self.materialize()
         if max_error is not None or mean_error is not None:
             from .requantize import requantize
 
             self.last_quantize = requantize(self, max_error=max_error, mean_error=mean_error, adapters=adapters,
                                             block_size=block_size, progress=progress, cancel=cancel)
             return self
-        if method == "nf4":
-            bits = 4
-        probe = torch.zeros(2)
-        quantize_tensor(probe, bits=bits, method=method, block_size=block_size)  # validates the arguments
-        originals: dict[str, LoRAWeights] = {}
-        if adapters is not None:
-            originals = dict(adapters) if isinstance(adapters, dict) else dict(zip(self.tasks, adapters))
-        mods = sorted(self.modules)
-        kw = dict(bits=bits, method=method, block_size=block_size, double_quant=double_quant)
-        for j, m in enumerate(mods):
-            tick(progress, cancel, j, len(mods), f"quantizing {m}")
-            b = self.modules[m]
-            old = ModuleBasis(b.kind, b.shape, dict(b.tensors), rank=b.rank, explained=b.explained)
-            old_coeffs: dict[str, dict[str, Tensor]] = {}
-            # pca: the components, as the seed (its means stay at storage precision: they carry the factors' scale)
-            keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b")}.get(b.kind, ())
-            for key in keys:
-                if b.tensors[key].numel():
-                    qt = quantize_tensor(b.tensors[key], **kw)
-                    self.quantized[(m, key)] = qt
-                    b.tensors[key] = qt.dequantize(torch.float32)
-            if quantize_loadings or b.kind == "separate":
-                for tid, proj in self.tasks.items():
-                    old_coeffs[tid] = dict(proj.coeffs[m])
-                    for key, val in proj.coeffs[m].items():
-                        if val.numel():
-                            qt = quantize_tensor(val, **kw)
-                            self.quantized[(tid, m, key)] = qt
-                            proj.coeffs[m][key] = qt.dequantize(torch.float32)
-            # each task's new error in this module, one task at a time (memory O(1) in N)
-            for tid, proj in self.tasks.items():
-                after = _module_factors(b, proj.coeffs[m], proj, m)
-                orig = originals.get(tid)
-                if orig is not None:
-                    sb, a = effective_factors(orig, m)
-                    proj.fidelity[m] = ops.lowrank_rel_error(sb, a, *after)
-                    continue
-                b0, a0 = _module_factors(old, old_coeffs.get(tid, proj.coeffs[m]), proj, m)
-                n0 = float(ops.lowrank_sqnorm(b0, a0)) ** 0.5
-                change = ops.lowrank_rel_error(b0, a0, *after) * n0
-                norm = proj.norms.get(m, 0.0)
-                proj.fidelity[m] = proj.fidelity[m] + (change / norm if norm > 0 else 0.0)
-                proj.error_is_bound = True
-        for tid, proj in self.tasks.items():
-            if tid in originals:
-                proj.error_is_bound = False
-        self.quantization = {"bits": bits, "method": method, "double_quant": double_quant,
-                             "quantize_loadings": quantize_loadings, "block_size": block_size}
-        self.saved_path = None
-        return self
+        from .requantize import quantize_fixed
+
+        return quantize_fixed(self, bits, method, double_quant, quantize_loadings, block_size=block_size, adapters=adapters,
+                              progress=progress, cancel=cancel)
 
     # -- accounting -------------------------------------------------------------------
     def _tensor_bytes(self) -> tuple[int, int]:
@@ -535,6 +509,7 @@ class SharedSubspace:
     def to(self, device: Any = None, dtype: Any = None) -> SharedSubspace:
         """Move bases and coefficients to ``device`` and/or cast them to ``dtype`` (then the storage precision). Returns ``self``."""
         dt = parse_dtype(dtype) if dtype is not None else None
+        self.materialize()
 
         def mv(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dt if t.is_floating_point() and dt is not None else t.dtype)
@@ -549,15 +524,15 @@ class SharedSubspace:
         return self
 
     def copy(self) -> SharedSubspace:
-        """A deep copy."""
-        return copy.deepcopy(self)
+        """A deep copy (every task read, if loaded lazily)."""
+        return copy.deepcopy(self.materialize())
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Write the subspace folder (see :mod:`engine.subspace.storage`); quantised tensors are written as codes."""
         from .storage import save_subspace
 
-        out = save_subspace(self, Path(path), force=force)
+        out = save_subspace(self.materialize(), Path(path), force=force)
         self.saved_path = out
         return out
 
@@ -570,11 +545,14 @@ class SharedSubspace:
         return sub.save(path, force=force)
 
     @classmethod
-    def load(cls, path: str | Path) -> SharedSubspace:
-        """Read a subspace folder (float or quantised; detected from the manifest), verifying checksums."""
+    def load(cls, path: str | Path, *, lazy: bool = False) -> SharedSubspace:
+        """Read a subspace folder (float or quantised; detected from the manifest), verifying checksums.
+
+        ``lazy``: read each task's coefficients on its first use (:mod:`engine.subspace.ondisk`).
+        """
         from .storage import load_subspace
 
-        return load_subspace(Path(path), cls)
+        return load_subspace(Path(path), cls, lazy=lazy)
 
 
 

@@ -19,6 +19,10 @@ every module; ``mean_error`` is met per task over its modules, weighted by
 (in a module, for ``max_error``; overall, for ``mean_error``) keeps its current
 storage, and so does every shared module it is in; :func:`requantize` reports it.
 Modules of kind ``pca`` and empty shared modules keep their storage.
+
+:func:`quantize_fixed` is the other way to quantise a subspace: one precision for
+every basis (and per-task) tensor, the seed's ``quantize(bits, method)``. (Above 450
+lines: both ways of quantising, which re-measure errors after rounding alike.)
 """
 
 from __future__ import annotations
@@ -401,3 +405,66 @@ def _by_budget(rq: _Requantizer, active: list[str], tids: list[str], refs: dict[
 
 
 __all__ = ["BITS", "check_targets", "requantize"]
+
+
+def quantize_fixed(sub: Any, bits: int, method: str, double_quant: bool, quantize_loadings: bool, *, block_size: int,
+                   adapters: dict[str, LoRAWeights] | Sequence[LoRAWeights] | None, progress: ProgressFn | None,
+                   cancel: CancelLike | None) -> Any:
+    """``SharedSubspace.quantize`` at one precision (``bits``/``method``) for every basis (and per-task) tensor, in place.
+
+    Errors re-measured after rounding: exactly against ``adapters`` when given, else as
+    ``old error + change of the reconstruction`` (an upper bound). Returns ``sub``.
+    """
+    from .core import _module_factors
+    from .quant import quantize_tensor
+
+    if method == "nf4":
+        bits = 4
+    probe = torch.zeros(2)
+    quantize_tensor(probe, bits=bits, method=method, block_size=block_size)  # validates the arguments
+    originals: dict[str, LoRAWeights] = {}
+    if adapters is not None:
+        originals = dict(adapters) if isinstance(adapters, dict) else dict(zip(sub.tasks, adapters))
+    mods = sorted(sub.modules)
+    kw = dict(bits=bits, method=method, block_size=block_size, double_quant=double_quant)
+    for j, m in enumerate(mods):
+        tick(progress, cancel, j, len(mods), f"quantizing {m}")
+        b = sub.modules[m]
+        old = ModuleBasis(b.kind, b.shape, dict(b.tensors), rank=b.rank, explained=b.explained)
+        old_coeffs: dict[str, dict[str, Tensor]] = {}
+        # pca: the components, as the seed (its means stay at storage precision: they carry the factors' scale)
+        keys = {"joint": ("U", "V"), "pca": ("comp_a", "comp_b")}.get(b.kind, ())
+        for key in keys:
+            if b.tensors[key].numel():
+                qt = quantize_tensor(b.tensors[key], **kw)
+                sub.quantized[(m, key)] = qt
+                b.tensors[key] = qt.dequantize(torch.float32)
+        if quantize_loadings or b.kind == "separate":
+            for tid, proj in sub.tasks.items():
+                old_coeffs[tid] = dict(proj.coeffs[m])
+                for key, val in proj.coeffs[m].items():
+                    if val.numel():
+                        qt = quantize_tensor(val, **kw)
+                        sub.quantized[(tid, m, key)] = qt
+                        proj.coeffs[m][key] = qt.dequantize(torch.float32)
+        # each task's new error in this module, one task at a time (memory O(1) in N)
+        for tid, proj in sub.tasks.items():
+            after = _module_factors(b, proj.coeffs[m], proj, m)
+            orig = originals.get(tid)
+            if orig is not None:
+                sb, a = effective_factors(orig, m)
+                proj.fidelity[m] = ops.lowrank_rel_error(sb, a, *after)
+                continue
+            b0, a0 = _module_factors(old, old_coeffs.get(tid, proj.coeffs[m]), proj, m)
+            n0 = float(ops.lowrank_sqnorm(b0, a0)) ** 0.5
+            change = ops.lowrank_rel_error(b0, a0, *after) * n0
+            norm = proj.norms.get(m, 0.0)
+            proj.fidelity[m] = proj.fidelity[m] + (change / norm if norm > 0 else 0.0)
+            proj.error_is_bound = True
+    for tid, proj in sub.tasks.items():
+        if tid in originals:
+            proj.error_is_bound = False
+    sub.quantization = {"bits": bits, "method": method, "double_quant": double_quant,
+                         "quantize_loadings": quantize_loadings, "block_size": block_size}
+    sub.saved_path = None
+    return sub

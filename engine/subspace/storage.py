@@ -43,12 +43,12 @@ from ..errors import SubspaceFormatError
 from ..types import LoRAWeights
 from . import layout
 from .common import ModuleBasis, TaskProjection, dtype_name, parse_dtype
-from .manifest import (BASIS_FILE, BASIS_KEYS, OWN_CONFIG_KEYS, TASKS_DIR, by_module, check_task_file, describe, expand,
-                       is_int, manifest_problems, problem_line, seed_id_problems, significant, task_file)
+from .manifest import (BASIS_FILE, BASIS_KEYS, TASKS_DIR, check_task_file, describe, expand, is_int, manifest_problems,
+                       problem_line, seed_id_problems, task_file)
 from .quant import QuantizedTensor
 
-__all__ = ["BASIS_FILE", "BASIS_KEYS", "FORMAT_NAME", "FORMAT_VERSION", "TASKS_DIR", "check_task_file", "load_subspace",
-           "load_seed_subspace", "save_subspace", "task_file"]
+__all__ = ["BASIS_FILE", "BASIS_KEYS", "FORMAT_NAME", "FORMAT_VERSION", "TASKS_DIR", "check_task_file", "load_seed_subspace",
+           "load_subspace", "save_subspace", "task_file"]
 
 FORMAT_NAME = "vlora-tui-subspace"
 FORMAT_VERSION = 2
@@ -91,81 +91,17 @@ def _template_json(t: LoRAWeights | None) -> dict[str, Any]:
 
 def save_subspace(sub: Any, path: Path, *, force: bool = False) -> Path:
     """Write ``sub`` to ``path`` atomically in format version 2; see the module docstring for the layout."""
-    from safetensors.torch import save_file
+    from .writer import FolderWriter
 
-    from ..io.local import atomic_dir
-
-    files = {tid: task_file(tid) for tid in sub.tasks}  # ValueError before anything is written
-    names = sorted(sub.modules)
-    basis_items, basis_specs = [], {}
-    for m in names:
-        items = [(key, t if (m, key) in sub.quantized else t.to(sub.dtype), sub.quantized.get((m, key)))
-                 for key, t in sub.modules[m].tensors.items()]
-        basis_specs[m], packed = layout.pack(items)
-        basis_items.append(packed)
-    manifest: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "method": sub.method,
-        "dtype": dtype_name(sub.dtype),
-        "params": sub.params,
-        "k_rule": sub.k_rule,  # the rule k was chosen by (from params): what absorb and quantize are held to
-        "quantization": sub.quantization,
-        "base_model": sub.base_model,
-        "modules": {m: {"kind": b.kind, "shape": list(b.shape), "k": b.k, "rank": b.rank, "tensors": basis_specs[m],
-                        "explained": significant([float(v) for v in b.explained], EXPLAINED_DIGITS)}
-                    for m, b in ((m, sub.modules[m]) for m in names)},
-        "configs": [],
-        "tasks": [],
-        "files": {},
-    }
-    configs: dict[str, int] = {}  # digest of a shared config → its index in "configs"
-    with atomic_dir(path, force=force) as tmp:
-        _dest(tmp, TASKS_DIR).mkdir()
-        basis_path = _dest(tmp, BASIS_FILE)
-        save_file({layout.PACKED: torch.cat(basis_items) if basis_items else torch.zeros(0, dtype=torch.uint8)},
-                  str(basis_path), metadata={"format": "pt", "vlora_file": "basis", "vlora_modules_sha256": _digest(manifest["modules"])})
-        basis_sha = _sha256(basis_path)
-        for tid, p in sub.tasks.items():
-            specs, chunks = [], []
-            for m in names:
-                c = p.coeffs.get(m, {})
-                items = [(key, t if (tid, m, key) in sub.quantized else t.to(sub.dtype), sub.quantized.get((tid, m, key)))
-                         for key, t in sorted(c.items())]
-                s, packed = layout.pack(items)
-                specs.append(s)
-                chunks.append(packed)
-            tensors = {layout.PACKED: torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)}
-            extras = p.template.extra_tensors if p.template is not None else {}
-            for k, t in extras.items():
-                tensors[f"extra{SEP}{k}"] = t.contiguous()
-            rel = files[tid]
-            config = _template_json(p.template)
-            save_file(tensors, str(_dest(tmp, rel)), metadata={
-                "format": "pt", "vlora_file": "task", "vlora_task_id": tid, "vlora_config_sha256": _digest(config),
-                "vlora_basis_sha256": basis_sha, "vlora_tensors_sha256": _digest(specs)})
-            entry: dict[str, Any] = {"id": tid, "file": rel, "config": None}
-            if config:
-                shared = {k: v for k, v in config.items() if k not in OWN_CONFIG_KEYS}
-                entry["config"] = configs.setdefault(_digest(shared), len(configs))
-                if entry["config"] == len(manifest["configs"]):
-                    manifest["configs"].append(shared)
-                if config["name"] != tid:
-                    entry["name"] = config["name"]
-                entry["source"] = config["source"]
-            entry.update({
-                "fidelity": by_module(p.fidelity, names), "norms": by_module(p.norms, names),
-                "ranks": by_module(p.ranks, names), "tensors": specs, "error_is_bound": p.error_is_bound,
-                "original_bytes": p.original_bytes, "input_bytes": p.input_bytes, "input_bytes_fp16": p.input_bytes_fp16})
-            manifest["tasks"].append(entry)
-        for f in sorted([BASIS_FILE] + [t["file"] for t in manifest["tasks"]]):
-            fp = _dest(tmp, f)
-            manifest["files"][f] = {"sha256": _sha256(fp), "bytes": fp.stat().st_size}
-        # compact: no indentation, floats to 7 significant digits at most (fewer where that is what they
-        # mean: see EXPLAINED_DIGITS); on a small collection the manifest is otherwise a visible share of the bytes
-        text = json.dumps(_rounded(manifest), separators=(",", ":"), sort_keys=True, default=_json_default)
-        _dest(tmp, SUBSPACE_MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
-    return path
+    for tid in sub.tasks:
+        task_file(tid)  # ValueError before anything is written
+    writer = FolderWriter(path, force=force)
+    try:
+        writer.add(sub.tasks, sorted(sub.modules), sub.quantized, sub.dtype)
+        return writer.finish(sub)
+    except BaseException as exc:
+        writer.abort(exc)
+        raise
 
 
 def _rounded(o: Any) -> Any:
@@ -292,12 +228,17 @@ def _ownership_problems(path: Path, man: dict[str, Any], layouts: dict[str, list
     return problems
 
 
-def load_subspace(path: Path, cls: Any) -> Any:
+def load_subspace(path: Path, cls: Any, *, lazy: bool = False) -> Any:
     """Read and verify a subspace folder (or a seed ``vlora`` folder) as a ``cls``; ``SubspaceFormatError`` names what is wrong.
 
     The manifest's structure (every key read, its type), task ids and file names are
     checked first, then sizes and checksums, then what each tensor file says it holds.
     ``cls`` is the subspace class (passed in: this module does not import the class's).
+
+    ``lazy`` (format version 2): the bases are read now, each task's coefficients when the
+    task is first used (:func:`engine.subspace.ondisk.read_task`, its checksum verified then); until then its
+    record holds tensors on the ``meta`` device of the stored shapes, so sizes, errors and
+    how each module is stored are known without reading the tasks' files.
     """
     if not path.is_dir():
         raise SubspaceFormatError(f"{path}: not a folder")
@@ -326,7 +267,9 @@ def load_subspace(path: Path, cls: Any) -> Any:
     layouts: dict[str, list[tuple[str, list[str]]]] | None = None
     if version >= 2:
         man, layouts = expand(man)
+    lazy = lazy and layouts is not None
     files = man.get("files", {})
+    deferred = {t["file"] for t in man["tasks"]} if lazy else set()
     for rel, info in sorted(files.items()):
         fp = path / rel
         if not fp.is_file():
@@ -335,7 +278,7 @@ def load_subspace(path: Path, cls: Any) -> Any:
         size = fp.stat().st_size
         if size != info["bytes"]:
             problems.append(f"'{rel}' has {size} bytes, the manifest says {info['bytes']} (truncated or replaced)")
-        elif _sha256(fp) != info["sha256"]:
+        elif rel not in deferred and _sha256(fp) != info["sha256"]:
             problems.append(f"'{rel}' fails its sha256 checksum (corrupted)")
     expected = {BASIS_FILE} | {t["file"] for t in man["tasks"]}
     unlisted = sorted(f for f in expected if f not in files)
@@ -367,38 +310,54 @@ def load_subspace(path: Path, cls: Any) -> Any:
                 quantized[(m, k)] = bq[f"{m}{SEP}{k}"]
     tasks: dict[str, TaskProjection] = {}
     for t in man["tasks"]:
-        tid = t["id"]
-        tensors, tq = read(t["file"])
-        coeffs: dict[str, dict[str, Tensor]] = {m: {} for m in modules}
-        extras: dict[str, Tensor] = {}
-        for k, v in tensors.items():
-            if k.startswith(f"extra{SEP}"):
-                extras[k[len(f"extra{SEP}"):]] = v
-                continue
-            m, _, key = k.rpartition(SEP)
-            if m not in coeffs:
-                raise SubspaceFormatError(f"{path / t['file']}: tensor '{k}' names unknown module '{m}'")
-            coeffs[m][key] = v
-            if k in tq:
-                quantized[(tid, m, key)] = tq[k]
-        empty = [m for m, c in coeffs.items() if not c]
-        if empty:
-            raise SubspaceFormatError(f"{path / t['file']}: task {tid!r} has no coefficients for module '{empty[0]}'")
-        cfg = t.get("config") or {}
-        template = LoRAWeights(layer_names=[], lora_a={}, lora_b={}, rank=int(cfg.get("rank", 8)), metadata=cfg.get("metadata", {}),
-                               lora_alpha=cfg.get("lora_alpha"), use_rslora=bool(cfg.get("use_rslora", False)),
-                               target_modules=cfg.get("target_modules"), base_model_name_or_path=cfg.get("base_model_name_or_path"),
-                               extra_tensors=extras, name=cfg.get("name") or tid, source=cfg.get("source"))
-        tasks[tid] = TaskProjection(tid, coeffs, fidelity={k: float(v) for k, v in t.get("fidelity", {}).items()},
-                                    norms={k: float(v) for k, v in t.get("norms", {}).items()},
-                                    ranks={k: int(v) for k, v in t.get("ranks", {}).items()}, template=template,
-                                    error_is_bound=bool(t.get("error_is_bound", False)), original_bytes=int(t.get("original_bytes", 0)),
-                                    input_bytes=_opt_int(t.get("input_bytes")), input_bytes_fp16=_opt_int(t.get("input_bytes_fp16")))
+        if lazy:
+            from .ondisk import meta_tensors
+
+            assert layouts is not None
+            tensors, tq = meta_tensors(layouts[t["file"]])
+            tasks[t["id"]] = _task_record(path, t, modules, tensors, tq, quantized)
+        else:
+            tasks[t["id"]] = _task_record(path, t, modules, *read(t["file"]), quantized)
     sub = cls(man["method"], modules, tasks, man.get("params", {}), dtype)
     sub.quantized = quantized
     sub.quantization = man.get("quantization")
     sub.saved_path = path
+    if lazy:
+        from .ondisk import OnDisk
+
+        sub.on_disk = OnDisk(path, {t["id"]: t for t in man["tasks"]}, layouts or {}, files)
     return sub
+
+
+def _task_record(path: Path, t: dict[str, Any], modules: dict[str, ModuleBasis], tensors: dict[str, Tensor],
+                 tq: dict[str, QuantizedTensor], quantized: dict[tuple[str, ...], QuantizedTensor]) -> TaskProjection:
+    """One task's record from its manifest entry ``t`` and its file's tensors (its quantised ones into ``quantized``)."""
+    tid = t["id"]
+    coeffs: dict[str, dict[str, Tensor]] = {m: {} for m in modules}
+    extras: dict[str, Tensor] = {}
+    for k, v in tensors.items():
+        if k.startswith(f"extra{SEP}"):
+            extras[k[len(f"extra{SEP}"):]] = v
+            continue
+        m, _, key = k.rpartition(SEP)
+        if m not in coeffs:
+            raise SubspaceFormatError(f"{path / t['file']}: tensor '{k}' names unknown module '{m}'")
+        coeffs[m][key] = v
+        if k in tq:
+            quantized[(tid, m, key)] = tq[k]
+    empty = [m for m, c in coeffs.items() if not c]
+    if empty:
+        raise SubspaceFormatError(f"{path / t['file']}: task {tid!r} has no coefficients for module '{empty[0]}'")
+    cfg = t.get("config") or {}
+    template = LoRAWeights(layer_names=[], lora_a={}, lora_b={}, rank=int(cfg.get("rank", 8)), metadata=cfg.get("metadata", {}),
+                           lora_alpha=cfg.get("lora_alpha"), use_rslora=bool(cfg.get("use_rslora", False)),
+                           target_modules=cfg.get("target_modules"), base_model_name_or_path=cfg.get("base_model_name_or_path"),
+                           extra_tensors=extras, name=cfg.get("name") or tid, source=cfg.get("source"))
+    return TaskProjection(tid, coeffs, fidelity={k: float(v) for k, v in t.get("fidelity", {}).items()},
+                          norms={k: float(v) for k, v in t.get("norms", {}).items()},
+                          ranks={k: int(v) for k, v in t.get("ranks", {}).items()}, template=template,
+                          error_is_bound=bool(t.get("error_is_bound", False)), original_bytes=int(t.get("original_bytes", 0)),
+                          input_bytes=_opt_int(t.get("input_bytes")), input_bytes_fp16=_opt_int(t.get("input_bytes_fp16")))
 
 
 def load_seed_subspace(path: Path, cls: Any) -> Any:

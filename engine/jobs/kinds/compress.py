@@ -121,10 +121,11 @@ def run_compress(params: dict[str, Any], *, progress: ProgressFn | None = None, 
             f"adapters: one subspace needs adapters with the same target modules and shapes, these form {describe_sets(sets)}. "
             "Compress one set with --exclude PATTERN, or each set into its own subspace with --group-by compat"
         )
+    # the folder is written as the build goes (each chunk of modules when done): it holds one chunk's result
     sub = SharedSubspace.from_params(inputs, bp, ids, streaming=streaming, progress=stages.stage("build"), cancel=cancel,
-                                     **engine_kw)
-    tick(stages.stage("save"), cancel, 0, 1, f"writing {params['output']}")
-    out = sub.save(params["output"], force=params["force"])
+                                     output=params["output"], force=params["force"], **engine_kw)
+    out = sub.saved_path
+    tick(stages.stage("save"), None, 1, 1, f"written {out}")
     stages.done()
     stats = sub.compression_stats()
     err = stats["error"]
@@ -153,8 +154,7 @@ def _compress_groups(params: dict[str, Any], bp: Any, inputs: list[Any], ids: li
         for si, cs in enumerate(sets):
             tick(build, cancel, si, len(sets), f"set {cs.name}: {len(cs.members)} adapter(s)")
             sub = SharedSubspace.from_params([inputs[i] for i in cs.indices], bp, [ids[i] for i in cs.indices],
-                                             streaming=streaming, cancel=cancel, **engine_kw)
-            sub.save(tmp / cs.name)
+                                             streaming=streaming, cancel=cancel, output=tmp / cs.name, **engine_kw)
             stats = sub.compression_stats()
             written.append({**cs.to_dict(), "path": str(out / cs.name), "tasks": sub.task_ids, "stats": stats})
         tick(build, cancel, len(sets), len(sets), "saving")
