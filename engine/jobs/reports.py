@@ -174,7 +174,7 @@ def subspace_info(path: Path, *, progress: ProgressFn | None = None, cancel: Can
     from ..subspace import SharedSubspace
 
     tick(progress, cancel, 0, 2, f"loading {path}")
-    sub = SharedSubspace.load(path)
+    sub = SharedSubspace.load(path, lazy=True)  # every checksum verified; the tasks' tensors not held
     tick(progress, cancel, 1, 2, "measuring")
     stats = sub.compression_stats()
     fidelity = stats.pop("fidelity")

@@ -77,6 +77,20 @@ def bounded_stat_bytes(shape: tuple[int, int], ranks: Sequence[int], sketch_rank
     return max(first, later) + 8 * 3 * n
 
 
+def result_bytes(method: str, shape: tuple[int, int], ranks: Sequence[int]) -> int:
+    """Bound on the bytes of one module's coefficients over adapters of these ``ranks``: what a chunk holds as its result.
+
+    joint/share/svd: at most every task's own factors at fp16 (a module stored per task keeps
+    a rank ≤ the adapter's; a shared one, a k×k core, usually far less). pca: 0 (its loadings
+    are a few numbers per task). Until a chunk's records are merged (or written, with an output
+    folder) they are held once in this process and, on Dask, copied between workers and to the driver.
+    """
+    if method == "pca":
+        return 0
+    o, i = shape
+    return 2 * int(sum(ranks)) * (o + i)
+
+
 def plan_chunks(sizes: dict[str, int], budget_bytes: float | None, apart: set[str] | None = None) -> list[list[str]]:
     """Consecutive runs of the sorted modules whose summed ``sizes`` stay within ``budget_bytes``.
 
@@ -160,12 +174,15 @@ def build_in_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], m
 
 def plan_build(method: str, params: JointParams | PCAParams, shapes: dict[str, tuple[int, int]],
                ranks: dict[str, Sequence[int]], memory_budget_mb: float | None) -> tuple[list[list[str]], set[str], dict[str, int]]:
-    """``(chunks, bounded, sizes)``: the modules' chunks, those built with bounded statistics, the bytes each accounts.
+    """``(chunks, bounded, sizes)``: the modules' chunks, those built with bounded statistics, each one's statistics' bytes.
 
     A joint/share module whose held statistics (:func:`module_stat_bytes`, N·K·r per side)
     alone exceed the budget is built with the bounded ones (:func:`bounded_stat_bytes`,
     independent of N): so each chunk's statistics stay within ``memory_budget_mb`` whatever
     the number of adapters, down to one module's sketch (``dim × sketch_rank`` per side).
+    A chunk's modules also fit their result's bound (:func:`result_bytes`) in the budget, so
+    that a collection stored mostly per task (whose coefficients are near the input's size)
+    holds one module's worth at a time past a few hundred 7B-shaped adapters.
     """
     sketch_rank = params.sketch_rank if isinstance(params, JointParams) else 0
     budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
@@ -174,7 +191,8 @@ def plan_build(method: str, params: JointParams | PCAParams, shapes: dict[str, t
     if budget is not None and method in ("joint", "share") and not params.separate_only:  # type: ignore[union-attr]
         bounded = {m for m, b in sizes.items() if b > budget}
         sizes.update({m: max(1, bounded_stat_bytes(shapes[m], ranks.get(m, ()), sketch_rank)) for m in bounded})
-    return plan_chunks(sizes, budget, bounded), bounded, sizes
+    held = {m: sizes[m] + result_bytes(method, shapes[m], ranks.get(m, ())) for m in sizes}
+    return plan_chunks(held, budget, bounded), bounded, sizes
 
 
 def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], method: str,

@@ -548,7 +548,8 @@ class SharedSubspace:
     def load(cls, path: str | Path, *, lazy: bool = False) -> SharedSubspace:
         """Read a subspace folder (float or quantised; detected from the manifest), verifying checksums.
 
-        ``lazy``: read each task's coefficients on its first use (:mod:`engine.subspace.ondisk`).
+        ``lazy``: read each task's coefficients on its first use (:mod:`engine.subspace.ondisk`); every
+        checksum is verified at load all the same.
         """
         from .storage import load_subspace
 

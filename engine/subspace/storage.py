@@ -228,7 +228,7 @@ def _ownership_problems(path: Path, man: dict[str, Any], layouts: dict[str, list
     return problems
 
 
-def load_subspace(path: Path, cls: Any, *, lazy: bool = False) -> Any:
+def load_subspace(path: Path, cls: Any, *, lazy: bool = False, verify: bool = True) -> Any:
     """Read and verify a subspace folder (or a seed ``vlora`` folder) as a ``cls``; ``SubspaceFormatError`` names what is wrong.
 
     The manifest's structure (every key read, its type), task ids and file names are
@@ -236,9 +236,11 @@ def load_subspace(path: Path, cls: Any, *, lazy: bool = False) -> Any:
     ``cls`` is the subspace class (passed in: this module does not import the class's).
 
     ``lazy`` (format version 2): the bases are read now, each task's coefficients when the
-    task is first used (:func:`engine.subspace.ondisk.read_task`, its checksum verified then); until then its
-    record holds tensors on the ``meta`` device of the stored shapes, so sizes, errors and
-    how each module is stored are known without reading the tasks' files.
+    task is first used (:func:`engine.subspace.ondisk.read_task`, its checksum verified
+    again then); until then its record holds tensors on the ``meta`` device of the stored
+    shapes, so sizes, errors and how each module is stored are known without holding the
+    tasks' tensors. Every file's checksum is verified at load all the same (a pass over
+    the bytes, nothing held), unless ``verify=False`` (a folder just written).
     """
     if not path.is_dir():
         raise SubspaceFormatError(f"{path}: not a folder")
@@ -269,7 +271,7 @@ def load_subspace(path: Path, cls: Any, *, lazy: bool = False) -> Any:
         man, layouts = expand(man)
     lazy = lazy and layouts is not None
     files = man.get("files", {})
-    deferred = {t["file"] for t in man["tasks"]} if lazy else set()
+    deferred = {t["file"] for t in man["tasks"]} if lazy and not verify else set()
     for rel, info in sorted(files.items()):
         fp = path / rel
         if not fp.is_file():

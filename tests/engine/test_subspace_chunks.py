@@ -195,3 +195,19 @@ def test_load_adapter_modules_keeps_whole_file_config_facts(tmp_path, demo):
     part = load_adapter(out, modules=[demo[0].layer_names[0]])
     assert part.target_modules == full.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert part.rank == full.rank
+
+
+def test_chunks_fit_their_result_in_the_budget():
+    """A chunk's statistics plus its coefficients' bound (each task's factors at fp16) stay within the budget."""
+    from engine.subspace.chunks import plan_build, result_bytes
+    from engine.subspace.joint import JointParams
+
+    shapes = {f"model.layers.{i}.self_attn.{q}": (4096, 4096) for i in range(32) for q in ("q_proj", "v_proj")}
+    assert result_bytes("joint", (4096, 4096), [16] * 1000) == 2 * 16 * 1000 * 8192  # per-task factors at fp16
+    assert result_bytes("pca", (4096, 4096), [16] * 1000) == 0
+    for n, per_chunk in ((100, 5), (300, 3), (1000, 1)):
+        ranks = {m: [16] * n for m in shapes}
+        chunks, bounded, sizes = plan_build("joint", JointParams(max_error=0.05), shapes, ranks, 512)
+        assert not bounded and {len(c) for c in chunks[:-1]} == {per_chunk}, n
+        held = [sum(sizes[m] + result_bytes("joint", shapes[m], ranks[m]) for m in c) for c in chunks]
+        assert max(held) <= 512 * 2**20 and [m for c in chunks for m in c] == sorted(shapes)
