@@ -88,6 +88,8 @@ class TaskRouter(nn.Module):
         ids = sorted(subspace.tasks)
         if not ids:
             raise ValueError("the subspace holds no tasks to route to")
+        if init_from_loadings and len(ids) > 1:
+            subspace.materialize()  # every task's coefficients (a lazily loaded subspace reads them now)
         router = cls(input_dim, len(ids), hidden_dim=hidden_dim, task_ids=ids, temperature=temperature)
         if init_from_loadings and len(ids) > 1:
             norms = torch.tensor([sum(float(t.double().norm()) for c in subspace.tasks[i].coeffs.values()
@@ -131,7 +133,7 @@ class TaskRouter(nn.Module):
             raise ValueError(f"the router routes to task {missing[0]!r}, which the subspace does not hold")
         with torch.no_grad():
             w = self.forward(x).mean(dim=0).double().cpu()
-        projs = [subspace.tasks[t] for t in self.task_ids]
+        projs = [subspace._task(t) for t in self.task_ids]  # read now where loaded lazily
         coeffs: dict[str, dict[str, Tensor]] = {}
         ranks: dict[str, int] = {}
         for m in sorted(projs[0].coeffs):
@@ -167,7 +169,7 @@ class TaskRouter(nn.Module):
             ku, kv = int(b.tensors["U"].shape[1]), int(b.tensors["V"].shape[1])
             stack = torch.zeros(len(self.task_ids), ku, kv, dtype=torch.float32)
             for i, t in enumerate(self.task_ids):
-                proj = subspace.tasks[t]
+                proj = subspace._task(t)
                 left, right = _core(proj.coeffs[m], proj.ranks.get(m, b.k))
                 if left.shape[1]:
                     s = left @ right

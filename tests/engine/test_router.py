@@ -130,3 +130,24 @@ def test_router_argument_routes_every_row(sub):
     bad = TaskRouter(64, 2, task_ids=["t0", "nope"])
     with pytest.raises(Exception, match="nope"):
         VLoRAModel(tiny_llama(), sub, router=bad)
+
+
+def test_lazily_loaded_subspace_routes_and_serves_as_a_whole_one(sub, tmp_path):
+    """A subspace loaded with ``lazy=True`` (what a build with an output folder returns): same router, blend and logits."""
+    sub.save(tmp_path / "s")
+    whole, lazy = SharedSubspace.load(tmp_path / "s"), SharedSubspace.load(tmp_path / "s", lazy=True)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(9))
+    r1 = TaskRouter.from_subspace(whole, input_dim=8, hidden_dim=0)
+    lazy_blend = SharedSubspace.load(tmp_path / "s", lazy=True)
+    b1 = r1.blend(x, whole)
+    b2 = r1.blend(x, lazy_blend)  # reads the routed tasks on first use
+    for m in b1.cores:
+        torch.testing.assert_close(b1.cores[m], b2.cores[m])
+    last = (lambda r: r.net[-1] if isinstance(r.net, torch.nn.Sequential) else r.net)
+    r2 = TaskRouter.from_subspace(lazy, input_dim=8, hidden_dim=0)  # its warm start reads every task
+    torch.testing.assert_close(last(r2).bias, last(r1).bias)
+    assert lazy.on_disk is None
+    with torch.no_grad():
+        l1 = VLoRAModel(tiny_llama(), whole)(input_ids=IDS, task_ids=ROWS).logits
+        l2 = VLoRAModel(tiny_llama(), SharedSubspace.load(tmp_path / "s", lazy=True))(input_ids=IDS, task_ids=ROWS).logits
+    torch.testing.assert_close(l2, l1)
