@@ -7,6 +7,13 @@ sketches, the pca components) are held and each pass reads only that chunk's
 tensors. The one coupling between modules, "one k for all modules" (joint/share
 with k chosen by variance), is resolved by a first round over the chunks that
 finds each module's own k.
+
+A chunk holds its statistics and its result (every task's coefficients of its modules)
+until the result is merged or, with an output folder, written. Chunks are planned with
+each module's result at its bound (every task's own factors at fp16,
+:func:`result_bytes`); once a chunk is built, what a module's result really holds is
+known, and later chunks take as many modules as fit with that (a collection whose
+modules are shared holds a few k×k cores per task; one stored per task, the factors).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..memory import trim
+from ..progress import Progress
 from ..progress import counted as _Steps  # the one progress combinator (engine/progress.py)
 from .common import AdapterSource, ModuleBasis, TaskProjection
 from .joint import (
@@ -199,44 +207,56 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
                   params: JointParams | PCAParams, *, ranks: dict[str, Sequence[int]], memory_budget_mb: float | None,
                   checked: Callable[[AdapterSource, dict[str, tuple[int, int]], bool], AdapterSource],
                   progress: Any, cancel: Any, executor: Any, sink: Any = None) -> Built:
-    chunks, bounded, _ = plan_build(method, params, shapes, ranks, memory_budget_mb)
+    chunks, bounded, sizes = plan_build(method, params, shapes, ranks, memory_budget_mb)
+    budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
     n = len(source)
     rank_sums = {m: int(sum(ranks.get(m, ()))) for m in shapes}
     whole = len(chunks) == 1
     pca = isinstance(params, PCAParams)
     k_first = not pca and not whole and one_k_for_all(params)  # type: ignore[arg-type]
+    k_chunks = plan_chunks(sizes, budget, bounded) if k_first else []  # the k round holds statistics, no result
 
     def steps(c: list[str], k_only: bool = False) -> int:
         if pca:
             return pca_steps(params, n, len(c))  # type: ignore[arg-type]
         return joint_steps(params, n, len(c), k_only=k_only, bounded=c[0] in bounded)  # type: ignore[arg-type]
 
-    total = sum(steps(c) for c in chunks)
-    if k_first:
-        total += sum(steps(c, True) for c in chunks)
-    prog = _Steps(progress, total)
-    n_mods = len(shapes)
-    labels: list[str] = []
-    first = 0
-    for c in chunks:
-        labels.append("" if whole else f" [modules {first + 1}-{first + len(c)} of {n_mods}]")
-        first += len(c)
+    prog = _Steps(progress, sum(steps(c) for c in chunks) + sum(steps(c, True) for c in k_chunks))
+    order = {m: j for j, m in enumerate(sorted(shapes))}
+
+    def label(c: list[str]) -> str:
+        return "" if whole else f" [modules {order[c[0]] + 1}-{order[c[-1]] + 1} of {len(shapes)}]"
 
     k_all: int | None = None
     if k_first:
         own: dict[str, int] = {}
-        for c, label in zip(chunks, labels):
+        for c in k_chunks:
             sub_shapes = {m: shapes[m] for m in c}
             reader = Reader(source.subset(c), executor, sub_shapes, checked, True, cancel, c[0] in bounded)
             own.update(joint_module_k(reader, sub_shapes, params,  # type: ignore[arg-type]
-                                      progress=prog.part(steps(c, True), label),
+                                      progress=prog.part(steps(c, True), label(c)),
                                       cancel=cancel, rank_sums=rank_sums))
         k_all = max(own.values(), default=0)
 
     built: Built | None = None
-    for c, label in zip(chunks, labels):
+    seen: int | None = None  # the largest result (coefficient bytes) of a module built so far
+    queue = list(chunks)
+    while queue:
+        group = [queue.pop(0)]
+        if seen is not None and budget is not None:
+            # chunks are planned with each module's result at its bound (every task's factors): once the
+            # first chunk shows what a module's result really holds, later chunks take as many modules as fit
+            used = sum(sizes[m] + seen for m in group[0])
+            while queue and (queue[0][0] in bounded) == (group[0][0] in bounded):
+                more = sum(sizes[m] + seen for m in queue[0])
+                if used + more > budget:
+                    break
+                used += more
+                group.append(queue.pop(0))
+        c = [m for g in group for m in g]
         sub_shapes = {m: shapes[m] for m in c}
-        steps_c = prog.part(steps(c), label)
+        part_steps = sum(steps(g) for g in group)
+        steps_c = _scaled(prog.part(part_steps, label(c)), part_steps)
         if pca:
             sub = checked(source.subset(None if whole else c), sub_shapes, not k_first)
             part = build_pca(sub, sub_shapes, params, progress=steps_c, cancel=cancel)  # type: ignore[arg-type]
@@ -245,6 +265,7 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
                             c[0] in bounded)
             part = build_joint(reader, sub_shapes, params, progress=steps_c, cancel=cancel, k_all=k_all,
                                rank_sums=rank_sums)  # type: ignore[arg-type]
+        seen = max(seen or 0, max(_result_nbytes(part[1], m) for m in c))
         if sink is not None:  # the chunk's coefficients to disk now: the build holds one chunk's result
             sink(part[1], c, getattr(params, "quantized_out", {}))
         # merged as it comes: one record per task, not one per task and chunk (their configs, dicts) until the end
@@ -253,3 +274,19 @@ def _build_chunks(source: AdapterSource, shapes: dict[str, tuple[int, int]], met
         trim()  # the chunk's statistics are gone: their pages back to the OS before the next chunk
     assert built is not None
     return built
+
+
+def _result_nbytes(tasks: dict[str, TaskProjection], m: str) -> int:
+    """Bytes of every task's coefficients of module ``m`` as held."""
+    return sum(t.numel() * t.element_size() for p in tasks.values() for t in p.coeffs.get(m, {}).values())
+
+
+def _scaled(fn: Any, part_steps: int) -> Any:
+    """``fn``, a part of ``part_steps`` steps, for a build that counts its own: its fraction spread over the part."""
+    if fn is None:
+        return None
+
+    def scaled(p: Progress) -> None:
+        fn(Progress(round(p.fraction * part_steps), part_steps, p.message))
+
+    return scaled

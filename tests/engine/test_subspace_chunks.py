@@ -211,3 +211,33 @@ def test_chunks_fit_their_result_in_the_budget():
         assert not bounded and {len(c) for c in chunks[:-1]} == {per_chunk}, n
         held = [sum(sizes[m] + result_bytes("joint", shapes[m], ranks[m]) for m in c) for c in chunks]
         assert max(held) <= 512 * 2**20 and [m for c in chunks for m in c] == sorted(shapes)
+
+
+def test_later_chunks_take_more_modules_once_a_result_is_seen_small(demo, monkeypatch):
+    """Planned with every module's result at its bound (one module a chunk); a small result seen: later chunks merge."""
+    import re
+
+    import engine.subspace.chunks as ch
+
+    ref = SharedSubspace.from_adapters(demo, method="joint", max_error=0.05, memory_budget_mb=None)
+    shapes = {m: demo[0].shapes(m) for m in demo[0].layer_names}
+    ranks = {m: [a.module_rank(m) for a in demo] for m in shapes}
+    stats = {m: ch.module_stat_bytes("joint", shapes[m], ranks[m], 256) for m in shapes}
+    bound = 2 * max(stats.values()) + max(ch.result_bytes("joint", shapes[m], ranks[m]) for m in shapes)
+    # a budget of ~3 modules' statistics, and a bound on each module's result that leaves room for one
+    monkeypatch.setattr(ch, "result_bytes", lambda method, shape, rk: bound)
+    budget_mb = (3 * max(stats.values()) + bound - 2 * max(stats.values())) / 2**20
+    events = []
+    got = SharedSubspace.from_adapters(demo, method="joint", max_error=0.05, memory_budget_mb=budget_mb,
+                                       progress=events.append)
+    spans = []
+    for e in events:
+        m = re.search(r"\[modules (\d+)-(\d+) of (\d+)\]", e.message)
+        if m and (not spans or spans[-1] != m.groups()):
+            spans.append(m.groups())
+    assert spans[0][:2] == ("1", "1") and any(int(b) > int(a) for a, b, _ in spans[1:])  # the first alone, then more
+    assert [int(a) for a, _, _ in spans] == [1] + [int(b) + 1 for _, b, _ in spans[:-1]]  # every module once, in order
+    assert int(spans[-1][1]) == len(shapes)
+    steps = [e.step for e in events]
+    assert steps == sorted(steps) and all(e.total == events[0].total for e in events) and steps[-1] <= events[0].total
+    _same(ref, got)
